@@ -1,0 +1,301 @@
+"""Channel analysis: find the layers whose output channels can be condensed.
+
+A *layer* is a producer (Gemm, or MatMul with a constant weight) whose output channels flow
+through per-channel ops (the *region*, see `condense_graph.ops`) into one or more consumers
+(Gemm/MatMul reading the channels as their data input with a constant weight). The region is
+split into three parts, which the merge math needs (`condense_graph.merge`):
+
+    producer -> pre (affine) -> middle (nonlinear) -> post (affine) -> consumers
+
+Everything the analysis cannot prove safe is returned as a `Skipped` entry with the reason.
+This module only reads the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from condense_graph import ops
+
+_FLOAT_DTYPES = (np.float32, np.float64)
+
+
+@dataclass
+class Skipped:
+    name: str
+    reason: str
+
+
+@dataclass
+class Producer:
+    node: gs.Node
+    weight: gs.Constant
+    axis: int            # axis of `weight` that indexes output channels
+    scale: float         # Gemm alpha
+    bias: str            # key of the bias array (an initializer name, or a new one to create)
+    bias_exists: bool
+    bias_scale: float    # Gemm beta
+
+    @property
+    def width(self) -> int:
+        return self.weight.values.shape[self.axis]
+
+
+@dataclass
+class Consumer:
+    node: gs.Node
+    weight: gs.Constant
+    axis: int            # axis of `weight` that indexes the input channels we reduce
+    scale: float
+    bias: str
+    bias_exists: bool
+    bias_scale: float
+
+
+@dataclass
+class Layer:
+    name: str
+    producer: Producer
+    consumers: list[Consumer]
+    start: gs.Tensor                       # producer output
+    end: gs.Tensor                         # the tensor the consumers read
+    pre: list[gs.Node] = field(default_factory=list)
+    middle: list[gs.Node] = field(default_factory=list)
+    post: list[gs.Node] = field(default_factory=list)
+    channel_constants: list[gs.Constant] = field(default_factory=list)  # sliced with the channels
+    middle_constants: list[gs.Constant] = field(default_factory=list)   # per-channel, in g_k
+    homogeneous: bool = True
+
+    @property
+    def activation(self) -> str:
+        return "+".join(n.op for n in self.middle) or "none"
+
+    @property
+    def middle_input(self) -> gs.Tensor:
+        return self.pre[-1].outputs[0] if self.pre else self.start
+
+    @property
+    def middle_output(self) -> gs.Tensor:
+        if not self.post:
+            return self.end
+        first = self.post[0]
+        return next(t for t in first.inputs if not isinstance(t, gs.Constant) and t.name)
+
+
+@dataclass
+class Analysis:
+    layers: list[Layer]
+    skipped: list[Skipped]
+
+
+def analyze(graph: gs.Graph, subgraph_tensors: set[str] = frozenset()) -> Analysis:
+    """Find every reducible layer of `graph` (toposorted) and the reasons for the others."""
+    outputs = {t.name for t in graph.outputs}
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    layers, skipped = [], []
+    for node in graph.nodes:
+        if node.op not in ("Gemm", "MatMul"):
+            continue
+        producer = as_producer(node, outputs | set(subgraph_tensors))
+        if isinstance(producer, str):
+            skipped.append(Skipped(_name(node), producer))
+            continue
+        result = trace_layer(producer, graph, order, outputs, subgraph_tensors)
+        (layers if isinstance(result, Layer) else skipped).append(result)
+    return Analysis(layers, skipped)
+
+
+def as_producer(node: gs.Node, protected: set[str]) -> Producer | str:
+    """The node as a producer, or why it cannot be one."""
+    weight = node.inputs[1]
+    reason = _weight_reason(node, weight) or _output_reason(node, protected)
+    if reason:
+        return reason
+    if node.op == "MatMul":
+        return Producer(node, weight, 1, 1.0, _new_bias_key(node), False, 1.0)
+    if node.attrs.get("transA", 0):
+        return f"Gemm '{node.name}' has transA=1"
+    axis = 0 if node.attrs.get("transB", 0) else 1
+    bias = _gemm_bias(node, weight.values.shape[axis])
+    if isinstance(bias, str):
+        return bias
+    return Producer(node, weight, axis, float(node.attrs.get("alpha", 1.0)), *bias)
+
+
+def as_consumer(node: gs.Node, tensor: gs.Tensor) -> Consumer | str:
+    """The node as a consumer of the channels in `tensor`, or why it cannot be one."""
+    if node.inputs[0] is not tensor or (len(node.inputs) > 1 and node.inputs[1] is tensor):
+        return f"{node.op} '{node.name}' reads the channels as its weight"
+    weight = node.inputs[1]
+    reason = _weight_reason(node, weight)
+    if reason:
+        return reason
+    if node.op == "MatMul":
+        return Consumer(node, weight, 0, 1.0, _new_bias_key(node), False, 1.0)
+    if node.attrs.get("transA", 0):
+        return f"Gemm '{node.name}' reads the channels transposed (transA=1)"
+    axis = 1 if node.attrs.get("transB", 0) else 0
+    out_axis = 1 - axis
+    bias = _gemm_bias(node, weight.values.shape[out_axis])
+    if isinstance(bias, str):
+        return bias
+    return Consumer(node, weight, axis, float(node.attrs.get("alpha", 1.0)), *bias)
+
+
+def _weight_reason(node: gs.Node, weight: gs.Tensor) -> str | None:
+    if not isinstance(weight, gs.Constant):
+        return f"{node.op} '{_name(node)}' has no constant weight"
+    if weight.values.ndim != 2:
+        return f"{node.op} '{_name(node)}' weight '{weight.name}' is not 2-D"
+    if weight.values.dtype not in _FLOAT_DTYPES:
+        return f"{node.op} '{_name(node)}' weight '{weight.name}' has dtype {weight.values.dtype}"
+    if len(weight.outputs) > 1:
+        return f"weight '{weight.name}' is shared by {len(weight.outputs)} nodes (weight tying)"
+    return None
+
+
+def _output_reason(node: gs.Node, protected: set[str]) -> str | None:
+    out = node.outputs[0]
+    if out.name in protected:
+        return f"output '{out.name}' is a graph output or used inside a subgraph"
+    return None
+
+
+def _gemm_bias(node: gs.Node, width: int) -> tuple[str, bool, float] | str:
+    beta = float(node.attrs.get("beta", 1.0))
+    if len(node.inputs) < 3 or not node.inputs[2].name:
+        return _new_bias_key(node), False, 1.0
+    bias = node.inputs[2]
+    if not isinstance(bias, gs.Constant):
+        return f"Gemm '{node.name}' bias '{bias.name}' is not a constant"
+    if len(bias.outputs) > 1:
+        return f"bias '{bias.name}' is shared by {len(bias.outputs)} nodes"
+    if beta == 0.0:
+        return f"Gemm '{node.name}' has beta=0"
+    reason = ops.per_channel_shape_reason(bias.values, width)
+    if reason:
+        return f"Gemm '{node.name}' bias: {reason}"
+    return bias.name, True, beta
+
+
+def _new_bias_key(node: gs.Node) -> str:
+    return f"{node.outputs[0].name}.bias"
+
+
+def _name(node: gs.Node) -> str:
+    return node.name or node.outputs[0].name
+
+
+def trace_layer(producer: Producer, graph: gs.Graph, order: dict[int, int], outputs: set[str],
+                subgraph_tensors: set[str]) -> Layer | Skipped:
+    """Follow the producer's channels through per-channel ops to their consumers."""
+    name = _name(producer.node)
+    start = producer.node.outputs[0]
+    rank = 2 if producer.node.op == "Gemm" else (len(start.shape) if start.shape is not None else None)
+    region, nodes, consumers = {start.name}, [], []
+    pending, seen = {id(n): n for n in start.outputs}, set()
+    while pending:  # visit users in graph order so both inputs of x * Sigmoid(x) are known
+        key = min(pending, key=lambda i: order.get(i, -1))
+        node = pending.pop(key)
+        seen.add(key)
+        if node.op in ("Gemm", "MatMul"):
+            reason = _add_consumer(node, region, consumers)
+        else:
+            reason = _add_region_node(node, region, producer.width, rank, nodes)
+        if reason:
+            return Skipped(name, reason)
+        if nodes and nodes[-1] is node:
+            reason = _grow_region(node, region, outputs | set(subgraph_tensors), pending, seen)
+            if reason:
+                return Skipped(name, reason)
+    return _finish_layer(name, producer, start, nodes, consumers, region)
+
+
+def _add_consumer(node: gs.Node, region: set[str], consumers: list[Consumer]) -> str | None:
+    tensor = next(t for t in node.inputs if t.name in region)
+    consumer = as_consumer(node, tensor)
+    if isinstance(consumer, str):
+        return consumer
+    consumers.append(consumer)
+    return None
+
+
+def _add_region_node(node, region, width, rank, nodes) -> str | None:
+    if not ops.is_per_channel_op(node.op) or node.domain not in (None, "", "ai.onnx"):
+        return f"channels reach {node.op} '{_name(node)}', which does not act per channel"
+    reason = ops.check_node(node, region, width, rank)
+    if reason:
+        return reason
+    for extra in node.outputs[1:]:
+        if extra.outputs:
+            return f"{node.op} '{_name(node)}' uses its second output"
+    nodes.append(node)
+    return None
+
+
+def _grow_region(node, region, protected, pending, seen) -> str | None:
+    out = node.outputs[0]
+    if out.name in protected:
+        return f"channels reach '{out.name}', a graph output or subgraph input"
+    region.add(out.name)
+    pending.update({id(n): n for n in out.outputs if id(n) not in seen})
+    return None
+
+
+def _finish_layer(name, producer, start, nodes, consumers, region) -> Layer | Skipped:
+    ends = {id(c.node.inputs[0]): c.node.inputs[0] for c in consumers}
+    if not ends:
+        return Skipped(name, "channels reach no Gemm/MatMul consumer")
+    if len(ends) != 1:
+        return Skipped(name, "consumers read the channels at different points of the chain")
+    end = next(iter(ends.values()))
+    layer = Layer(name, producer, consumers, start, end)
+    _split_region(layer, nodes, region)
+    reason = _collect_constants(layer, nodes, producer.width)
+    if reason:
+        return Skipped(name, reason)
+    layer.homogeneous = all(ops.is_homogeneous(n, region) for n in layer.middle)
+    return layer
+
+
+def _split_region(layer: Layer, nodes: list[gs.Node], region: set[str]) -> None:
+    """pre: affine ops right after the producer; post: affine ops right before the consumers."""
+    pre, cur = [], layer.start
+    while cur is not layer.end and len(cur.outputs) == 1 and cur.outputs[0] in nodes \
+            and ops.is_affine(cur.outputs[0], region):
+        pre.append(cur.outputs[0])
+        cur = cur.outputs[0].outputs[0]
+    post, cur = [], layer.end
+    while cur.inputs and cur.inputs[0] in nodes and cur.inputs[0] not in pre \
+            and ops.is_affine(cur.inputs[0], region):
+        node = cur.inputs[0]
+        source = node.inputs[_data_index(node, region)]
+        if len(source.outputs) != 1:
+            break
+        post.insert(0, node)
+        cur = source
+    layer.pre, layer.post = pre, post
+    layer.middle = [n for n in nodes if n not in pre and n not in post]
+
+
+def _data_index(node: gs.Node, region: set[str]) -> int:
+    return next(i for i, t in enumerate(node.inputs) if t.name in region)
+
+
+def _collect_constants(layer: Layer, nodes: list[gs.Node], width: int) -> str | None:
+    """Per-channel constants are sliced with the channels, so nobody else may use them."""
+    members = {id(n) for n in nodes}
+    for node in nodes:
+        for tensor in node.inputs:
+            if not isinstance(tensor, gs.Constant) or tensor.values.size == 1:
+                continue
+            if any(id(user) not in members for user in tensor.outputs):
+                return f"per-channel constant '{tensor.name}' is also used outside the layer"
+            if tensor not in layer.channel_constants:
+                layer.channel_constants.append(tensor)
+                if node in layer.middle:
+                    layer.middle_constants.append(tensor)
+    return None

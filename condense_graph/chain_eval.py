@@ -1,0 +1,59 @@
+"""Evaluate a per-channel chain of nodes on chosen channel values with ONNX Runtime.
+
+The merge math needs numbers the graph computes per channel: the scale and shift of the affine
+ops around the activation, and the constant a dead channel outputs. Rather than re-implement every
+activation, we cut the chain out as a tiny model (with the current, possibly already reduced,
+constants) and let ONNX Runtime run it.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+
+def evaluate_chain(nodes: list[gs.Node], source: gs.Tensor, sink: gs.Tensor,
+                   arrays: Mapping[str, np.ndarray], x: np.ndarray, versions: tuple[int, int]) -> np.ndarray:
+    """Run `nodes` from `source` to `sink` on `x` ([rows, width]); return [rows, width].
+
+    `versions` is the (opset, IR version) of the model the nodes come from.
+    """
+    if not nodes:
+        return x
+    tensors: dict[str, gs.Tensor] = {source.name: gs.Variable(source.name, dtype=x.dtype)}
+    copies = [gs.Node(op=n.op, name=n.name, attrs=dict(n.attrs), domain=n.domain,
+                      inputs=[_tensor(t, tensors, arrays) for t in n.inputs],
+                      outputs=[_tensor(t, tensors, arrays) for t in n.outputs]) for n in nodes]
+    graph = gs.Graph(nodes=copies, inputs=[tensors[source.name]], outputs=[tensors[sink.name]],
+                     opset=versions[0], ir_version=versions[1])
+    tensors[sink.name].dtype = x.dtype
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(gs.export_onnx(graph).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {source.name: x})
+    return np.asarray(out).reshape(x.shape)  # constants of rank 3 add leading 1s
+
+
+def _tensor(t: gs.Tensor, tensors: dict[str, gs.Tensor], arrays: Mapping[str, np.ndarray]) -> gs.Tensor:
+    if not t.name:
+        return gs.Variable.empty()
+    if t.name not in tensors:
+        if isinstance(t, gs.Constant):
+            values = arrays[t.name] if t.name in arrays else t.values
+            tensors[t.name] = gs.Constant(t.name, np.asarray(values))
+        else:
+            tensors[t.name] = gs.Variable(t.name)
+    return tensors[t.name]
+
+
+def affine_coefficients(nodes: list[gs.Node], source: gs.Tensor, sink: gs.Tensor,
+                        arrays: Mapping[str, np.ndarray], width: int, dtype, versions):
+    """Scale s and shift t of an affine per-channel chain: chain(x) = s * x + t."""
+    probe = np.stack([np.zeros(width), np.ones(width)]).astype(dtype)
+    out = evaluate_chain(nodes, source, sink, arrays, probe, versions).astype(np.float64)
+    return out[1] - out[0], out[0]

@@ -1,0 +1,52 @@
+"""Moving between `onnx.ModelProto` and onnx-graphsurgeon graphs.
+
+Passes edit a graphsurgeon `Graph`; these helpers import one with inferred shapes and export it
+back into a copy of the original model, so the model's metadata, opset imports, producer and doc
+strings survive a rewrite.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx_graphsurgeon as gs
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """A graphsurgeon graph of `model` with shapes inferred where onnx can (ranks matter)."""
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - custom ops or huge models: analyze without shapes
+        pass
+    return gs.import_onnx(model)
+
+
+def export_like(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """`graph` as a model that keeps every model-level field of `original`."""
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    model.graph.CopyFrom(gs.export_onnx(graph, do_type_check=False).graph)
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - a model onnx cannot infer is still a valid model
+        return model
+
+
+def subgraph_tensor_names(model: onnx.ModelProto) -> set[str]:
+    """Names of every tensor read inside If/Loop/Scan bodies (outer-scope references included)."""
+    names: set[str] = set()
+    for node in model.graph.node:
+        for attr in node.attribute:
+            for sub in list(attr.g.node if attr.HasField("g") else []) + \
+                    [n for g in attr.graphs for n in g.node]:
+                names.update(_node_inputs_recursive(sub))
+    return names
+
+
+def _node_inputs_recursive(node: onnx.NodeProto) -> set[str]:
+    names = set(node.input)
+    for attr in node.attribute:
+        subs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+        for g in subs:
+            for inner in g.node:
+                names |= _node_inputs_recursive(inner)
+    return names

@@ -1,0 +1,177 @@
+"""Plan the reduction of each layer: group its neurons and compute the new weight arrays.
+
+Layers are planned one after another in graph order on a `WeightStore` of current arrays, so a
+layer is judged on weights that already include the merges of the layer before it (the paper
+reduces layer by layer). Planning reads the graph structure from the analysis and never edits
+the graph; `passes.condense_channels` writes the arrays back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from condense_graph.analysis import Consumer, Layer, Producer
+from condense_graph.chain_eval import affine_coefficients, evaluate_chain
+from condense_graph.merge import ChannelMap, channel_map, merge_consumer
+from condense_graph.similarity import cosine_similarity, greedy_groups
+
+
+class WeightStore:
+    """Current values of the arrays a plan reads and writes, by initializer name."""
+
+    def __init__(self, constants: dict[str, gs.Constant]):
+        self._constants = constants
+        self.changed: dict[str, np.ndarray] = {}
+        self.created: dict[str, gs.Node] = {}  # new bias arrays and the node that will use them
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.changed or name in self._constants
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self.changed:
+            return self.changed[name]
+        return np.asarray(self._constants[name].values)
+
+    def get(self, name: str):
+        return self[name] if name in self else None
+
+    def set(self, name: str, values: np.ndarray) -> None:
+        self.changed[name] = values
+
+
+@dataclass
+class LayerPlan:
+    layer: Layer
+    cmap: ChannelMap
+    threshold: float
+    exact: bool
+    constant_channels: int   # removed: zero incoming weights, constant output folded
+    silent_channels: int     # removed: zero outgoing weights
+    min_cosine: float | None  # lowest cosine between a merged neuron and its main neuron
+
+    def report(self) -> dict:
+        return {
+            "name": self.layer.name,
+            "op": self.layer.producer.node.op,
+            "activation": self.layer.activation,
+            "width_before": self.cmap.width_before,
+            "width_after": self.cmap.width_after,
+            "threshold": self.threshold,
+            "exact": self.exact,
+            "constant_removed": self.constant_channels,
+            "zero_output_removed": self.silent_channels,
+            "min_group_cosine": self.min_cosine,
+        }
+
+
+def channel_first(array: np.ndarray, axis: int) -> np.ndarray:
+    return np.moveaxis(array, axis, 0)
+
+
+def neuron_vectors(layer: Layer, store: WeightStore, versions: tuple[int, int]):
+    """Rows v_k = [weights, bias] of what each channel computes before its activation (eq. 3),
+    with the affine ops right after the producer (bias Add, BatchNormalization) folded in."""
+    producer = layer.producer
+    weights = channel_first(store[producer.weight.name], producer.axis) * producer.scale
+    width = len(weights)
+    bias = producer_bias(producer, store, width)
+    s, t = affine_coefficients(layer.pre, layer.start, layer.middle_input, store, width,
+                               weights.dtype, versions)
+    vectors = np.concatenate([s[:, None] * weights, (s * bias + t)[:, None]], axis=1)
+    return vectors, t
+
+
+def producer_bias(producer: Producer, store: WeightStore, width: int) -> np.ndarray:
+    bias = store.get(producer.bias)
+    if bias is None:
+        return np.zeros(width)
+    return np.broadcast_to(bias.reshape(-1).astype(np.float64), (width,)) * producer.bias_scale
+
+
+def plan_layer(layer: Layer, store: WeightStore, threshold: float, versions: tuple[int, int]) -> LayerPlan:
+    """Group the layer's neurons at `threshold`, then update `store` with the merged arrays."""
+    vectors, pre_shift = neuron_vectors(layer, store, versions)
+    width, dtype = len(vectors), store[layer.producer.weight.name].dtype
+    a, c = affine_coefficients(layer.post, layer.middle_output, layer.end, store, width, dtype, versions)
+    outgoing = [channel_first(store[k.weight.name], k.axis).reshape(width, -1) for k in layer.consumers]
+    constant = np.all(vectors[:, :-1] == 0, axis=1) | (a == 0)
+    silent = np.logical_and.reduce([np.all(u == 0, axis=1) for u in outgoing])
+    outputs = constant_outputs(layer, store, pre_shift, a, c, versions)
+    candidates = np.flatnonzero(~constant & ~silent)
+    cosine = cosine_similarity(vectors[candidates].astype(np.float32))
+    local_groups = greedy_groups(cosine, threshold)
+    groups = [candidates[g] for g in local_groups]
+    folded = {int(k): float(outputs[k]) for k in np.flatnonzero(constant & ~silent)}
+    cmap = channel_map(vectors, groups, a, c, folded)
+    apply_map(layer, store, cmap)
+    return LayerPlan(layer, cmap, threshold, is_exact(layer, store, groups, cmap),
+                     int(constant.sum()), int((silent & ~constant).sum()),
+                     min_group_cosine(cosine, local_groups))
+
+
+def constant_outputs(layer, store, pre_shift, a, c, versions) -> np.ndarray:
+    """o_k = a_k g_k(t_k) + c_k: what a channel with zero incoming weights outputs."""
+    z = pre_shift[None, :].astype(store[layer.producer.weight.name].dtype)
+    g = evaluate_chain(layer.middle, layer.middle_input, layer.middle_output, store, z, versions)[0]
+    return a * g.astype(np.float64) + c
+
+
+def min_group_cosine(cosine: np.ndarray, groups: list[np.ndarray]) -> float | None:
+    merged = [g for g in groups if len(g) > 1]
+    if not merged:
+        return None
+    mains = np.concatenate([np.full(len(g) - 1, g[0]) for g in merged])
+    others = np.concatenate([g[1:] for g in merged])
+    return float(cosine[mains, others].min())
+
+
+def is_exact(layer: Layer, store: WeightStore, groups, cmap: ChannelMap) -> bool:
+    """Exact up to the threshold: homogeneous g, equal per-channel constants of g in each group."""
+    if not layer.homogeneous:
+        return False
+    main_of = np.arange(cmap.width_before)
+    for group in groups:
+        main_of[group] = group[0]
+    for const in layer.middle_constants:
+        values = store[const.name].reshape(-1)
+        if not np.array_equal(values, values[main_of]):
+            return False
+    return True
+
+
+def apply_map(layer: Layer, store: WeightStore, cmap: ChannelMap) -> None:
+    """Keep the main channels in the producer and the region; merge them in the consumers."""
+    producer = layer.producer
+    store.set(producer.weight.name, np.take(store[producer.weight.name], cmap.keep, producer.axis))
+    bias = store.get(producer.bias)
+    if bias is not None and bias.size == cmap.width_before:
+        store.set(producer.bias, bias.reshape(-1)[cmap.keep].reshape(_shape_with_width(bias, cmap)))
+    for const in layer.channel_constants:
+        values = store[const.name]
+        if values.size == cmap.width_before:
+            store.set(const.name, np.take(values, cmap.keep, axis=-1))
+    for consumer in layer.consumers:
+        merge_into_consumer(consumer, store, cmap)
+
+
+def _shape_with_width(array: np.ndarray, cmap: ChannelMap) -> tuple:
+    return array.shape[:-1] + (cmap.width_after,)
+
+
+def merge_into_consumer(consumer: Consumer, store: WeightStore, cmap: ChannelMap) -> None:
+    weight = store[consumer.weight.name]
+    merged, bias_delta = merge_consumer(channel_first(weight, consumer.axis), cmap)
+    store.set(consumer.weight.name, np.moveaxis(merged, 0, consumer.axis))
+    if not np.any(bias_delta):
+        return
+    # constant channels feed scale * sum_k o_k u_k into the consumer's output; beta*C absorbs it
+    delta = consumer.scale * bias_delta / consumer.bias_scale
+    bias = store.get(consumer.bias)
+    if bias is None:
+        store.created[consumer.bias] = consumer.node
+        store.set(consumer.bias, delta.astype(weight.dtype))
+    else:
+        store.set(consumer.bias, (bias + delta).astype(bias.dtype))

@@ -1,0 +1,84 @@
+"""Condense the channels of dense layers (paper section 2.2).
+
+For every layer that `condense_graph.analysis` finds (a Gemm/MatMul producer, per-channel ops,
+Gemm/MatMul consumers), group the neurons by cosine similarity at the layer's threshold, keep each
+group's main neuron and fold the others into the consumer weights (eq. 10-12). Neurons with zero
+incoming weights fold their constant output into the consumer bias; neurons with zero outgoing
+weights are dropped.
+
+Layers are reduced one after the other in graph order; each layer is judged on the weights left
+by the previous reduction. Layers the analysis rejects are left untouched and reported.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from condense_graph.analysis import Analysis, analyze
+from condense_graph.graph import export_like, import_graph, subgraph_tensor_names
+from condense_graph.plan import LayerPlan, WeightStore, plan_layer
+from passes.base import PassResult
+from passes.materialize_constants import materialize_constants
+
+
+class CondenseChannelsPass:
+    """`CondenseChannelsPass(thresholds)(model)` -> PassResult with `details["plans"]`."""
+
+    def __init__(self, threshold: float = 0.95, layer_thresholds: dict[str, float] | None = None):
+        self.threshold = threshold
+        self.layer_thresholds = dict(layer_thresholds or {})
+
+    def __call__(self, model: onnx.ModelProto) -> PassResult:
+        graph = import_graph(model)
+        materialize_constants(graph)
+        analysis = analyze(graph, subgraph_tensor_names(model))
+        plans, store = self.plan(graph, analysis)
+        modified = any(p.cmap.width_after < p.cmap.width_before for p in plans)
+        if modified:
+            rewrite(graph, plans, store)
+            model = export_like(graph, model)
+        return PassResult(model, modified, {"plans": plans, "skipped": analysis.skipped})
+
+    def plan(self, graph: gs.Graph, analysis: Analysis) -> tuple[list[LayerPlan], WeightStore]:
+        constants = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+        store = WeightStore(constants)
+        plans = [plan_layer(layer, store, self.threshold_for(layer), (graph.opset, graph.ir_version))
+                 for layer in analysis.layers]
+        return plans, store
+
+    def threshold_for(self, layer) -> float:
+        for key in (layer.name, layer.producer.weight.name):
+            if key in self.layer_thresholds:
+                return self.layer_thresholds[key]
+        return self.threshold
+
+
+def rewrite(graph: gs.Graph, plans: list[LayerPlan], store: WeightStore) -> None:
+    """Write the planned arrays into the graph and forget the shapes that changed."""
+    tensors = graph.tensors()
+    for name, values in store.changed.items():
+        if name not in store.created:
+            tensors[name].values = values
+    for name, node in store.created.items():
+        add_bias(graph, node, gs.Constant(name, store.changed[name]))
+    for plan in plans:
+        for node in [plan.layer.producer.node] + plan.layer.pre + plan.layer.middle + plan.layer.post:
+            for out in node.outputs:
+                out.shape = None  # shape inference fills in the new widths
+    graph.cleanup().toposort()
+
+
+def add_bias(graph: gs.Graph, node: gs.Node, bias: gs.Constant) -> None:
+    """Give a bias-less consumer the bias that folded constant channels need."""
+    if node.op == "Gemm":
+        if len(node.inputs) > 2:
+            node.inputs[2] = bias  # an empty optional input
+        else:
+            node.inputs.append(bias)
+        node.attrs["beta"] = 1.0
+        return
+    out = node.outputs[0]
+    raw = gs.Variable(f"{out.name}.nobias", dtype=out.dtype)
+    node.outputs = [raw]
+    graph.nodes.append(gs.Node("Add", name=f"{node.name}.bias_add", inputs=[raw, bias], outputs=[out]))

@@ -1,0 +1,74 @@
+"""Small models built in code for the tests (no binary fixtures).
+
+`planted_mlp` builds an MLP whose hidden neurons are positive multiples of a few distinct
+directions, so the exact reduced width of every layer is known in advance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+IR_VERSION = 8  # what onnxruntime reads; onnx.helper would write its newest
+
+
+def planted_rows(rng, width: int, distinct: int, fan_in: int) -> np.ndarray:
+    """[width, fan_in + 1] rows (weights | bias): `distinct` directions, each used at least once,
+    every row a positive multiple (lambda in 0.1-10) of its direction."""
+    base = rng.normal(size=(distinct, fan_in + 1))
+    which = np.concatenate([np.arange(distinct), rng.integers(0, distinct, width - distinct)])
+    rng.shuffle(which)
+    lam = rng.uniform(0.1, 10.0, size=width)
+    return (base[which] * lam[:, None]).astype(np.float32)
+
+
+def planted_mlp(widths, distinct, form="gemm", activation="Relu", seed=0, batch="N",
+                seq=None, trans_b=True, alpha=1.0, beta=1.0) -> onnx.ModelProto:
+    """MLP widths[0] -> widths[1] -> ... -> widths[-1]; hidden layer i has distinct[i-1] directions.
+
+    form: "gemm" (Gemm with transB/alpha/beta) or "matmul" (MatMul + Add bias, any rank with `seq`).
+    """
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    shape = [batch, widths[0]] if seq is None else [batch, seq, widths[0]]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
+    cur = "x"
+    for i in range(1, len(widths)):
+        fan_in, width = widths[i - 1], widths[i]
+        hidden = i < len(widths) - 1
+        rows = planted_rows(rng, width, distinct[i - 1], fan_in) if hidden else \
+            rng.normal(size=(width, fan_in + 1)).astype(np.float32)
+        cur = _dense(nodes, inits, cur, rows, f"fc{i}", form, trans_b, alpha, beta)
+        if hidden and activation:
+            nodes.append(helper.make_node(activation, [cur], [f"act{i}"], name=f"act{i}"))
+            cur = f"act{i}"
+    out_shape = shape[:-1] + [widths[-1]]
+    y = helper.make_tensor_value_info(cur, TensorProto.FLOAT, out_shape)
+    graph = helper.make_graph(nodes, "planted_mlp", [x], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+
+
+def _dense(nodes, inits, cur, rows, name, form, trans_b, alpha, beta) -> str:
+    weight, bias = rows[:, :-1], rows[:, -1]
+    out = f"{name}_out"
+    if form == "gemm":
+        # y = alpha * x W' + beta * C reproduces rows (weights | bias) when W' = W/alpha, C = b/beta
+        w = (weight / alpha).astype(np.float32)
+        inits += [numpy_helper.from_array(w if trans_b else w.T.copy(), f"{name}.weight"),
+                  numpy_helper.from_array((bias / beta).astype(np.float32), f"{name}.bias")]
+        nodes.append(helper.make_node("Gemm", ["" + cur, f"{name}.weight", f"{name}.bias"], [out],
+                                      name=name, transB=int(trans_b), alpha=alpha, beta=beta))
+        return out
+    inits += [numpy_helper.from_array(weight.T.copy(), f"{name}.weight"),
+              numpy_helper.from_array(bias, f"{name}.bias")]
+    nodes.append(helper.make_node("MatMul", [cur, f"{name}.weight"], [f"{name}_mm"], name=name))
+    nodes.append(helper.make_node("Add", [f"{name}_mm", f"{name}.bias"], [out], name=f"{name}_bias"))
+    return out
+
+
+def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    import onnxruntime as ort
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
