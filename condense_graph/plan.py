@@ -80,8 +80,7 @@ def neuron_vectors(layer: Layer, store: WeightStore, versions: tuple[int, int]):
     bias = producer_bias(producer, store, width)
     s, t = affine_coefficients(layer.pre, layer.start, layer.middle_input, store, width,
                                weights.dtype, versions)
-    vectors = np.concatenate([s[:, None] * weights, (s * bias + t)[:, None]], axis=1)
-    return vectors, t
+    return np.concatenate([s[:, None] * weights, (s * bias + t)[:, None]], axis=1)
 
 
 def producer_bias(producer: Producer, store: WeightStore, width: int) -> np.ndarray:
@@ -93,13 +92,13 @@ def producer_bias(producer: Producer, store: WeightStore, width: int) -> np.ndar
 
 def plan_layer(layer: Layer, store: WeightStore, threshold: float, versions: tuple[int, int]) -> LayerPlan:
     """Group the layer's neurons at `threshold`, then update `store` with the merged arrays."""
-    vectors, pre_shift = neuron_vectors(layer, store, versions)
+    vectors = neuron_vectors(layer, store, versions)
     width, dtype = len(vectors), store[layer.producer.weight.name].dtype
     a, c = affine_coefficients(layer.post, layer.middle_output, layer.end, store, width, dtype, versions)
     outgoing = [channel_first(store[k.weight.name], k.axis).reshape(width, -1) for k in layer.consumers]
     constant = np.all(vectors[:, :-1] == 0, axis=1) | (a == 0)
     silent = np.logical_and.reduce([np.all(u == 0, axis=1) for u in outgoing])
-    outputs = constant_outputs(layer, store, pre_shift, a, c, versions)
+    outputs = constant_outputs(layer, store, vectors[:, -1], a, c, versions)
     candidates = np.flatnonzero(~constant & ~silent)
     cosine = cosine_similarity(vectors[candidates].astype(np.float32))
     local_groups = greedy_groups(cosine, threshold)
@@ -112,9 +111,10 @@ def plan_layer(layer: Layer, store: WeightStore, threshold: float, versions: tup
                      min_group_cosine(cosine, local_groups))
 
 
-def constant_outputs(layer, store, pre_shift, a, c, versions) -> np.ndarray:
-    """o_k = a_k g_k(t_k) + c_k: what a channel with zero incoming weights outputs."""
-    z = pre_shift[None, :].astype(store[layer.producer.weight.name].dtype)
+def constant_outputs(layer, store, bias, a, c, versions) -> np.ndarray:
+    """o_k = a_k g_k(b_k) + c_k: what a channel with zero incoming weights outputs, b_k being
+    its pre-activation bias (the last entry of its neuron vector)."""
+    z = bias[None, :].astype(store[layer.producer.weight.name].dtype)
     g = evaluate_chain(layer.middle, layer.middle_input, layer.middle_output, store, z, versions)[0]
     return a * g.astype(np.float64) + c
 

@@ -16,6 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from condense_graph.analysis import Analysis, analyze
+from condense_graph.errors import CondenseError
 from condense_graph.graph import export_like, import_graph, subgraph_tensor_names
 from condense_graph.plan import LayerPlan, WeightStore, plan_layer
 from passes.base import PassResult
@@ -30,9 +31,7 @@ class CondenseChannelsPass:
         self.layer_thresholds = dict(layer_thresholds or {})
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
-        graph = import_graph(model)
-        materialize_constants(graph)
-        analysis = analyze(graph, subgraph_tensor_names(model))
+        graph, analysis = self.analyze(model)
         plans, store = self.plan(graph, analysis)
         modified = any(p.cmap.width_after < p.cmap.width_before for p in plans)
         if modified:
@@ -40,12 +39,30 @@ class CondenseChannelsPass:
             model = export_like(graph, model)
         return PassResult(model, modified, {"plans": plans, "skipped": analysis.skipped})
 
+    @staticmethod
+    def analyze(model: onnx.ModelProto) -> tuple[gs.Graph, Analysis]:
+        graph = import_graph(model)
+        materialize_constants(graph)
+        return graph, analyze(graph, subgraph_tensor_names(model))
+
     def plan(self, graph: gs.Graph, analysis: Analysis) -> tuple[list[LayerPlan], WeightStore]:
+        self.check_layer_names(analysis)
         constants = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
         store = WeightStore(constants)
         plans = [plan_layer(layer, store, self.threshold_for(layer), (graph.opset, graph.ir_version))
                  for layer in analysis.layers]
         return plans, store
+
+    def check_layer_names(self, analysis: Analysis) -> None:
+        """Every per-layer threshold must name a reducible layer (node or weight name)."""
+        known = {key for layer in analysis.layers for key in (layer.name, layer.producer.weight.name)}
+        skipped = {s.name: s.reason for s in analysis.skipped}
+        for name in self.layer_thresholds:
+            if name in skipped and name not in known:
+                raise CondenseError(f"layer '{name}' cannot be reduced: {skipped[name]}")
+            if name not in known:
+                names = ", ".join(layer.name for layer in analysis.layers) or "none"
+                raise CondenseError(f"no reducible layer named '{name}' (layers: {names})")
 
     def threshold_for(self, layer) -> float:
         for key in (layer.name, layer.producer.weight.name):

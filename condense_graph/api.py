@@ -1,0 +1,71 @@
+"""The Python API: one straight line, load -> analyze -> plan -> rewrite -> verify.
+
+    result = condense_graph.condense("model.onnx", threshold=0.95)
+    result.model   # onnx.ModelProto, smaller
+    result.report  # dict, the same data as `condense-graph reduce --report`
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import onnx
+
+from condense_graph.errors import CondenseError
+from condense_graph.model_io import load_model
+from condense_graph.report import build_report, count_params
+from condense_graph.verify import compare_models
+from passes.condense_channels import CondenseChannelsPass
+
+INSPECT_THRESHOLDS = (0.8, 0.9, 0.95, 0.99, 0.999)
+
+ModelLike = str | os.PathLike | onnx.ModelProto
+
+
+@dataclass
+class CondenseResult:
+    model: onnx.ModelProto
+    report: dict
+
+
+def condense(model: ModelLike, threshold: float = 0.95,
+             layer_thresholds: dict[str, float] | None = None, verify: bool = False,
+             input_shapes: dict[str, list[int]] | None = None) -> CondenseResult:
+    """Merge condensed neurons of every reducible layer; the input model is never modified.
+
+    `layer_thresholds` maps a layer (its producer node name or weight name) to its own threshold.
+    With `verify`, both models run in ONNX Runtime on random inputs and the report gets `verify`.
+    """
+    _check_threshold(threshold, "threshold")
+    for name, value in (layer_thresholds or {}).items():
+        _check_threshold(value, f"threshold of layer '{name}'")
+    original = load_model(model)
+    result = CondenseChannelsPass(threshold, layer_thresholds)(original)
+    report = build_report(original, result.model, result.details["plans"], result.details["skipped"])
+    if verify:
+        report["verify"] = compare_models(original, result.model, input_shapes)
+    return CondenseResult(result.model, report)
+
+
+def inspect(model: ModelLike, thresholds=INSPECT_THRESHOLDS) -> dict:
+    """Every reducible layer with the width `condense` would give it at each threshold."""
+    for t in thresholds:
+        _check_threshold(t, "threshold")
+    original = load_model(model)
+    graph, analysis = CondenseChannelsPass.analyze(original)
+    widths = {}
+    for t in thresholds:  # a fresh plan per threshold: layers depend on the ones before them
+        plans, _ = CondenseChannelsPass(t).plan(graph, analysis)
+        for plan in plans:
+            widths.setdefault(plan.layer.name, {})[str(t)] = plan.cmap.width_after
+    layers = [{"name": layer.name, "op": layer.producer.node.op, "activation": layer.activation,
+               "width": layer.producer.width, "exact": layer.homogeneous,
+               "widths": widths[layer.name]} for layer in analysis.layers]
+    return {"params": count_params(original), "thresholds": list(thresholds), "layers": layers,
+            "skipped": [{"name": s.name, "reason": s.reason} for s in analysis.skipped]}
+
+
+def _check_threshold(value: float, what: str) -> None:
+    if not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
+        raise CondenseError(f"{what} must be a cosine between -1 and 1, got {value!r}")

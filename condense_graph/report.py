@@ -1,0 +1,87 @@
+"""The report of a reduction: numbers for scripts (JSON) and a table for people.
+
+Report keys: params_before, params_after, layers (name, width_before, width_after, threshold,
+exact, ...), skipped (name, reason), and when verified `verify` (max_abs_err, max_rel_err).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Elements of every initializer and Constant node of the main graph."""
+    total = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            total += sum(int(np.prod(a.t.dims)) for a in node.attribute if a.name == "value")
+    return total
+
+
+def build_report(original: onnx.ModelProto, reduced: onnx.ModelProto, plans, skipped) -> dict:
+    return {
+        "params_before": count_params(original),
+        "params_after": count_params(reduced),
+        "file_size_before": original.ByteSize(),
+        "file_size_after": reduced.ByteSize(),
+        "layers": [plan.report() for plan in plans],
+        "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
+    }
+
+
+def format_reduce_table(report: dict) -> str:
+    """Before/after table in the spirit of onnxslim's summary."""
+    rows = [("Layer", "Activation", "Width", "Threshold", "Exact")]
+    for layer in report["layers"]:
+        width = f"{layer['width_before']} -> {layer['width_after']}"
+        rows.append((layer["name"], layer["activation"], width, f"{layer['threshold']:g}",
+                     "yes" if layer["exact"] else "no"))
+    rows.append(("Params", "", _change(report["params_before"], report["params_after"]), "", ""))
+    rows.append(("File size", "", _change(report["file_size_before"], report["file_size_after"],
+                                          _bytes), "", ""))
+    text = _table(rows, footer_from=len(rows) - 2)
+    return text + _skipped_lines(report["skipped"])
+
+
+def format_inspect_table(info: dict) -> str:
+    thresholds = info["thresholds"]
+    rows = [("Layer", "Activation", "Width") + tuple(f"@{t:g}" for t in thresholds)]
+    for layer in info["layers"]:
+        rows.append((layer["name"], layer["activation"], str(layer["width"]))
+                    + tuple(str(layer["widths"][str(t)]) for t in thresholds))
+    return _table(rows) + _skipped_lines(info["skipped"])
+
+
+def _skipped_lines(skipped: list[dict]) -> str:
+    if not skipped:
+        return ""
+    lines = [f"\nSkipped ({len(skipped)}):"] + [f"  {s['name']}: {s['reason']}" for s in skipped]
+    return "\n".join(lines)
+
+
+def _change(before: int, after: int, fmt=lambda n: f"{n:,}") -> str:
+    pct = 100.0 * (after - before) / before if before else 0.0
+    return f"{fmt(before)} -> {fmt(after)} ({pct:+.1f}%)"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(rows: list[tuple], footer_from: int | None = None) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    lines = [rule]
+    for i, row in enumerate(rows):
+        if i == footer_from:
+            lines.append(rule)
+        lines.append("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
+        if i == 0:
+            lines.append(rule)
+    lines.append(rule)
+    return "\n".join(lines)

@@ -1,0 +1,38 @@
+import numpy as np
+
+from condense_graph.similarity import cosine_similarity, greedy_groups, widths_at
+
+
+def test_cosine_matches_definition_and_zero_rows_give_zero_not_nan(rng):
+    v = rng.normal(size=(5, 7))
+    v[3] = 0.0
+    cos = cosine_similarity(v)
+    assert not np.isnan(cos).any()
+    i, j = 0, 2
+    expected = v[i] @ v[j] / np.linalg.norm(v[i]) / np.linalg.norm(v[j])
+    assert np.isclose(cos[i, j], expected, rtol=1e-12)
+    assert np.all(cos[3, [0, 1, 2, 4]] == 0.0)
+
+
+def test_greedy_picks_the_neuron_with_most_neighbours_as_main():
+    # neuron 1 is close to 0 and 2; 0 and 2 are not close to each other
+    cos = np.array([[1.0, 0.95, 0.5, 0.0],
+                    [0.95, 1.0, 0.95, 0.0],
+                    [0.5, 0.95, 1.0, 0.0],
+                    [0.0, 0.0, 0.0, 1.0]])
+    groups = greedy_groups(cos, 0.9)
+    assert [g.tolist() for g in groups] == [[1, 0, 2], [3]]
+
+
+def test_negative_multiples_never_group_even_at_negative_threshold():
+    v = np.array([[1.0, 2.0, 3.0], [-1.0, -2.0, -3.0]])
+    assert len(greedy_groups(cosine_similarity(v), -1.0)) == 2
+
+
+def test_widths_shrink_as_threshold_falls(rng):
+    base = rng.normal(size=(3, 10))
+    v = np.repeat(base, 4, axis=0) + 0.05 * rng.normal(size=(12, 10))
+    widths = widths_at(cosine_similarity(v), [0.5, 0.9, 0.999999])
+    assert widths[0.9] == 3
+    assert widths[0.999999] == 12
+    assert widths[0.5] <= widths[0.9]
