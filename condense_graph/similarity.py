@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# Cosines come from a float32 Gram matrix, good to about 1e-7. A threshold counts as met within
+# this tolerance, so threshold 1.0 means "parallel to float32 rounding": exact multiples merge.
+COSINE_TOLERANCE = 1e-6
+
 
 def cosine_similarity(vectors: np.ndarray) -> np.ndarray:
     """C = D A D with A = V V^T and D = diag(1/sqrt(a_ii)) (eq. 8-9).
@@ -30,7 +34,7 @@ def greedy_groups(cosine: np.ndarray, threshold: float) -> list[np.ndarray]:
     because merging v and -v is never exact for a nonlinear layer.
     """
     width = cosine.shape[0]
-    near = (cosine >= threshold) & (cosine > 0)
+    near = (cosine >= threshold - COSINE_TOLERANCE) & (cosine > 0)
     np.fill_diagonal(near, True)
     counts = near.sum(axis=1).astype(np.int64)
     ungrouped = np.ones(width, dtype=bool)
