@@ -71,7 +71,7 @@ class Layer:
 
     @property
     def activation(self) -> str:
-        return "+".join(n.op for n in self.middle) or "none"
+        return "+".join(n.op for n in self.pre + self.middle + self.post) or "none"
 
     @property
     def middle_input(self) -> gs.Tensor:

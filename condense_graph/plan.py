@@ -105,8 +105,9 @@ def plan_layer(layer: Layer, store: WeightStore, threshold: float, versions: tup
     groups = [candidates[g] for g in local_groups]
     folded = {int(k): float(outputs[k]) for k in np.flatnonzero(constant & ~silent)}
     cmap = channel_map(vectors, groups, a, c, folded)
+    exact = is_exact(layer, store, groups, cmap)  # before apply_map slices the constants
     apply_map(layer, store, cmap)
-    return LayerPlan(layer, cmap, threshold, is_exact(layer, store, groups, cmap),
+    return LayerPlan(layer, cmap, threshold, exact,
                      int(constant.sum()), int((silent & ~constant).sum()),
                      min_group_cosine(cosine, local_groups))
 
