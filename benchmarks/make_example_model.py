@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+import warnings
 from pathlib import Path
 
 import cantera as ct
@@ -194,6 +195,11 @@ def build_model(n_features: int) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])  # linear output layer
 
 
+def model_shape(model: nn.Sequential) -> str:
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    return "-".join(str(n) for n in [linears[0].in_features, *(m.out_features for m in linears)])
+
+
 @torch.no_grad()
 def mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return nn.functional.mse_loss(model(x), y).item()
@@ -224,10 +230,12 @@ def train(model, x_train, y_train, x_val, y_val, steps: int, lr: float, seed: in
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     # The TorchScript exporter (dynamo=False) writes a flat Gemm/Relu graph, the form
     # condense-graph works on.
-    torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME],
-                      output_names=[OUTPUT_NAME],
-                      dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                      dynamo=False, opset_version=17)
+    with warnings.catch_warnings():  # the legacy exporter is chosen on purpose: don't nag
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          dynamo=False, opset_version=17)
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 
@@ -303,7 +311,8 @@ def main() -> None:
 
     model = build_model(x.shape[1])
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"training {model_shape(model)} ({n_params} parameters) for {args.steps} steps", flush=True)
+    print(f"training {model_shape(model)} ({n_params} parameters) for {args.steps} steps",
+          flush=True)
     def t(idx):
         return torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
 
@@ -325,11 +334,6 @@ def main() -> None:
     for path in (onnx_path, npz_path):
         print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
     print(f"done in {time.perf_counter() - start:.0f} s")
-
-
-def model_shape(model: nn.Sequential) -> str:
-    linears = [m for m in model if isinstance(m, nn.Linear)]
-    return "-".join(str(n) for n in [linears[0].in_features, *(m.out_features for m in linears)])
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def analyze(graph: gs.Graph, subgraph_tensors: set[str] = frozenset()) -> Analys
     for node in graph.nodes:
         if node.op not in ("Gemm", "MatMul"):
             continue
-        producer = as_producer(node, outputs | set(subgraph_tensors))
+        producer = as_producer(node, outputs, subgraph_tensors)
         if isinstance(producer, str):
             skipped.append(Skipped(_name(node), producer))
             continue
@@ -108,10 +108,10 @@ def analyze(graph: gs.Graph, subgraph_tensors: set[str] = frozenset()) -> Analys
     return Analysis(layers, skipped)
 
 
-def as_producer(node: gs.Node, protected: set[str]) -> Producer | str:
+def as_producer(node: gs.Node, outputs: set[str], subgraph_tensors: set[str]) -> Producer | str:
     """The node as a producer, or why it cannot be one."""
     weight = node.inputs[1]
-    reason = _weight_reason(node, weight) or _output_reason(node, protected)
+    reason = _weight_reason(node, weight) or _protected_reason(node.outputs[0], outputs, subgraph_tensors)
     if reason:
         return reason
     if node.op == "MatMul":
@@ -157,10 +157,12 @@ def _weight_reason(node: gs.Node, weight: gs.Tensor) -> str | None:
     return None
 
 
-def _output_reason(node: gs.Node, protected: set[str]) -> str | None:
-    out = node.outputs[0]
-    if out.name in protected:
-        return f"output '{out.name}' is a graph output or used inside a subgraph"
+def _protected_reason(tensor: gs.Tensor, outputs: set[str], subgraph_tensors: set[str]) -> str | None:
+    """Graph outputs are the model's interface; subgraph reads are not analyzed."""
+    if tensor.name in outputs:
+        return f"channels reach graph output '{tensor.name}' (the model's interface)"
+    if tensor.name in subgraph_tensors:
+        return f"channels reach '{tensor.name}', which an If/Loop/Scan subgraph reads"
     return None
 
 
@@ -208,7 +210,7 @@ def trace_layer(producer: Producer, graph: gs.Graph, order: dict[int, int], outp
         if reason:
             return Skipped(name, reason)
         if nodes and nodes[-1] is node:
-            reason = _grow_region(node, region, outputs | set(subgraph_tensors), pending, seen)
+            reason = _grow_region(node, region, outputs, subgraph_tensors, pending, seen)
             if reason:
                 return Skipped(name, reason)
     return _finish_layer(name, producer, start, nodes, consumers, region)
@@ -236,10 +238,11 @@ def _add_region_node(node, region, width, rank, nodes) -> str | None:
     return None
 
 
-def _grow_region(node, region, protected, pending, seen) -> str | None:
+def _grow_region(node, region, outputs, subgraph_tensors, pending, seen) -> str | None:
     out = node.outputs[0]
-    if out.name in protected:
-        return f"channels reach '{out.name}', a graph output or subgraph input"
+    reason = _protected_reason(out, outputs, subgraph_tensors)
+    if reason:
+        return reason
     region.add(out.name)
     pending.update({id(n): n for n in out.outputs if id(n) not in seen})
     return None
