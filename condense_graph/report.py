@@ -32,14 +32,16 @@ def build_report(original: onnx.ModelProto, reduced: onnx.ModelProto, plans, ski
 
 def format_reduce_table(report: dict) -> str:
     """Before/after table in the spirit of onnxslim's summary."""
-    rows = [("Layer", "Activation", "Width", "Threshold", "Exact")]
+    # "Exact" = exact for parallel neurons (homogeneous activation); "Min cos" says how parallel
+    rows = [("Layer", "Activation", "Width", "Threshold", "Min cos", "Exact")]
     for layer in report["layers"]:
         width = f"{layer['width_before']} -> {layer['width_after']}"
-        rows.append((layer["name"], layer["activation"], width, f"{layer['threshold']:g}",
+        cos = "-" if layer["min_group_cosine"] is None else f"{layer['min_group_cosine']:.4f}"
+        rows.append((layer["name"], layer["activation"], width, f"{layer['threshold']:g}", cos,
                      "yes" if layer["exact"] else "no"))
-    rows.append(("Params", "", _change(report["params_before"], report["params_after"]), "", ""))
+    rows.append(("Params", "", _change(report["params_before"], report["params_after"]), "", "", ""))
     rows.append(("File size", "", _change(report["file_size_before"], report["file_size_after"],
-                                          _bytes), "", ""))
+                                          _bytes), "", "", ""))
     text = _table(rows, footer_from=len(rows) - 2)
     return text + _skipped_lines(report["skipped"])
 
