@@ -117,3 +117,8 @@ def test_console_script_runs(model_path, tmp_path):
     assert proc.returncode == 0 and proc.stdout == "" and out.exists()
     x = np.ones((2, 5), np.float32)
     assert run(onnx.load(out), {"x": x})[0].shape == (2, 3)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception, match="no such file"):
+        main(["--debug", "reduce", str(tmp_path / "missing.onnx"), str(tmp_path / "o.onnx")])
