@@ -36,7 +36,6 @@ class Producer:
     axis: int            # axis of `weight` that indexes output channels
     scale: float         # Gemm alpha
     bias: str            # key of the bias array (an initializer name, or a new one to create)
-    bias_exists: bool
     bias_scale: float    # Gemm beta
 
     @property
@@ -51,7 +50,6 @@ class Consumer:
     axis: int            # axis of `weight` that indexes the input channels we reduce
     scale: float
     bias: str
-    bias_exists: bool
     bias_scale: float
 
 
@@ -115,7 +113,7 @@ def as_producer(node: gs.Node, outputs: set[str], subgraph_tensors: set[str]) ->
     if reason:
         return reason
     if node.op == "MatMul":
-        return Producer(node, weight, 1, 1.0, _new_bias_key(node), False, 1.0)
+        return Producer(node, weight, 1, 1.0, _new_bias_key(node), 1.0)
     if node.attrs.get("transA", 0):
         return f"Gemm '{node.name}' has transA=1"
     axis = 0 if node.attrs.get("transB", 0) else 1
@@ -134,7 +132,7 @@ def as_consumer(node: gs.Node, tensor: gs.Tensor) -> Consumer | str:
     if reason:
         return reason
     if node.op == "MatMul":
-        return Consumer(node, weight, 0, 1.0, _new_bias_key(node), False, 1.0)
+        return Consumer(node, weight, 0, 1.0, _new_bias_key(node), 1.0)
     if node.attrs.get("transA", 0):
         return f"Gemm '{node.name}' reads the channels transposed (transA=1)"
     axis = 1 if node.attrs.get("transB", 0) else 0
@@ -166,10 +164,10 @@ def _protected_reason(tensor: gs.Tensor, outputs: set[str], subgraph_tensors: se
     return None
 
 
-def _gemm_bias(node: gs.Node, width: int) -> tuple[str, bool, float] | str:
+def _gemm_bias(node: gs.Node, width: int) -> tuple[str, float] | str:
     beta = float(node.attrs.get("beta", 1.0))
     if len(node.inputs) < 3 or not node.inputs[2].name:
-        return _new_bias_key(node), False, 1.0
+        return _new_bias_key(node), 1.0
     bias = node.inputs[2]
     if not isinstance(bias, gs.Constant):
         return f"Gemm '{node.name}' bias '{bias.name}' is not a constant"
@@ -180,7 +178,7 @@ def _gemm_bias(node: gs.Node, width: int) -> tuple[str, bool, float] | str:
     reason = ops.per_channel_shape_reason(bias.values, width)
     if reason:
         return f"Gemm '{node.name}' bias: {reason}"
-    return bias.name, True, beta
+    return bias.name, beta
 
 
 def _new_bias_key(node: gs.Node) -> str:

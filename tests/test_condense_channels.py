@@ -122,3 +122,17 @@ def test_removing_dead_relu_neurons_changes_no_bit(rng):
     assert widths_after(result.report) == [5]
     feeds = {"x": rng.normal(size=(16, 4)).astype(np.float32)}
     assert_same_outputs(model, result.model, feeds, rtol=0.0)
+
+
+def test_constant_channel_into_a_matmul_consumer_gets_a_bias_add(rng):
+    model = planted_mlp([5, 10, 8, 3], [10, 8], form="matmul", activation="Sigmoid", seed=5)
+    weight = next(t for t in model.graph.initializer if t.name == "fc1.weight")
+    values = numpy_helper.to_array(weight).copy()
+    values[:, 3] = 0.0  # channel 3 now outputs sigmoid(bias_3), a constant
+    weight.CopyFrom(numpy_helper.from_array(values, "fc1.weight"))
+    result = cg.condense(model, threshold=1.0)
+    layers = result.report["layers"]
+    assert [(l["width_after"], l["constant_removed"]) for l in layers] == [(9, 1), (8, 0)]
+    assert sum(n.op_type == "Add" for n in result.model.graph.node) == 4  # 3 biases + the fold
+    check_full(result.model)
+    assert_same_outputs(model, result.model, {"x": rng.normal(size=(6, 5)).astype(np.float32)})
