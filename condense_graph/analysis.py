@@ -1,14 +1,15 @@
 """Channel analysis: find the layers whose output channels can be condensed.
 
-A *layer* is a producer (Gemm, or MatMul with a constant weight) whose output channels flow
-through per-channel ops (the *region*, see `condense_graph.ops`) into one or more consumers
-(Gemm/MatMul reading the channels as their data input with a constant weight). The region is
-split into three parts, which the merge math needs (`condense_graph.merge`):
+A *layer* is a producer (Gemm, MatMul with a constant weight, or Conv with group 1) whose output
+channels flow through per-channel ops (the *region*, see `condense_graph.ops`) into one or more
+consumers (Gemm/MatMul/Conv reading the channels as their data input with a constant weight).
+The region is split into three parts, which the merge math needs (`condense_graph.merge`):
 
-    producer -> pre (affine) -> middle (nonlinear) -> post (affine) -> consumers
+    producer -> pre (affine) -> middle (nonlinear, spatial) -> post (affine) -> consumers
 
-Everything the analysis cannot prove safe is returned as a `Skipped` entry with the reason.
-This module only reads the graph.
+A Flatten/Reshape on the way turns channel c of [N, C, H, W] into H*W consecutive features: the
+layer's `block`. Everything the analysis cannot prove safe is returned as a `Skipped` entry with
+the reason. This module only reads the graph.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from condense_graph import ops
+from condense_graph.ops import Channels
 
 _FLOAT_DTYPES = (np.float32, np.float64)
+_MATRIX_OPS = ("Gemm", "MatMul", "Conv")
 
 
 @dataclass
@@ -42,6 +45,15 @@ class Producer:
     def width(self) -> int:
         return self.weight.values.shape[self.axis]
 
+    @property
+    def channels(self) -> Channels:
+        return Channels(self.width, 1 if self.node.op == "Conv" else -1)
+
+    @property
+    def rank(self) -> int | None:
+        """Rank of the output when the op alone tells it."""
+        return {"Gemm": 2, "Conv": self.weight.values.ndim}.get(self.node.op, _rank(self.node.outputs[0]))
+
 
 @dataclass
 class Consumer:
@@ -51,6 +63,19 @@ class Consumer:
     scale: float
     bias: str
     bias_scale: float
+
+    @property
+    def pads_borders(self) -> bool:
+        """A padded Conv sees a constant input as constant only away from the borders."""
+        attrs = self.node.attrs
+        return self.node.op == "Conv" and (any(attrs.get("pads", [])) or
+                                           attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", "VALID", b"VALID"))
+
+
+@dataclass
+class ChannelConstant:
+    tensor: gs.Constant
+    axis: int            # the axis of the constant that indexes channels
 
 
 @dataclass
@@ -63,9 +88,15 @@ class Layer:
     pre: list[gs.Node] = field(default_factory=list)
     middle: list[gs.Node] = field(default_factory=list)
     post: list[gs.Node] = field(default_factory=list)
-    channel_constants: list[gs.Constant] = field(default_factory=list)  # sliced with the channels
-    middle_constants: list[gs.Constant] = field(default_factory=list)   # per-channel, in g_k
+    channel_constants: list[ChannelConstant] = field(default_factory=list)  # sliced with channels
+    middle_constants: list[gs.Constant] = field(default_factory=list)       # per-channel, in g_k
+    reshape_shapes: list[gs.Constant] = field(default_factory=list)         # hold C*H*W literally
+    block: int = 1                          # consumer features per channel (H*W after Flatten)
     homogeneous: bool = True
+
+    @property
+    def channels(self) -> Channels:
+        return self.producer.channels
 
     @property
     def activation(self) -> str:
@@ -95,25 +126,29 @@ def analyze(graph: gs.Graph, subgraph_tensors: set[str] = frozenset()) -> Analys
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     layers, skipped = [], []
     for node in graph.nodes:
-        if node.op not in ("Gemm", "MatMul"):
+        if node.op not in _MATRIX_OPS and node.op != "ConvTranspose" or ops.is_depthwise_conv(node):
             continue
         producer = as_producer(node, outputs, subgraph_tensors)
         if isinstance(producer, str):
             skipped.append(Skipped(_name(node), producer))
             continue
-        result = trace_layer(producer, graph, order, outputs, subgraph_tensors)
+        result = trace_layer(producer, order, outputs, subgraph_tensors)
         (layers if isinstance(result, Layer) else skipped).append(result)
     return Analysis(layers, skipped)
 
 
 def as_producer(node: gs.Node, outputs: set[str], subgraph_tensors: set[str]) -> Producer | str:
     """The node as a producer, or why it cannot be one."""
+    if node.op == "ConvTranspose":
+        return f"ConvTranspose '{_name(node)}' is not supported"
     weight = node.inputs[1]
     reason = _weight_reason(node, weight) or _protected_reason(node.outputs[0], outputs, subgraph_tensors)
     if reason:
         return reason
     if node.op == "MatMul":
         return Producer(node, weight, 1, 1.0, _new_bias_key(node), 1.0)
+    if node.op == "Conv":
+        return Producer(node, weight, 0, 1.0, *_conv_bias(node))
     if node.attrs.get("transA", 0):
         return f"Gemm '{node.name}' has transA=1"
     axis = 0 if node.attrs.get("transB", 0) else 1
@@ -125,19 +160,22 @@ def as_producer(node: gs.Node, outputs: set[str], subgraph_tensors: set[str]) ->
 
 def as_consumer(node: gs.Node, tensor: gs.Tensor) -> Consumer | str:
     """The node as a consumer of the channels in `tensor`, or why it cannot be one."""
+    if node.op == "ConvTranspose":
+        return f"channels reach ConvTranspose '{_name(node)}', which is not supported"
     if node.inputs[0] is not tensor or (len(node.inputs) > 1 and node.inputs[1] is tensor):
-        return f"{node.op} '{node.name}' reads the channels as its weight"
+        return f"{node.op} '{_name(node)}' reads the channels as its weight"
     weight = node.inputs[1]
     reason = _weight_reason(node, weight)
     if reason:
         return reason
     if node.op == "MatMul":
         return Consumer(node, weight, 0, 1.0, _new_bias_key(node), 1.0)
+    if node.op == "Conv":
+        return Consumer(node, weight, 1, 1.0, *_conv_bias(node))
     if node.attrs.get("transA", 0):
         return f"Gemm '{node.name}' reads the channels transposed (transA=1)"
     axis = 1 if node.attrs.get("transB", 0) else 0
-    out_axis = 1 - axis
-    bias = _gemm_bias(node, weight.values.shape[out_axis])
+    bias = _gemm_bias(node, weight.values.shape[1 - axis])
     if isinstance(bias, str):
         return bias
     return Consumer(node, weight, axis, float(node.attrs.get("alpha", 1.0)), *bias)
@@ -146,10 +184,13 @@ def as_consumer(node: gs.Node, tensor: gs.Tensor) -> Consumer | str:
 def _weight_reason(node: gs.Node, weight: gs.Tensor) -> str | None:
     if not isinstance(weight, gs.Constant):
         return f"{node.op} '{_name(node)}' has no constant weight"
-    if weight.values.ndim != 2:
+    values = weight.values
+    if node.op != "Conv" and values.ndim != 2:
         return f"{node.op} '{_name(node)}' weight '{weight.name}' is not 2-D"
-    if weight.values.dtype not in _FLOAT_DTYPES:
-        return f"{node.op} '{_name(node)}' weight '{weight.name}' has dtype {weight.values.dtype}"
+    if node.op == "Conv" and node.attrs.get("group", 1) != 1:
+        return f"grouped Conv '{_name(node)}' (group={node.attrs['group']}) is not supported"
+    if values.dtype not in _FLOAT_DTYPES:
+        return f"{node.op} '{_name(node)}' weight '{weight.name}' has dtype {values.dtype}"
     if len(weight.outputs) > 1:
         return f"weight '{weight.name}' is shared by {len(weight.outputs)} nodes (weight tying)"
     return None
@@ -175,10 +216,16 @@ def _gemm_bias(node: gs.Node, width: int) -> tuple[str, float] | str:
         return f"bias '{bias.name}' is shared by {len(bias.outputs)} nodes"
     if beta == 0.0:
         return f"Gemm '{node.name}' has beta=0"
-    reason = ops.per_channel_shape_reason(bias.values, width)
+    reason = ops.per_channel_shape_reason(bias.values, Channels(width, -1), 2)
     if reason:
         return f"Gemm '{node.name}' bias: {reason}"
     return bias.name, beta
+
+
+def _conv_bias(node: gs.Node) -> tuple[str, float]:
+    if len(node.inputs) < 3 or not node.inputs[2].name:
+        return _new_bias_key(node), 1.0
+    return node.inputs[2].name, 1.0
 
 
 def _new_bias_key(node: gs.Node) -> str:
@@ -189,22 +236,25 @@ def _name(node: gs.Node) -> str:
     return node.name or node.outputs[0].name
 
 
-def trace_layer(producer: Producer, graph: gs.Graph, order: dict[int, int], outputs: set[str],
+def _rank(tensor: gs.Tensor) -> int | None:
+    return len(tensor.shape) if tensor.shape is not None else None
+
+
+def trace_layer(producer: Producer, order: dict[int, int], outputs: set[str],
                 subgraph_tensors: set[str]) -> Layer | Skipped:
     """Follow the producer's channels through per-channel ops to their consumers."""
     name = _name(producer.node)
     start = producer.node.outputs[0]
-    rank = 2 if producer.node.op == "Gemm" else (len(start.shape) if start.shape is not None else None)
     region, nodes, consumers = {start.name}, [], []
     pending, seen = {id(n): n for n in start.outputs}, set()
     while pending:  # visit users in graph order so both inputs of x * Sigmoid(x) are known
         key = min(pending, key=lambda i: order.get(i, -1))
         node = pending.pop(key)
         seen.add(key)
-        if node.op in ("Gemm", "MatMul"):
+        if node.op in _MATRIX_OPS + ("ConvTranspose",) and not ops.is_depthwise_conv(node):
             reason = _add_consumer(node, region, consumers)
         else:
-            reason = _add_region_node(node, region, producer.width, rank, nodes)
+            reason = _add_region_node(node, region, producer, nodes)
         if reason:
             return Skipped(name, reason)
         if nodes and nodes[-1] is node:
@@ -223,10 +273,12 @@ def _add_consumer(node: gs.Node, region: set[str], consumers: list[Consumer]) ->
     return None
 
 
-def _add_region_node(node, region, width, rank, nodes) -> str | None:
-    if not ops.is_per_channel_op(node.op) or node.domain not in (None, "", "ai.onnx"):
+def _add_region_node(node: gs.Node, region: set[str], producer: Producer, nodes) -> str | None:
+    if not ops.is_per_channel_op(node) or node.domain not in (None, "", "ai.onnx"):
         return f"channels reach {node.op} '{_name(node)}', which does not act per channel"
-    reason = ops.check_node(node, region, width, rank)
+    data = next(t for t in node.inputs if t.name in region)
+    rank = _rank(data) or (None if any(n.op in ops.LAYOUT for n in nodes) else producer.rank)
+    reason = ops.check_node(node, region, producer.channels, rank)
     if reason:
         return reason
     for extra in node.outputs[1:]:
@@ -249,17 +301,26 @@ def _grow_region(node, region, outputs, subgraph_tensors, pending, seen) -> str 
 def _finish_layer(name, producer, start, nodes, consumers, region) -> Layer | Skipped:
     ends = {id(c.node.inputs[0]): c.node.inputs[0] for c in consumers}
     if not ends:
-        return Skipped(name, "channels reach no Gemm/MatMul consumer")
+        return Skipped(name, "channels reach no Gemm/MatMul/Conv consumer")
     if len(ends) != 1:
         return Skipped(name, "consumers read the channels at different points of the chain")
     end = next(iter(ends.values()))
     layer = Layer(name, producer, consumers, start, end)
     _split_region(layer, nodes, region)
-    reason = _collect_constants(layer, nodes, producer.width)
+    layer.block = int(np.prod([ops.flattened_block(n) for n in nodes if n.op in ops.LAYOUT]))
+    reason = _block_reason(layer) or _collect_constants(layer, nodes, producer.width)
     if reason:
         return Skipped(name, reason)
     layer.homogeneous = all(ops.is_homogeneous(n, region) for n in layer.middle)
     return layer
+
+
+def _block_reason(layer: Layer) -> str | None:
+    for consumer in layer.consumers:
+        rows = consumer.weight.values.shape[consumer.axis]
+        if rows != layer.producer.width * layer.block:
+            return f"consumer '{_name(consumer.node)}' reads {rows} features, not {layer.producer.width} x {layer.block}"
+    return None
 
 
 def _split_region(layer: Layer, nodes: list[gs.Node], region: set[str]) -> None:
@@ -274,8 +335,8 @@ def _split_region(layer: Layer, nodes: list[gs.Node], region: set[str]) -> None:
             and ops.is_affine(cur.inputs[0], region):
         node = cur.inputs[0]
         source = node.inputs[_data_index(node, region)]
-        if len(source.outputs) != 1:
-            break
+        if len(source.outputs) != 1 or any(n.op in ops.LAYOUT for n in nodes):
+            break  # after a Flatten, per-channel constants would be per feature: keep it simple
         post.insert(0, node)
         cur = source
     layer.pre, layer.post = pre, post
@@ -290,13 +351,28 @@ def _collect_constants(layer: Layer, nodes: list[gs.Node], width: int) -> str | 
     """Per-channel constants are sliced with the channels, so nobody else may use them."""
     members = {id(n) for n in nodes}
     for node in nodes:
-        for tensor in node.inputs:
-            if not isinstance(tensor, gs.Constant) or tensor.values.size == 1:
-                continue
+        for tensor, axis in _per_channel_inputs(node, width):
             if any(id(user) not in members for user in tensor.outputs):
                 return f"per-channel constant '{tensor.name}' is also used outside the layer"
-            if tensor not in layer.channel_constants:
-                layer.channel_constants.append(tensor)
+            if all(c.tensor is not tensor for c in layer.channel_constants):
+                layer.channel_constants.append(ChannelConstant(tensor, axis))
                 if node in layer.middle:
                     layer.middle_constants.append(tensor)
+        if node.op == "Reshape" and np.asarray(node.inputs[1].values).reshape(-1)[1] > 0:
+            if len(node.inputs[1].outputs) > 1:
+                return f"Reshape shape '{node.inputs[1].name}' is shared with other nodes"
+            layer.reshape_shapes.append(node.inputs[1])
     return None
+
+
+def _per_channel_inputs(node: gs.Node, width: int):
+    """(constant, channel axis) of every per-channel constant input of a region node."""
+    if ops.is_depthwise_conv(node):  # kernel [C, 1, k, k] and bias [C]
+        return [(t, 0) for t in node.inputs[1:] if isinstance(t, gs.Constant)]
+    if node.op in ops.SPATIAL or node.op in ops.LAYOUT:
+        return []  # pads, scales, axes, shapes: structure, not channels
+    found = []
+    for tensor in node.inputs:
+        if isinstance(tensor, gs.Constant) and tensor.values.size == width and width > 1:
+            found.append((tensor, tensor.values.shape.index(width)))
+    return found

@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 def evaluate_chain(nodes: list[gs.Node], source: gs.Tensor, sink: gs.Tensor,
                    arrays: Mapping[str, np.ndarray], x: np.ndarray, versions: tuple[int, int]) -> np.ndarray:
-    """Run `nodes` from `source` to `sink` on `x` ([rows, width]); return [rows, width].
+    """Run `nodes` from `source` to `sink` on `x` ([rows, width, 1...]); return [rows, width].
 
     `versions` is the (opset, IR version) of the model the nodes come from.
     """
@@ -36,7 +36,7 @@ def evaluate_chain(nodes: list[gs.Node], source: gs.Tensor, sink: gs.Tensor,
     session = ort.InferenceSession(gs.export_onnx(graph).SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {source.name: x})
-    return np.asarray(out).reshape(x.shape)  # constants of rank 3 add leading 1s
+    return np.asarray(out).reshape(x.shape[0], -1)  # constants of rank 3 add leading 1s
 
 
 def _tensor(t: gs.Tensor, tensors: dict[str, gs.Tensor], arrays: Mapping[str, np.ndarray]) -> gs.Tensor:
@@ -52,8 +52,11 @@ def _tensor(t: gs.Tensor, tensors: dict[str, gs.Tensor], arrays: Mapping[str, np
 
 
 def affine_coefficients(nodes: list[gs.Node], source: gs.Tensor, sink: gs.Tensor,
-                        arrays: Mapping[str, np.ndarray], width: int, dtype, versions):
-    """Scale s and shift t of an affine per-channel chain: chain(x) = s * x + t."""
-    probe = np.stack([np.zeros(width), np.ones(width)]).astype(dtype)
+                        arrays: Mapping[str, np.ndarray], probe_shape: tuple, dtype, versions):
+    """Scale s and shift t of an affine per-channel chain: chain(x) = s * x + t.
+
+    `probe_shape` is the shape of one probe row: (width,) or (width, 1, 1) for [N, C, H, W] data.
+    """
+    probe = np.stack([np.zeros(probe_shape), np.ones(probe_shape)]).astype(dtype)
     out = evaluate_chain(nodes, source, sink, arrays, probe, versions).astype(np.float64)
     return out[1] - out[0], out[0]

@@ -71,15 +71,26 @@ def channel_first(array: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(array, axis, 0)
 
 
-def neuron_vectors(layer: Layer, store: WeightStore, versions: tuple[int, int]):
-    """Rows v_k = [weights, bias] of what each channel computes before its activation (eq. 3),
-    with the affine ops right after the producer (bias Add, BatchNormalization) folded in."""
+def probe_shape(layer: Layer, tensor: gs.Tensor) -> tuple:
+    """Shape of one probe row for chain evaluation: channels on the layer's channel axis."""
+    width = layer.producer.width
+    if layer.channels.axis == -1:
+        return (width,)
+    rank = len(tensor.shape) if tensor.shape is not None else layer.producer.rank
+    return (width,) + (1,) * (rank - 2)
+
+
+def neuron_vectors(layer: Layer, store: WeightStore, versions: tuple[int, int]) -> np.ndarray:
+    """Rows v_k = [weights, bias] of what each channel computes before its activation (eq. 3,
+    15-16: a conv kernel is flattened), with the affine ops right after the producer (bias Add,
+    BatchNormalization) folded in, so similarity is judged on what the channel computes."""
     producer = layer.producer
     weights = channel_first(store[producer.weight.name], producer.axis) * producer.scale
     width = len(weights)
+    weights = weights.reshape(width, -1)
     bias = producer_bias(producer, store, width)
-    s, t = affine_coefficients(layer.pre, layer.start, layer.middle_input, store, width,
-                               weights.dtype, versions)
+    s, t = affine_coefficients(layer.pre, layer.start, layer.middle_input, store,
+                               probe_shape(layer, layer.start), weights.dtype, versions)
     return np.concatenate([s[:, None] * weights, (s * bias + t)[:, None]], axis=1)
 
 
@@ -94,22 +105,35 @@ def plan_layer(layer: Layer, store: WeightStore, threshold: float, versions: tup
     """Group the layer's neurons at `threshold`, then update `store` with the merged arrays."""
     vectors = neuron_vectors(layer, store, versions)
     width, dtype = len(vectors), store[layer.producer.weight.name].dtype
-    a, c = affine_coefficients(layer.post, layer.middle_output, layer.end, store, width, dtype, versions)
-    outgoing = [channel_first(store[k.weight.name], k.axis).reshape(width, -1) for k in layer.consumers]
-    constant = np.all(vectors[:, :-1] == 0, axis=1) | (a == 0)
+    a, c = affine_coefficients(layer.post, layer.middle_output, layer.end, store,
+                               probe_shape(layer, layer.middle_output), dtype, versions)
+    outgoing = [consumer_rows(k, store, layer) for k in layer.consumers]
     silent = np.logical_and.reduce([np.all(u == 0, axis=1) for u in outgoing])
-    outputs = constant_outputs(layer, store, vectors[:, -1], a, c, versions)
+    constant = constant_channels(layer, vectors, a)
     candidates = np.flatnonzero(~constant & ~silent)
     cosine = cosine_similarity(vectors[candidates].astype(np.float32))
     local_groups = greedy_groups(cosine, threshold)
     groups = [candidates[g] for g in local_groups]
-    folded = {int(k): float(outputs[k]) for k in np.flatnonzero(constant & ~silent)}
+    folded = {}
+    if constant.any():
+        outputs = constant_outputs(layer, store, vectors[:, -1], a, c, versions)
+        folded = {int(k): float(outputs[k]) for k in np.flatnonzero(constant & ~silent)}
     cmap = channel_map(vectors, groups, a, c, folded)
     exact = is_exact(layer, store, groups, cmap)  # before apply_map slices the constants
     apply_map(layer, store, cmap)
-    return LayerPlan(layer, cmap, threshold, exact,
-                     int(constant.sum()), int((silent & ~constant).sum()),
-                     min_group_cosine(cosine, local_groups))
+    return LayerPlan(layer, cmap, threshold, exact, int(constant.sum()),
+                     int((silent & ~constant).sum()), min_group_cosine(cosine, local_groups))
+
+
+def constant_channels(layer: Layer, vectors: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """Channels with zero incoming weights (or zero post scale) output a constant.
+
+    Only dense layers fold that constant into the consumer bias: for a convolution, pooling and
+    zero padding make a constant channel non-constant at the borders, so it is kept.
+    """
+    if layer.channels.axis != -1 or layer.block != 1:
+        return np.zeros(len(vectors), dtype=bool)
+    return np.all(vectors[:, :-1] == 0, axis=1) | (a == 0)
 
 
 def constant_outputs(layer, store, bias, a, c, versions) -> np.ndarray:
@@ -130,17 +154,24 @@ def min_group_cosine(cosine: np.ndarray, groups: list[np.ndarray]) -> float | No
 
 
 def is_exact(layer: Layer, store: WeightStore, groups, cmap: ChannelMap) -> bool:
-    """Exact up to the threshold: homogeneous g, equal per-channel constants of g in each group."""
+    """Exact up to the threshold: homogeneous g, equal per-channel constants of g in each group,
+    and no constant offsets that a padded Conv consumer would see differently at its borders."""
     if not layer.homogeneous:
+        return False
+    if np.any(cmap.offset) and any(k.pads_borders for k in layer.consumers):
         return False
     main_of = np.arange(cmap.width_before)
     for group in groups:
         main_of[group] = group[0]
     for const in layer.middle_constants:
-        values = store[const.name].reshape(-1)
+        values = channel_first(store[const.name], _axis_of(layer, const))
         if not np.array_equal(values, values[main_of]):
             return False
     return True
+
+
+def _axis_of(layer: Layer, tensor: gs.Constant) -> int:
+    return next(c.axis for c in layer.channel_constants if c.tensor is tensor)
 
 
 def apply_map(layer: Layer, store: WeightStore, cmap: ChannelMap) -> None:
@@ -149,27 +180,37 @@ def apply_map(layer: Layer, store: WeightStore, cmap: ChannelMap) -> None:
     store.set(producer.weight.name, np.take(store[producer.weight.name], cmap.keep, producer.axis))
     bias = store.get(producer.bias)
     if bias is not None and bias.size == cmap.width_before:
-        store.set(producer.bias, bias.reshape(-1)[cmap.keep].reshape(_shape_with_width(bias, cmap)))
+        store.set(producer.bias, bias.reshape(-1)[cmap.keep].reshape(bias.shape[:-1] + (-1,)))
     for const in layer.channel_constants:
-        values = store[const.name]
-        if values.size == cmap.width_before:
-            store.set(const.name, np.take(values, cmap.keep, axis=-1))
+        store.set(const.tensor.name, np.take(store[const.tensor.name], cmap.keep, axis=const.axis))
+    for shape in layer.reshape_shapes:  # a literal C*H*W in a Reshape target
+        values = store[shape.name].copy()
+        values[1] = values[1] // cmap.width_before * cmap.width_after
+        store.set(shape.name, values)
     for consumer in layer.consumers:
-        merge_into_consumer(consumer, store, cmap)
+        merge_into_consumer(consumer, store, cmap, layer.block)
 
 
-def _shape_with_width(array: np.ndarray, cmap: ChannelMap) -> tuple:
-    return array.shape[:-1] + (cmap.width_after,)
+def consumer_rows(consumer: Consumer, store: WeightStore, layer: Layer) -> np.ndarray:
+    """The consumer weights that read each channel, one row per channel."""
+    view = channel_first(store[consumer.weight.name], consumer.axis)
+    return view.reshape(len(view) // layer.block, -1)
 
 
-def merge_into_consumer(consumer: Consumer, store: WeightStore, cmap: ChannelMap) -> None:
+def merge_into_consumer(consumer: Consumer, store: WeightStore, cmap: ChannelMap, block: int) -> None:
+    """Eq. 10-12 (dense), 36-38 (conv), block-wise after a Flatten (H*W rows per channel)."""
     weight = store[consumer.weight.name]
-    merged, bias_delta = merge_consumer(channel_first(weight, consumer.axis), cmap)
+    view = channel_first(weight, consumer.axis)            # [C*block, out, (k, k)]
+    rest = view.shape[1:]
+    merged, bias_delta = merge_consumer(view.reshape((cmap.width_before, block) + rest), cmap)
+    merged = merged.reshape((cmap.width_after * block,) + rest)
     store.set(consumer.weight.name, np.moveaxis(merged, 0, consumer.axis))
-    if not np.any(bias_delta):
+    # constant channels feed scale * sum_k o_k u_k into every output; beta*C absorbs it
+    per_output = bias_delta.reshape((block,) + rest)
+    per_output = per_output.sum(axis=tuple(i for i in range(per_output.ndim) if i != 1))
+    if not np.any(per_output):
         return
-    # constant channels feed scale * sum_k o_k u_k into the consumer's output; beta*C absorbs it
-    delta = consumer.scale * bias_delta / consumer.bias_scale
+    delta = consumer.scale * per_output / consumer.bias_scale
     bias = store.get(consumer.bias)
     if bias is None:
         store.created[consumer.bias] = consumer.node
