@@ -22,7 +22,7 @@ def evaluate_chain(nodes: list[gs.Node], source: gs.Tensor, sink: gs.Tensor,
     `versions` is the (opset, IR version) of the model the nodes come from.
     """
     if not nodes:
-        return x
+        return x.reshape(x.shape[0], -1)
     tensors: dict[str, gs.Tensor] = {source.name: gs.Variable(source.name, dtype=x.dtype)}
     copies = [gs.Node(op=n.op, name=n.name, attrs=dict(n.attrs), domain=n.domain,
                       inputs=[_tensor(t, tensors, arrays) for t in n.inputs],

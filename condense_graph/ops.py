@@ -36,7 +36,7 @@ AFFINE = {"Add", "Sub", "Mul", "Div", "BatchNormalization", "Identity", "Dropout
 BINARY = {"Add", "Sub", "Mul", "Div"}
 # Per-channel ops that move values within a channel (pooling, padding, resizing, cropping).
 SPATIAL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Pad", "Resize",
-           "Upsample", "Slice"}
+           "Upsample", "Slice", "ReduceMean", "ReduceMax", "ReduceSum", "Squeeze"}
 # [N, C, H, W] -> [N, C*H*W]: channel c becomes a block of H*W consecutive features.
 LAYOUT = {"Flatten", "Reshape"}
 # Affine ops that never add a constant: they keep positive homogeneity.
@@ -137,7 +137,9 @@ def _structural_reason(node: gs.Node, channels: Channels, rank: int | None) -> s
     if channels.axis != 1:
         return f"{node.op} '{node.name}' on dense features"
     checks = {"Pad": _pad_reason, "Resize": _resize_reason, "Upsample": _resize_reason,
-              "Slice": _slice_reason, "Flatten": _flatten_reason, "Reshape": _reshape_reason}
+              "Slice": _slice_reason, "Flatten": _flatten_reason, "Reshape": _reshape_reason,
+              "ReduceMean": _axes_reason, "ReduceMax": _axes_reason, "ReduceSum": _axes_reason,
+              "Squeeze": _axes_reason}
     check = checks.get(node.op)
     return check(node, channels, rank) if check else None
 
@@ -181,6 +183,18 @@ def _slice_reason(node, channels, rank) -> str | None:
     axes = [int(a) % rank for a in np.asarray(node.inputs[3].values).reshape(-1)]
     if channels.axis_in(rank) in axes:
         return f"Slice '{node.name}' slices the channel axis"
+    return None
+
+
+def _axes_reason(node, channels, rank) -> str | None:
+    """Reductions and squeezes over spatial axes only (axes as attribute or input)."""
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1 and not _is_empty(node.inputs[1]):
+        axes = np.asarray(node.inputs[1].values).reshape(-1).tolist()
+    if axes is None or rank is None or node.attrs.get("noop_with_empty_axes", 0):
+        return f"{node.op} '{node.name}' does not name its axes"
+    if channels.axis_in(rank) in [int(a) % rank for a in axes]:
+        return f"{node.op} '{node.name}' acts across channels"
     return None
 
 

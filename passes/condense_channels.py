@@ -88,12 +88,13 @@ def rewrite(graph: gs.Graph, plans: list[LayerPlan], store: WeightStore) -> None
 
 def add_bias(graph: gs.Graph, node: gs.Node, bias: gs.Constant) -> None:
     """Give a bias-less consumer the bias that folded constant channels need."""
-    if node.op == "Gemm":
+    if node.op in ("Gemm", "Conv"):
         if len(node.inputs) > 2:
             node.inputs[2] = bias  # an empty optional input
         else:
             node.inputs.append(bias)
-        node.attrs["beta"] = 1.0
+        if node.op == "Gemm":
+            node.attrs["beta"] = 1.0
         return
     out = node.outputs[0]
     raw = gs.Variable(f"{out.name}.nobias", dtype=out.dtype)

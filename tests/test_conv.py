@@ -1,0 +1,65 @@
+"""Convolutional networks: planted duplicate channels in VGG-style CNNs (both torch exporters)."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import condense_graph as cg
+from builders import planted_rows
+from conftest import assert_same_outputs, check_full
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+def plant_conv(conv, distinct, rng):
+    """Make the conv's output channels positive multiples of `distinct` kernels (+ bias)."""
+    out, fan_in = conv.weight.shape[0], int(np.prod(conv.weight.shape[1:]))
+    rows = planted_rows(rng, out, distinct, fan_in)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(rows[:, :-1].reshape(conv.weight.shape)))
+        conv.bias.copy_(torch.from_numpy(rows[:, -1]))
+
+
+class VGG(nn.Module):
+    def __init__(self, pool="max", global_pool=False):
+        super().__init__()
+        pool_layer = nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(2)
+        self.features = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(), pool_layer,
+                                      nn.Conv2d(12, 16, 3, padding=1, stride=1), nn.ReLU(),
+                                      nn.MaxPool2d(2), nn.Conv2d(16, 10, 1), nn.ReLU())
+        self.global_pool = global_pool
+        features = 10 if global_pool else 10 * 4 * 4
+        self.head = nn.Sequential(nn.Linear(features, 24), nn.ReLU(), nn.Linear(24, 5))
+
+    def forward(self, x):
+        x = self.features(x)
+        x = x.mean((2, 3)) if self.global_pool else torch.flatten(x, 1)
+        return self.head(x)
+
+
+def export(module, example, dynamo, path):
+    import onnx
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), input_names=["x"], output_names=["y"],
+                          dynamo=dynamo, opset_version=18 if dynamo else 17)
+    return onnx.load(str(path))
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("pool,global_pool", [("max", False), ("avg", True)])
+def test_vgg_with_planted_channels_reduces_exactly(pool, global_pool, dynamo, tmp_path, rng):
+    module = VGG(pool, global_pool).eval()
+    plant_conv(module.features[0], 5, rng)
+    plant_conv(module.features[3], 7, rng)
+    plant_conv(module.features[6], 4, rng)
+    x = torch.from_numpy(rng.normal(size=(3, 3, 16, 16)).astype(np.float32))
+    model = export(module, x, dynamo, tmp_path / "vgg.onnx")
+    result = cg.condense(model, threshold=0.9999)
+    layers = result.report["layers"]
+    assert [layer["width_after"] for layer in layers[:3]] == [5, 7, 4], result.report["skipped"]
+    assert all(layer["exact"] for layer in layers)
+    check_full(result.model)
+    assert_same_outputs(model, result.model, {"x": x.numpy()})
