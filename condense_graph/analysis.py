@@ -93,6 +93,8 @@ class Layer:
     reshape_shapes: list[gs.Constant] = field(default_factory=list)         # hold C*H*W literally
     block: int = 1                          # consumer features per channel (H*W after Flatten)
     homogeneous: bool = True
+    depthwise: gs.Node | None = None        # a depthwise Conv inside the region (paper A.3)
+    depthwise_affine: list[gs.Node] = field(default_factory=list)  # its BN, right after it
 
     @property
     def channels(self) -> Channels:
@@ -312,7 +314,22 @@ def _finish_layer(name, producer, start, nodes, consumers, region) -> Layer | Sk
     if reason:
         return Skipped(name, reason)
     layer.homogeneous = all(ops.is_homogeneous(n, region) for n in layer.middle)
+    depthwise = [n for n in layer.middle if ops.is_depthwise_conv(n)]
+    if len(depthwise) > 1:
+        return Skipped(name, "channels pass through more than one depthwise Conv")
+    if depthwise:
+        layer.depthwise = depthwise[0]
+        layer.depthwise_affine = _affine_chain_after(depthwise[0], layer.middle, region)
     return layer
+
+
+def _affine_chain_after(node: gs.Node, nodes: list[gs.Node], region: set[str]) -> list[gs.Node]:
+    """The single-user affine ops (BatchNormalization...) that directly follow `node`."""
+    chain, cur = [], node.outputs[0]
+    while len(cur.outputs) == 1 and cur.outputs[0] in nodes and ops.is_affine(cur.outputs[0], region):
+        chain.append(cur.outputs[0])
+        cur = cur.outputs[0].outputs[0]
+    return chain
 
 
 def _block_reason(layer: Layer) -> str | None:

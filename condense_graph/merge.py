@@ -87,3 +87,27 @@ def merge_consumer(weights: np.ndarray, cmap: ChannelMap) -> tuple[np.ndarray, n
     bias_delta = cmap.offset @ flat
     new_shape = (cmap.width_after,) + weights.shape[1:]
     return merged.reshape(new_shape).astype(weights.dtype), bias_delta.reshape(weights.shape[1:])
+
+
+def least_squares_rows(alpha: np.ndarray, outgoing: np.ndarray, cmap: ChannelMap) -> np.ndarray:
+    """Merged input rows of a depthwise block (paper A.3, eq. 47-48 and 61-63).
+
+    Channel k of the block is  b_k * dw(v_k, g(alpha_k . x)); merging the group into its main
+    neuron with depthwise kernels v_k = lambda_k v_main asks, for every consumer output j,
+        B_j alpha_new = sum_k lambda_k b_kj alpha_k,   B_j = sum_k lambda_k b_kj,
+    an overdetermined system in alpha_new. Its least-squares solution is
+        alpha_new = sum_k c_k alpha_k,   c_k = (w_k . B) / (B . B),  w_k = lambda_k b_k.
+    `alpha` [width, d]: the (BN-folded) rows feeding the depthwise conv; `outgoing` [width, J]:
+    the consumer weights of each channel. Returns the rows of the kept channels [width_after, d].
+    """
+    merged = alpha[cmap.keep].astype(np.float64)
+    for new, main in enumerate(cmap.keep):
+        members = np.flatnonzero(cmap.target == new)
+        if len(members) < 2:
+            continue
+        w = cmap.factor[members, None] * outgoing[members]
+        total = w.sum(axis=0)
+        denom = total @ total
+        if denom > 0:  # all consumer weights zero: any row will do, keep the main one
+            merged[new] = ((w @ total) / denom) @ alpha[members]
+    return merged

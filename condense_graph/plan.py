@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 
 from condense_graph.analysis import Consumer, Layer, Producer
 from condense_graph.chain_eval import affine_coefficients, evaluate_chain
-from condense_graph.merge import ChannelMap, channel_map, merge_consumer
+from condense_graph.merge import ChannelMap, channel_map, least_squares_rows, merge_consumer
 from condense_graph.similarity import cosine_similarity, greedy_groups
 
 
@@ -89,9 +89,15 @@ def neuron_vectors(layer: Layer, store: WeightStore, versions: tuple[int, int]) 
     width = len(weights)
     weights = weights.reshape(width, -1)
     bias = producer_bias(producer, store, width)
-    s, t = affine_coefficients(layer.pre, layer.start, layer.middle_input, store,
-                               probe_shape(layer, layer.start), weights.dtype, versions)
+    s, t = pre_affine(layer, store, versions)
     return np.concatenate([s[:, None] * weights, (s * bias + t)[:, None]], axis=1)
+
+
+def pre_affine(layer: Layer, store: WeightStore, versions) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and shift of the affine ops between the producer and the nonlinearity."""
+    dtype = store[layer.producer.weight.name].dtype
+    return affine_coefficients(layer.pre, layer.start, layer.middle_input, store,
+                               probe_shape(layer, layer.start), dtype, versions)
 
 
 def producer_bias(producer: Producer, store: WeightStore, width: int) -> np.ndarray:
@@ -103,6 +109,8 @@ def producer_bias(producer: Producer, store: WeightStore, width: int) -> np.ndar
 
 def plan_layer(layer: Layer, store: WeightStore, threshold: float, versions: tuple[int, int]) -> LayerPlan:
     """Group the layer's neurons at `threshold`, then update `store` with the merged arrays."""
+    if layer.depthwise is not None:
+        return plan_depthwise_layer(layer, store, threshold, versions)
     vectors = neuron_vectors(layer, store, versions)
     width, dtype = len(vectors), store[layer.producer.weight.name].dtype
     a, c = affine_coefficients(layer.post, layer.middle_output, layer.end, store,
@@ -217,3 +225,54 @@ def merge_into_consumer(consumer: Consumer, store: WeightStore, cmap: ChannelMap
         store.set(consumer.bias, delta.astype(weight.dtype))
     else:
         store.set(consumer.bias, (bias + delta).astype(bias.dtype))
+
+
+def depthwise_vectors(layer: Layer, store: WeightStore, versions) -> np.ndarray:
+    """Rows [s v_k, s b_k + t] of the depthwise kernels with the BatchNormalization that follows
+    them folded in (eq. 40, 52): the paper judges a depthwise block's condensation on these."""
+    node = layer.depthwise
+    kernels = store[node.inputs[1].name]
+    width = len(kernels)
+    bias = store[node.inputs[2].name].reshape(-1) if len(node.inputs) > 2 and node.inputs[2].name \
+        else np.zeros(width)
+    sink = layer.depthwise_affine[-1].outputs[0] if layer.depthwise_affine else node.outputs[0]
+    s, t = affine_coefficients(layer.depthwise_affine, node.outputs[0], sink, store,
+                               probe_shape(layer, node.outputs[0]), kernels.dtype, versions)
+    return np.concatenate([s[:, None] * kernels.reshape(width, -1), (s * bias + t)[:, None]], axis=1)
+
+
+def plan_depthwise_layer(layer: Layer, store: WeightStore, threshold: float, versions) -> LayerPlan:
+    """Reduce a depthwise-separable block (paper A.3): group on the depthwise kernels, keep the main
+    kernel, merge the consumer columns by eq. 48 and the producer rows by least squares."""
+    dw = depthwise_vectors(layer, store, versions)
+    width, dtype = len(dw), store[layer.producer.weight.name].dtype
+    a, c = affine_coefficients(layer.post, layer.middle_output, layer.end, store,
+                               probe_shape(layer, layer.middle_output), dtype, versions)
+    outgoing = np.concatenate([consumer_rows(k, store, layer) for k in layer.consumers], axis=1)
+    candidates = np.flatnonzero(~np.all(outgoing == 0, axis=1))
+    cosine = cosine_similarity(dw[candidates].astype(np.float32))
+    local_groups = greedy_groups(cosine, threshold)
+    cmap = channel_map(dw, [candidates[g] for g in local_groups], a, c, {})
+    alpha = neuron_vectors(layer, store, versions)
+    rows = least_squares_rows(alpha, outgoing, cmap)
+    s, t = pre_affine(layer, store, versions)
+    apply_map(layer, store, cmap)
+    write_producer_rows(layer, store, rows, s[cmap.keep], t[cmap.keep])
+    return LayerPlan(layer, cmap, threshold, False, 0, width - len(candidates),
+                     min_group_cosine(cosine, local_groups))
+
+
+def write_producer_rows(layer: Layer, store: WeightStore, rows: np.ndarray, s, t) -> None:
+    """Store raw producer weights and bias whose pre-affine image is `rows` ([weights, bias])."""
+    producer = layer.producer
+    weight = store[producer.weight.name]
+    safe = np.where(s != 0, s, 1.0)
+    raw = rows[:, :-1] / (safe[:, None] * producer.scale)
+    view = channel_first(weight, producer.axis)
+    store.set(producer.weight.name, np.moveaxis(raw.reshape(view.shape).astype(weight.dtype), 0, producer.axis))
+    bias = (rows[:, -1] - t) / safe / producer.bias_scale
+    if store.get(producer.bias) is None:
+        if not np.any(bias):
+            return
+        store.created[producer.bias] = producer.node
+    store.set(producer.bias, bias.astype(weight.dtype))
