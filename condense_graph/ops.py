@@ -100,7 +100,8 @@ def check_node(node: gs.Node, region: set[str], channels: Channels, rank: int | 
     params = [t for t in node.inputs if t.name not in region and not _is_empty(t)]
     for param in params:
         if not isinstance(param, gs.Constant):
-            return f"{node.op} '{node.name}' combines the channels with non-constant '{param.name}'"
+            return f"{node.op} '{node.name}' couples the channels with '{param.name}' " \
+                   "(a residual connection): coupled channels are left alone"
     if node.op in SPATIAL or node.op in LAYOUT:
         return _structural_reason(node, channels, rank)
     if is_depthwise_conv(node):

@@ -80,6 +80,8 @@ def rewrite(graph: gs.Graph, plans: list[LayerPlan], store: WeightStore) -> None
     for name, node in store.created.items():
         add_bias(graph, node, gs.Constant(name, store.changed[name]))
     for plan in plans:
+        if plan.layer.depthwise is not None:  # one filter per channel: group follows the width
+            plan.layer.depthwise.attrs["group"] = plan.cmap.width_after
         for node in [plan.layer.producer.node] + plan.layer.pre + plan.layer.middle + plan.layer.post:
             for out in node.outputs:
                 out.shape = None  # shape inference fills in the new widths

@@ -1,0 +1,92 @@
+"""MobileNetV2 (the paper's Table 2 network) and residual CNNs through both torch exporters."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import condense_graph as cg
+from conftest import assert_same_outputs, check_full
+
+torch = pytest.importorskip("torch")
+from torch_models import MobileNetV2, ResidualCNN, randomize_batchnorm  # noqa: E402
+
+
+def export(module, example, dynamo, path):
+    import onnx
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), input_names=["x"], output_names=["y"],
+                          dynamo=dynamo, opset_version=18 if dynamo else 17)
+    return onnx.load(str(path))
+
+
+def copy_channel(p, q, conv, *bns, dw=None, dw_bn=None):
+    """Make output channel q of `conv` (and its BNs, depthwise kernel) an exact copy of p."""
+    with torch.no_grad():
+        for module in (conv, *bns, dw, dw_bn):
+            if module is None:
+                continue
+            for tensor in (module.weight, getattr(module, "bias", None),
+                           getattr(module, "running_mean", None), getattr(module, "running_var", None)):
+                if tensor is not None:
+                    tensor[q] = tensor[p]
+
+
+def test_mobilenet_v2_has_the_papers_parameter_count():
+    assert sum(p.numel() for p in MobileNetV2(num_classes=10).parameters()) == 2_236_682
+
+
+@pytest.fixture(scope="module")
+def planted_mobilenet():
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = MobileNetV2().eval()
+    randomize_batchnorm(net, gen)
+    block = net.features[4].conv             # expand 24 -> 144, depthwise, project
+    for p in range(10):                       # expand + depthwise channels 10..19 copy 0..9
+        copy_channel(p, p + 10, block[0][0], block[0][1], dw=block[1][0], dw_bn=block[1][1])
+    first = net.features[1].conv             # expansion 1 block: project 32 -> 16 feeds features[2]
+    for q in (5, 6, 7):
+        copy_channel(1, q, first[1], first[2])
+    head = net.features[18]                  # 1x1 conv 320 -> 1280 + BN + ReLU6 -> pool -> Linear
+    for q in range(100, 140):
+        copy_channel(3, q, head[0], head[1])
+    return net
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_planted_mobilenet_channels_are_found_and_merged(planted_mobilenet, dynamo, tmp_path):
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model = export(planted_mobilenet, x, dynamo, tmp_path / "mnv2.onnx")
+    result = cg.condense(model, threshold=0.9999)
+    layers = result.report["layers"]
+    reduced = {(l["width_before"], l["width_after"]) for l in layers if l["width_after"] < l["width_before"]}
+    assert reduced == {(144, 134), (16, 13), (1280, 1240)}, reduced
+    for layer in layers:
+        if "block_error" in layer:  # depthwise blocks: approximate in general, exact for copies
+            assert layer["exact"] is False and layer["block_error"]["max_rel_err"] < 1e-5
+    assert all("couples the channels" in s["reason"] or "graph output" in s["reason"]
+               for s in result.report["skipped"]), result.report["skipped"]
+    check_full(result.model)
+    assert_same_outputs(model, result.model, {"x": x.numpy()}, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_residual_add_channels_are_left_alone_and_the_rest_reduces(dynamo, tmp_path):
+    torch.manual_seed(0)
+    net = ResidualCNN().eval()
+    randomize_batchnorm(net, torch.Generator().manual_seed(2))
+    first = net.features[3].body             # bottleneck 16 -> 8 -> 8 -> 32 (residual skip conv)
+    for q in (4, 5):
+        copy_channel(0, q, first[0], first[1])
+    x = torch.randn(2, 3, 16, 16)
+    model = export(net, x, dynamo, tmp_path / "res.onnx")
+    result = cg.condense(model, threshold=0.9999)
+    widths = [(l["width_before"], l["width_after"]) for l in result.report["layers"]]
+    assert (8, 6) in widths
+    assert all(l["exact"] for l in result.report["layers"])
+    coupled = [s for s in result.report["skipped"] if "couples the channels" in s["reason"]]
+    assert coupled, result.report["skipped"]
+    check_full(result.model)
+    assert_same_outputs(model, result.model, {"x": x.numpy()})
