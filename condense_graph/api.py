@@ -15,7 +15,7 @@ import onnx
 from condense_graph.errors import CondenseError
 from condense_graph.model_io import load_model
 from condense_graph.report import build_report, count_params
-from condense_graph.verify import block_error, compare_models
+from condense_graph.verify import compare_models
 from passes.condense_channels import CondenseChannelsPass
 
 INSPECT_THRESHOLDS = (0.8, 0.9, 0.95, 0.99, 0.999)
@@ -44,20 +44,9 @@ def condense(model: ModelLike, threshold: float = 0.95,
     result = CondenseChannelsPass(threshold, layer_thresholds)(original)
     plans = result.details["plans"]
     report = build_report(original, result.model, plans, result.details["skipped"])
-    for plan, entry in zip(plans, report["layers"]):
-        if plan.layer.depthwise is not None and plan.cmap.width_after < plan.cmap.width_before:
-            entry["block_error"] = _block_error(original, result.model, plan)
     if verify:
         report["verify"] = compare_models(original, result.model, input_shapes)
     return CondenseResult(result.model, report)
-
-
-def _block_error(original, reduced, plan) -> dict:
-    """The least-squares merge of a depthwise block is approximate: measure it on the block."""
-    layer = plan.layer
-    sinks = [c.node.outputs[0].name for c in layer.consumers]
-    errors = block_error(original, reduced, layer.producer.node.inputs[0].name, sinks)
-    return {"max_abs_err": errors["max_abs_err"], "max_rel_err": errors["max_rel_err"]}
 
 
 def inspect(model: ModelLike, thresholds=INSPECT_THRESHOLDS) -> dict:

@@ -24,9 +24,7 @@ def evaluate_chain(nodes: list[gs.Node], source: gs.Tensor, sink: gs.Tensor,
     if not nodes:
         return x.reshape(x.shape[0], -1)
     tensors: dict[str, gs.Tensor] = {source.name: gs.Variable(source.name, dtype=x.dtype)}
-    copies = [gs.Node(op=n.op, name=n.name, attrs=dict(n.attrs), domain=n.domain,
-                      inputs=[_tensor(t, tensors, arrays) for t in n.inputs],
-                      outputs=[_tensor(t, tensors, arrays) for t in n.outputs]) for n in nodes]
+    copies = [_copy(n, tensors, arrays) for n in nodes]
     graph = gs.Graph(nodes=copies, inputs=[tensors[source.name]], outputs=[tensors[sink.name]],
                      opset=versions[0], ir_version=versions[1])
     tensors[sink.name].dtype = x.dtype
@@ -37,6 +35,15 @@ def evaluate_chain(nodes: list[gs.Node], source: gs.Tensor, sink: gs.Tensor,
                                    providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {source.name: x})
     return np.asarray(out).reshape(x.shape[0], -1)  # constants of rank 3 add leading 1s
+
+
+def _copy(node: gs.Node, tensors: dict, arrays: Mapping[str, np.ndarray]) -> gs.Node:
+    copy = gs.Node(op=node.op, name=node.name, attrs=dict(node.attrs), domain=node.domain,
+                   inputs=[_tensor(t, tensors, arrays) for t in node.inputs],
+                   outputs=[_tensor(t, tensors, arrays) for t in node.outputs])
+    if node.op == "Conv" and node.attrs.get("group", 1) > 1:  # depthwise: one group per kernel
+        copy.attrs["group"] = len(copy.inputs[1].values)
+    return copy
 
 
 def _tensor(t: gs.Tensor, tensors: dict[str, gs.Tensor], arrays: Mapping[str, np.ndarray]) -> gs.Tensor:

@@ -51,6 +51,7 @@ class LayerPlan:
     constant_channels: int   # removed: zero incoming weights, constant output folded
     silent_channels: int     # removed: zero outgoing weights
     min_cosine: float | None  # lowest cosine between a merged neuron and its main neuron
+    block_error: dict | None = None  # depthwise blocks: the merge's error measured on the block
 
     def report(self) -> dict:
         return {
@@ -64,7 +65,7 @@ class LayerPlan:
             "constant_removed": self.constant_channels,
             "zero_output_removed": self.silent_channels,
             "min_group_cosine": self.min_cosine,
-        }
+        } | ({"block_error": self.block_error} if self.block_error else {})
 
 
 def channel_first(array: np.ndarray, axis: int) -> np.ndarray:
@@ -256,10 +257,37 @@ def plan_depthwise_layer(layer: Layer, store: WeightStore, threshold: float, ver
     alpha = neuron_vectors(layer, store, versions)
     rows = least_squares_rows(alpha, outgoing, cmap)
     s, t = pre_affine(layer, store, versions)
+    before = block_arrays(layer, store)
     apply_map(layer, store, cmap)
     write_producer_rows(layer, store, rows, s[cmap.keep], t[cmap.keep])
+    error = block_error(layer, before, store, versions) if cmap.width_after < width else None
     return LayerPlan(layer, cmap, threshold, False, 0, width - len(candidates),
-                     min_group_cosine(cosine, local_groups))
+                     min_group_cosine(cosine, local_groups), error)
+
+
+def block_nodes(layer: Layer) -> list[gs.Node]:
+    return [layer.producer.node] + layer.pre + layer.middle + layer.post + [layer.consumers[0].node]
+
+
+def block_arrays(layer: Layer, store: WeightStore) -> dict[str, np.ndarray]:
+    """Current values of every constant the block reads."""
+    return {t.name: store[t.name] for n in block_nodes(layer) for t in n.inputs
+            if isinstance(t, gs.Constant)}
+
+
+def block_error(layer: Layer, before: dict, store: WeightStore, versions, runs: int = 2) -> dict:
+    """Max error of the block's output (first consumer) after the merge, on random inputs."""
+    source, sink = layer.producer.node.inputs[0], layer.consumers[0].node.outputs[0]
+    shape = [d if isinstance(d, int) else 1 for d in (source.shape or [])]
+    rng = np.random.default_rng(0)
+    err = scale = 0.0
+    for _ in range(runs):
+        x = rng.standard_normal([1] + shape[1:]).astype(store[layer.producer.weight.name].dtype)
+        expected = evaluate_chain(block_nodes(layer), source, sink, before, x, versions)
+        actual = evaluate_chain(block_nodes(layer), source, sink, store, x, versions)
+        err = max(err, float(np.abs(expected.astype(np.float64) - actual).max()))
+        scale = max(scale, float(np.abs(expected).max()))
+    return {"max_abs_err": err, "max_rel_err": err / scale if scale else 0.0}
 
 
 def write_producer_rows(layer: Layer, store: WeightStore, rows: np.ndarray, s, t) -> None:

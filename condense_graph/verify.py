@@ -108,21 +108,3 @@ def _ratio(err: float, scale: float) -> float:
         return 0.0
     return err / scale if scale > 0 else float("inf")
 
-
-def block_error(original: onnx.ModelProto, reduced: onnx.ModelProto, source: str,
-                sinks: list[str], runs: int = 2, seed: int = 0) -> dict:
-    """Error of one reduced block alone: the subgraph from tensor `source` to tensors `sinks`,
-    cut out of both models (onnx.utils.Extractor) and run on the same random inputs."""
-    cut_original = _extract(original, source, sinks)
-    cut_reduced = _extract(reduced, source, sinks)
-    shape = _static_shape(cut_original.graph.input[0])
-    return compare_models(cut_original, cut_reduced, {source: shape}, runs=runs, seed=seed)
-
-
-def _extract(model: onnx.ModelProto, source: str, sinks: list[str]) -> onnx.ModelProto:
-    inferred = onnx.shape_inference.infer_shapes(model)
-    return onnx.utils.Extractor(inferred).extract_model([source], sinks)
-
-
-def _static_shape(value: onnx.ValueInfoProto) -> list[int]:
-    return [d.dim_value if d.HasField("dim_value") else 1 for d in value.type.tensor_type.shape.dim]

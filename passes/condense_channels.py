@@ -12,6 +12,7 @@ by the previous reduction. Layers the analysis rejects are left untouched and re
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -47,6 +48,9 @@ class CondenseChannelsPass:
 
     def plan(self, graph: gs.Graph, analysis: Analysis) -> tuple[list[LayerPlan], WeightStore]:
         self.check_layer_names(analysis)
+        for layer in analysis.layers:
+            if layer.depthwise is not None:
+                give_zero_bias(layer.producer)  # the least-squares rows need a bias to write into
         constants = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
         store = WeightStore(constants)
         plans = [plan_layer(layer, store, self.threshold_for(layer), (graph.opset, graph.ir_version))
@@ -86,6 +90,19 @@ def rewrite(graph: gs.Graph, plans: list[LayerPlan], store: WeightStore) -> None
             for out in node.outputs:
                 out.shape = None  # shape inference fills in the new widths
     graph.cleanup().toposort()
+
+
+def give_zero_bias(producer) -> None:
+    """A zero bias for a bias-less producer: the same function, and a bias array to plan with."""
+    node = producer.node
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        return
+    zeros = np.zeros(producer.width, dtype=producer.weight.values.dtype)
+    bias = gs.Constant(producer.bias, zeros)
+    if len(node.inputs) > 2:
+        node.inputs[2] = bias
+    else:
+        node.inputs.append(bias)
 
 
 def add_bias(graph: gs.Graph, node: gs.Node, bias: gs.Constant) -> None:

@@ -63,3 +63,19 @@ def test_vgg_with_planted_channels_reduces_exactly(pool, global_pool, dynamo, tm
     assert all(layer["exact"] for layer in layers)
     check_full(result.model)
     assert_same_outputs(model, result.model, {"x": x.numpy()})
+
+
+@pytest.mark.parametrize("make,reason", [
+    (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=2), "grouped Conv"),
+    (lambda: nn.ConvTranspose2d(8, 8, 2, stride=2), "ConvTranspose"),
+])
+def test_grouped_conv_and_conv_transpose_are_skipped_with_a_reason(make, reason, tmp_path, rng):
+    module = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), make(), nn.ReLU(),
+                           nn.Conv2d(8, 4, 1)).eval()
+    x = torch.from_numpy(rng.normal(size=(1, 3, 8, 8)).astype(np.float32))
+    model = export(module, x, False, tmp_path / "m.onnx")
+    result = cg.condense(model, threshold=0.5)
+    assert any(reason in s["reason"] for s in result.report["skipped"]), result.report["skipped"]
+    check_full(result.model)
+    assert_same_outputs(model, result.model, {"x": x.numpy()}, rtol=0.0) if not result.report["layers"] \
+        else None
