@@ -99,9 +99,12 @@ def check_node(node: gs.Node, region: set[str], channels: Channels, rank: int | 
         return f"{node.op} '{node.name}' mixes the channels with another tensor"
     params = [t for t in node.inputs if t.name not in region and not _is_empty(t)]
     for param in params:
-        if not isinstance(param, gs.Constant):
+        if isinstance(param, gs.Constant):
+            continue
+        if node.op in BINARY:
             return f"{node.op} '{node.name}' couples the channels with '{param.name}' " \
                    "(a residual connection): coupled channels are left alone"
+        return f"{node.op} '{node.name}' has a computed (non-constant) input '{param.name}'"
     if node.op in SPATIAL or node.op in LAYOUT:
         return _structural_reason(node, channels, rank)
     if is_depthwise_conv(node):

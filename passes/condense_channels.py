@@ -43,7 +43,8 @@ class CondenseChannelsPass:
     @staticmethod
     def analyze(model: onnx.ModelProto) -> tuple[gs.Graph, Analysis]:
         graph = import_graph(model)
-        materialize_constants(graph)
+        if materialize_constants(graph):  # folded Pad/Reshape parameters give shapes: infer again
+            graph = import_graph(export_like(graph, model))
         return graph, analyze(graph, subgraph_tensor_names(model))
 
     def plan(self, graph: gs.Graph, analysis: Analysis) -> tuple[list[LayerPlan], WeightStore]:

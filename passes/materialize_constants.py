@@ -1,36 +1,23 @@
-"""Turn constants spelled as nodes into initializers.
+"""Turn constants computed in the graph into initializers.
 
-Exporters often write weights and scalars as `Constant` nodes, or pass initializers through
-`Identity` nodes (the TorchScript exporter does both). Later passes read weights as initializers,
-so this pass replaces the output of such a node by an initializer holding the same value and
-drops the node. Lossless: the graph computes exactly the same thing.
+Exporters write weights and scalars as `Constant` nodes, pass initializers through `Identity`
+nodes (the TorchScript exporter does both), and compute Pad/Reshape parameters with small
+constant subgraphs (Constant -> ConstantOfShape -> Concat -> Cast...). Later passes read such
+values as initializers, so this pass folds every constant subexpression with onnx-graphsurgeon's
+`fold_constants` (which evaluates them with ONNX Runtime) and drops the dead nodes. Lossless: the
+graph computes exactly the same thing. Tensors above `size_threshold` bytes are left unfolded so
+a folded Expand or Tile cannot blow up the file.
 """
 
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+SIZE_THRESHOLD = 16 << 20
+
 
 def materialize_constants(graph: gs.Graph) -> bool:
-    """Rewrite `graph` in place; return whether anything changed."""
-    protected = {t.name for t in graph.outputs}
-    changed = False
-    for node in list(graph.nodes):  # graph order, so Identity(Constant(...)) resolves in one sweep
-        value = _constant_value(node)
-        out = node.outputs[0] if node.outputs else None
-        if value is None or out is None or out.name in protected:
-            continue
-        out.to_constant(value)
-        node.outputs.clear()
-        changed = True
-    if changed:
-        graph.cleanup()
-    return changed
-
-
-def _constant_value(node: gs.Node):
-    if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
-        return node.attrs["value"].values
-    if node.op == "Identity" and node.inputs and isinstance(node.inputs[0], gs.Constant):
-        return node.inputs[0].values
-    return None
+    """Rewrite `graph` in place; return whether any node disappeared."""
+    before = len(graph.nodes)
+    graph.fold_constants(size_threshold=SIZE_THRESHOLD, error_ok=True).cleanup()
+    return len(graph.nodes) != before

@@ -79,3 +79,36 @@ def test_grouped_conv_and_conv_transpose_are_skipped_with_a_reason(make, reason,
     check_full(result.model)
     assert_same_outputs(model, result.model, {"x": x.numpy()}, rtol=0.0) if not result.report["layers"] \
         else None
+
+
+class SpatialOps(nn.Module):
+    """Zero padding, upsampling, cropping between convs, and a literal Reshape into the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 10, 3)
+        self.pad = nn.ZeroPad2d(1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.conv2 = nn.Conv2d(10, 6, 3, stride=2)
+        self.head = nn.Linear(6 * 5 * 5, 4)
+
+    def forward(self, x):
+        x = self.up(self.pad(torch.relu(self.conv1(x))))[:, :, 1:, 1:]
+        x = torch.relu(self.conv2(x))
+        return self.head(x.reshape(-1, 6 * 5 * 5))
+
+
+def test_pad_resize_slice_and_reshape_carry_channels(tmp_path, rng):
+    module = SpatialOps().eval()
+    plant_conv(module.conv1, 4, rng)
+    plant_conv(module.conv2, 2, rng)
+    x = torch.from_numpy(rng.normal(size=(2, 3, 6, 6)).astype(np.float32))
+    assert module(x).shape == (2, 4)
+    model = export(module, x, False, tmp_path / "m.onnx")
+    ops = {n.op_type for n in model.graph.node}
+    assert {"Pad", "Resize", "Slice", "Reshape"} <= ops, ops
+    result = cg.condense(model, threshold=0.9999)
+    assert [l["width_after"] for l in result.report["layers"]] == [4, 2], result.report["skipped"]
+    assert all(l["exact"] for l in result.report["layers"])
+    check_full(result.model)
+    assert_same_outputs(model, result.model, {"x": x.numpy()})
