@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from builders import run  # noqa: E402
+from builders import run  # noqa: E402,F401
 
 
 def assert_same_outputs(original: onnx.ModelProto, reduced: onnx.ModelProto, feeds: dict,

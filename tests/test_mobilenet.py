@@ -92,3 +92,36 @@ def test_residual_add_channels_are_left_alone_and_the_rest_reduces(dynamo, tmp_p
     assert coupled, result.report["skipped"]
     check_full(result.model)
     assert_same_outputs(model, result.model, {"x": x.numpy()})
+
+
+def test_depthwise_block_error_in_the_report_is_what_the_block_does(tmp_path):
+    """Near-parallel depthwise kernels with unrelated expand rows: the least-squares merge is
+    approximate; the reported block error must match an independent measurement."""
+    from conftest import run
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    nn_block = torch.nn.Sequential(  # expand, depthwise, project
+        torch.nn.Conv2d(8, 24, 1, bias=False), torch.nn.BatchNorm2d(24), torch.nn.ReLU6(),
+        torch.nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False), torch.nn.BatchNorm2d(24),
+        torch.nn.ReLU6(), torch.nn.Conv2d(24, 8, 1, bias=False)).eval()
+    randomize_batchnorm(nn_block, gen)
+    with torch.no_grad():
+        dw = nn_block[3].weight
+        for q in range(12, 24):  # kernels q ~ 1.5 * kernel (q - 12), slightly perturbed
+            dw[q] = 1.5 * dw[q - 12] + 0.01 * torch.randn(dw[q].shape, generator=gen)
+            bn = nn_block[4]  # BN keeps the folded kernels parallel: shift and mean scale by 1.5
+            bn.weight[q], bn.running_var[q] = bn.weight[q - 12], bn.running_var[q - 12]
+            bn.bias[q], bn.running_mean[q] = 1.5 * bn.bias[q - 12], 1.5 * bn.running_mean[q - 12]
+    x = torch.randn(1, 8, 6, 6, generator=gen)
+    model = export(nn_block, x, False, tmp_path / "block.onnx")
+    result = cg.condense(model, threshold=0.99)
+    (layer,) = result.report["layers"]
+    assert (layer["width_before"], layer["width_after"], layer["exact"]) == (24, 12, False)
+    claimed = layer["block_error"]["max_rel_err"]
+    rng = np.random.default_rng(7)
+    measured = 0.0
+    for _ in range(5):
+        feeds = {"x": rng.standard_normal((1, 8, 6, 6)).astype(np.float32)}
+        expected, actual = run(model, feeds)[0], run(result.model, feeds)[0]
+        measured = max(measured, float(np.abs(expected - actual).max() / np.abs(expected).max()))
+    assert 0.0 < claimed and 0.3 * claimed <= measured <= 3.0 * claimed, (claimed, measured)
