@@ -8,12 +8,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx
 
 from condense_graph.errors import CondenseError
 from condense_graph.model_io import load_model
+from condense_graph.progress import Progress
 from condense_graph.report import build_report, count_params
 from condense_graph.verify import compare_models
 from passes.condense_channels import CondenseChannelsPass
@@ -27,11 +28,13 @@ ModelLike = str | os.PathLike | onnx.ModelProto
 class CondenseResult:
     model: onnx.ModelProto
     report: dict
+    plans: list = field(default_factory=list, repr=False)  # per-layer plans (groups, for plots)
 
 
 def condense(model: ModelLike, threshold: float = 0.95,
              layer_thresholds: dict[str, float] | None = None, verify: bool = False,
-             input_shapes: dict[str, list[int]] | None = None) -> CondenseResult:
+             input_shapes: dict[str, list[int]] | None = None,
+             progress: Progress | None = None) -> CondenseResult:
     """Merge condensed neurons of every reducible layer; the input model is never modified.
 
     `layer_thresholds` maps a layer (its producer node name or weight name) to its own threshold.
@@ -41,12 +44,12 @@ def condense(model: ModelLike, threshold: float = 0.95,
     for name, value in (layer_thresholds or {}).items():
         _check_threshold(value, f"threshold of layer '{name}'")
     original = load_model(model)
-    result = CondenseChannelsPass(threshold, layer_thresholds)(original)
+    result = CondenseChannelsPass(threshold, layer_thresholds, progress)(original)
     plans = result.details["plans"]
     report = build_report(original, result.model, plans, result.details["skipped"])
     if verify:
         report["verify"] = compare_models(original, result.model, input_shapes)
-    return CondenseResult(result.model, report)
+    return CondenseResult(result.model, report, plans)
 
 
 def inspect(model: ModelLike, thresholds=INSPECT_THRESHOLDS) -> dict:

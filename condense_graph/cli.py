@@ -1,4 +1,4 @@
-"""Command line: `condense-graph reduce|inspect`.
+"""Command line: `condense-graph reduce|inspect|verify|bench`.
 
 Exit codes: 0 done, 1 verification failed (nothing written unless --force), 2 bad input or usage.
 User errors print one line; --debug shows the traceback.
@@ -13,10 +13,13 @@ import sys
 from pathlib import Path
 
 from condense_graph.api import condense, inspect
+from condense_graph.bench import benchmark
 from condense_graph.errors import CondenseError
-from condense_graph.model_io import save_model
-from condense_graph.report import format_inspect_table, format_reduce_table
-from condense_graph.verify import parse_input_shape
+from condense_graph.model_io import load_model, save_model
+from condense_graph.progress import Progress
+from condense_graph.report import (format_bench_table, format_inspect_table, format_reduce_table,
+                                   format_verify_table)
+from condense_graph.verify import breaches, compare_models, load_data, parse_input_shape
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -30,7 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="condense-graph", description="Merge condensed neurons of ONNX models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    reduce = commands.add_parser("reduce", help="write a reduced model")
+    _add_reduce(commands.add_parser("reduce", help="write a reduced model"))
+    insp = commands.add_parser("inspect", help="list reducible layers and their widths")
+    insp.add_argument("input", help="input .onnx model")
+    insp.add_argument("--json", metavar="FILE.json", help="also write the listing as JSON")
+    _add_verify(commands.add_parser("verify", help="compare two models in ONNX Runtime"))
+    _add_bench(commands.add_parser("bench", help="measure ONNX Runtime latency of one or two models"))
+    return parser
+
+
+def _add_reduce(reduce) -> None:
     reduce.add_argument("input", help="input .onnx model (never modified)")
     reduce.add_argument("output", help="output .onnx path (written atomically)")
     reduce.add_argument("--threshold", type=float, default=0.95,
@@ -40,24 +52,63 @@ def build_parser() -> argparse.ArgumentParser:
     reduce.add_argument("--report", metavar="FILE.json", help="write the JSON report here")
     reduce.add_argument("--verify", action="store_true",
                         help="compare both models in ONNX Runtime on random inputs")
-    reduce.add_argument("--atol", type=float, default=1e-4,
-                        help="largest absolute error --verify accepts (default 1e-4)")
+    _add_tolerances(reduce, default_atol=1e-4)
     reduce.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
-                        help="shape of a graph input for --verify (dynamic dims default to 1)")
+                        help="shape of a graph input (dynamic dims default to 1)")
     reduce.add_argument("--force", action="store_true",
                         help="write the output even when verification fails (exit code stays 1)")
     reduce.add_argument("--in-place", action="store_true", help="allow OUTPUT to be INPUT")
+    reduce.add_argument("--bench", action="store_true", help="benchmark the written model against the input")
+    _add_bench_options(reduce)
+    reduce.add_argument("--plot", metavar="DIR", help="write cosine heatmaps and a width chart (PNG)")
     reduce.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    insp = commands.add_parser("inspect", help="list reducible layers and their widths")
-    insp.add_argument("input", help="input .onnx model")
-    insp.add_argument("--json", metavar="FILE.json", help="also write the listing as JSON")
-    return parser
+
+
+def _add_tolerances(parser, default_atol=None) -> None:
+    parser.add_argument("--atol", type=float, default=default_atol,
+                        help="largest max_abs_err accepted" + (f" (default {default_atol:g})" if default_atol else ""))
+    parser.add_argument("--rtol", type=float, help="largest max_rel_err accepted")
+    parser.add_argument("--min-agreement", type=float,
+                        help="smallest top-1 agreement accepted on class-score outputs")
+
+
+def _add_verify(verify) -> None:
+    verify.add_argument("original", help="the reference model")
+    verify.add_argument("reduced", help="the model to check")
+    verify.add_argument("--data", metavar="FILE.npz", help="inputs: arrays named after the graph inputs")
+    verify.add_argument("--labels", metavar="KEY", help="array of class labels in the --data file")
+    verify.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
+                        help="shape of a graph input for random inputs (dynamic dims default to 1)")
+    verify.add_argument("--runs", type=int, default=4, help="random draws without --data (default 4)")
+    verify.add_argument("--batch-size", type=int, default=256, help="rows per run with --data")
+    _add_tolerances(verify)
+    verify.add_argument("--report", metavar="FILE.json", help="write the numbers as JSON")
+    verify.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def _add_bench(bench) -> None:
+    bench.add_argument("model", help="baseline model")
+    bench.add_argument("other", nargs="?", help="model to compare with the baseline")
+    bench.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
+                       help="shape of a graph input (a dynamic batch dim defaults to --batch)")
+    _add_bench_options(bench)
+    bench.add_argument("--report", metavar="FILE.json", help="write the numbers as JSON")
+    bench.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def _add_bench_options(parser) -> None:
+    parser.add_argument("--batch", type=int, default=1, help="batch size for benchmarking (default 1)")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    parser.add_argument("--runs", dest="bench_runs", type=int, default=50,
+                        help="timed runs per model (default 50)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"reduce": run_reduce, "inspect": run_inspect, "verify": run_verify, "bench": run_bench}
     try:
-        return run_reduce(args) if args.command == "reduce" else run_inspect(args)
+        return commands[args.command](args)
     except CondenseError as err:
         if args.debug:
             raise
@@ -65,33 +116,53 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+def _progress(args, label: str) -> Progress:
+    return Progress(1, label, enabled=None if not getattr(args, "quiet", False) else False)
+
+
 def run_reduce(args) -> int:
     _check_paths(args)
     layer_thresholds = dict(_parse_layer(spec) for spec in args.layer)
     input_shapes = dict(parse_input_shape(spec) for spec in args.input_shape)
     result = condense(args.input, args.threshold, layer_thresholds, verify=args.verify,
-                      input_shapes=input_shapes)
+                      input_shapes=input_shapes, progress=_progress(args, "condensing layers"))
     report = result.report
-    failed = args.verify and report["verify"]["max_abs_err"] > args.atol
-    if not failed or args.force:
+    failures = breaches(report["verify"], args.atol, args.rtol, args.min_agreement) if args.verify else []
+    if not failures or args.force:
         report["file_size_after"] = save_model(result.model, args.output)
+    if args.plot:
+        from condense_graph.plots import plot_reduction
+        report["plots"] = [str(p) for p in plot_reduction(result.plans, args.plot)]
+    if args.bench and (not failures or args.force):
+        report["bench"] = _bench(args, [(args.input, load_model(args.input)),
+                                        (args.output, result.model)], input_shapes)
     if args.report:
         _write_json(report, args.report)
     if not args.quiet:
-        print(format_reduce_table(report))
-        if args.verify:
-            print(_verify_line(report["verify"], args.atol, failed, args.force, args.output))
-        elif not failed:
-            print(f"Wrote {args.output}")
-    return EXIT_VERIFY_FAILED if failed else EXIT_OK
+        _print_reduce(args, report, failures)
+    return EXIT_VERIFY_FAILED if failures else EXIT_OK
 
 
-def _verify_line(verify: dict, atol: float, failed: bool, force: bool, output: str) -> str:
-    line = (f"Verify: max_abs_err={verify['max_abs_err']:.3g} max_rel_err={verify['max_rel_err']:.3g}"
-            f" (atol {atol:g}, {verify['runs']} random runs): ")
-    if not failed:
-        return line + f"PASS; wrote {output}"
-    return line + ("FAIL; wrote it anyway (--force)" if force else "FAIL; output not written")
+def _print_reduce(args, report: dict, failures: list[str]) -> None:
+    print(format_reduce_table(report))
+    if args.verify:
+        print(format_verify_table(report["verify"]))
+        print(_verdict(failures, args.force, args.output))
+    elif not failures:
+        print(f"Wrote {args.output}")
+    if "bench" in report:
+        print(format_bench_table(report["bench"]))
+    for path in report.get("plots", []):
+        print(f"Plot: {path}")
+
+
+def _verdict(failures: list[str], force: bool, output: str | None) -> str:
+    if not failures:
+        return "Verify: PASS" + (f"; wrote {output}" if output else "")
+    detail = "; ".join(failures)
+    if output is None:
+        return f"Verify: FAIL ({detail})"
+    return f"Verify: FAIL ({detail}); " + ("wrote it anyway (--force)" if force else "output not written")
 
 
 def run_inspect(args) -> int:
@@ -100,6 +171,45 @@ def run_inspect(args) -> int:
     if args.json:
         _write_json(info, args.json)
     return EXIT_OK
+
+
+def run_verify(args) -> int:
+    original, reduced = load_model(args.original), load_model(args.reduced)
+    data = labels = None
+    if args.labels and not args.data:
+        raise CondenseError("--labels needs --data")
+    if args.data:
+        data, labels = load_data(args.data, original, args.labels)
+    input_shapes = dict(parse_input_shape(spec) for spec in args.input_shape)
+    result = compare_models(original, reduced, input_shapes, runs=args.runs, data=data, labels=labels,
+                            batch_size=args.batch_size, progress=_progress(args, "verifying"))
+    failures = breaches(result, args.atol, args.rtol, args.min_agreement)
+    result["pass"] = not failures
+    if args.report:
+        _write_json(result, args.report)
+    if not args.quiet:
+        print(format_verify_table(result))
+        print(_verdict(failures, False, None))
+    return EXIT_VERIFY_FAILED if failures else EXIT_OK
+
+
+def run_bench(args) -> int:
+    paths = [args.model] + ([args.other] if args.other else [])
+    input_shapes = dict(parse_input_shape(spec) for spec in args.input_shape)
+    result = _bench(args, [(p, load_model(p)) for p in paths], input_shapes)
+    if args.report:
+        _write_json(result, args.report)
+    if not args.quiet:
+        print(format_bench_table(result))
+    return EXIT_OK
+
+
+def _bench(args, models, input_shapes) -> dict:
+    if args.batch < 1 or args.bench_runs < 1 or args.threads < 0 or args.warmup < 0:
+        raise CondenseError("--batch and --runs must be positive, --threads and --warmup not negative")
+    entries = [(label, model, model.ByteSize()) for label, model in models]
+    return benchmark(entries, args.batch, args.threads, args.bench_runs, args.warmup, input_shapes,
+                     progress=_progress(args, "benchmarking"))
 
 
 def _check_paths(args) -> None:

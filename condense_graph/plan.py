@@ -8,7 +8,7 @@ the graph; `passes.condense_channels` writes the arrays back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -52,6 +52,8 @@ class LayerPlan:
     silent_channels: int     # removed: zero outgoing weights
     min_cosine: float | None  # lowest cosine between a merged neuron and its main neuron
     block_error: dict | None = None  # depthwise blocks: the merge's error measured on the block
+    vectors: np.ndarray | None = field(default=None, repr=False)  # what was grouped (for plots)
+    groups: list[np.ndarray] = field(default_factory=list, repr=False)
 
     def report(self) -> dict:
         return {
@@ -131,7 +133,8 @@ def plan_layer(layer: Layer, store: WeightStore, threshold: float, versions: tup
     exact = is_exact(layer, store, groups, cmap)  # before apply_map slices the constants
     apply_map(layer, store, cmap)
     return LayerPlan(layer, cmap, threshold, exact, int(constant.sum()),
-                     int((silent & ~constant).sum()), min_group_cosine(cosine, local_groups))
+                     int((silent & ~constant).sum()), min_group_cosine(cosine, local_groups),
+                     vectors=vectors, groups=groups)
 
 
 def constant_channels(layer: Layer, vectors: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -262,7 +265,8 @@ def plan_depthwise_layer(layer: Layer, store: WeightStore, threshold: float, ver
     write_producer_rows(layer, store, rows, s[cmap.keep], t[cmap.keep])
     error = block_error(layer, before, store, versions) if cmap.width_after < width else None
     return LayerPlan(layer, cmap, threshold, False, 0, width - len(candidates),
-                     min_group_cosine(cosine, local_groups), error)
+                     min_group_cosine(cosine, local_groups), error, vectors=dw,
+                     groups=[candidates[g] for g in local_groups])
 
 
 def block_nodes(layer: Layer) -> list[gs.Node]:

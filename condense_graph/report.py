@@ -87,3 +87,29 @@ def _table(rows: list[tuple], footer_from: int | None = None) -> str:
             lines.append(rule)
     lines.append(rule)
     return "\n".join(lines)
+
+
+def format_verify_table(verify: dict) -> str:
+    """Per-output errors, cosine, and top-1 agreement / accuracy where they apply."""
+    rows = [("Output", "Max abs err", "Max rel err", "Cosine", "Top-1 agree", "Acc orig", "Acc reduced")]
+    for name, out in verify["outputs"].items():
+        rows.append((name, f"{out['max_abs_err']:.3g}", f"{out['max_rel_err']:.3g}",
+                     f"{out['cosine']:.6f}", _pct(out.get("top1_agreement")),
+                     _pct(out.get("accuracy_original")), _pct(out.get("accuracy_reduced"))))
+    what = f"{verify['runs']} batches of data" if verify["inputs"] == "data" else f"{verify['runs']} random draws"
+    return _table(rows) + f"\n(ONNX Runtime, {what})"
+
+
+def format_bench_table(bench: dict) -> str:
+    rows = [("Model", "Params", "MACs", "File size", "Median ms", "IQR ms", "Speedup", "Ideal")]
+    for entry in bench["models"]:
+        ideal = entry.get("ideal_speedup")
+        rows.append((entry["model"], f"{entry['params']:,}", f"{entry['macs']:,}",
+                     _bytes(entry["file_size"]), f"{entry['median_ms']:.4f}", f"{entry['iqr_ms']:.4f}",
+                     f"{entry['speedup']:.2f}x", f"{ideal:.2f}x" if ideal else "-"))
+    return _table(rows) + (f"\n(batch {bench['batch']}, {bench['threads']} thread(s), "
+                           f"{bench['runs']} interleaved runs after {bench['warmup']} warm-up)")
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"

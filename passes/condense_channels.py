@@ -20,6 +20,7 @@ from condense_graph.analysis import Analysis, analyze
 from condense_graph.errors import CondenseError
 from condense_graph.graph import export_like, import_graph, subgraph_tensor_names
 from condense_graph.plan import LayerPlan, WeightStore, plan_layer
+from condense_graph.progress import Progress, silent
 from passes.base import PassResult
 from passes.materialize_constants import materialize_constants
 
@@ -27,9 +28,11 @@ from passes.materialize_constants import materialize_constants
 class CondenseChannelsPass:
     """`CondenseChannelsPass(thresholds)(model)` -> PassResult with `details["plans"]`."""
 
-    def __init__(self, threshold: float = 0.95, layer_thresholds: dict[str, float] | None = None):
+    def __init__(self, threshold: float = 0.95, layer_thresholds: dict[str, float] | None = None,
+                 progress: Progress | None = None):
         self.threshold = threshold
         self.layer_thresholds = dict(layer_thresholds or {})
+        self.progress = progress or silent()
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         graph, analysis = self.analyze(model)
@@ -54,8 +57,12 @@ class CondenseChannelsPass:
                 give_zero_bias(layer.producer)  # the least-squares rows need a bias to write into
         constants = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
         store = WeightStore(constants)
-        plans = [plan_layer(layer, store, self.threshold_for(layer), (graph.opset, graph.ir_version))
-                 for layer in analysis.layers]
+        self.progress.total = max(len(analysis.layers), 1)
+        plans = []
+        for layer in analysis.layers:
+            plans.append(plan_layer(layer, store, self.threshold_for(layer), (graph.opset, graph.ir_version)))
+            self.progress.advance()
+        self.progress.close()
         return plans, store
 
     def check_layer_names(self, analysis: Analysis) -> None:

@@ -1,0 +1,82 @@
+"""Pictures of a reduction (matplotlib, the optional `plot` extra).
+
+- one heatmap per reduced layer: the cosine similarity of its neurons, ordered by group (largest
+  group first), so condensed blocks show as squares on the diagonal (the paper's Figure 3);
+- one bar chart of every layer's width before and after (the paper's Figure 7).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from condense_graph.errors import CondenseError
+from condense_graph.similarity import cosine_similarity
+
+
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CondenseError("--plot needs matplotlib: pip install 'condense-graph[plot]'") from None
+    return plt
+
+
+def group_order(groups: list[np.ndarray], width: int) -> np.ndarray:
+    """Neuron indices ordered by group, largest group first; ungrouped neurons last."""
+    ordered = [np.asarray(g) for g in sorted(groups, key=len, reverse=True)]
+    seen = np.concatenate(ordered) if ordered else np.zeros(0, dtype=int)
+    rest = np.setdiff1d(np.arange(width), seen)
+    return np.concatenate([seen, rest]).astype(int)
+
+
+def plot_reduction(plans, directory: str | Path) -> list[Path]:
+    """Write the heatmaps of the reduced layers and the width chart; return the paths."""
+    plt = _pyplot()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [plot_cosine(plt, plan, directory) for plan in plans
+             if plan.cmap.width_after < plan.cmap.width_before]
+    paths.append(plot_widths(plt, plans, directory / "widths.png"))
+    return paths
+
+
+def plot_cosine(plt, plan, directory: Path) -> Path:
+    order = group_order(plan.groups, len(plan.vectors))
+    cosine = cosine_similarity(plan.vectors[order].astype(np.float32))
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    image = ax.imshow(cosine, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="cosine similarity")
+    ax.set_title(f"{plan.layer.name}: {plan.cmap.width_before} -> {plan.cmap.width_after} "
+                 f"neurons at threshold {plan.threshold:g}", fontsize=10)
+    ax.set_xlabel("neuron (ordered by group)")
+    ax.set_ylabel("neuron (ordered by group)")
+    path = directory / f"cosine_{_file_name(plan.layer.name)}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_widths(plt, plans, path: Path) -> Path:
+    names = [p.layer.name for p in plans]
+    x = np.arange(len(plans))
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.45 * len(plans) + 2), 4.8))
+    ax.bar(x - 0.2, [p.cmap.width_before for p in plans], 0.4, label="before")
+    ax.bar(x + 0.2, [p.cmap.width_after for p in plans], 0.4, label="after")
+    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("width (neurons / channels)")
+    ax.set_title("Layer widths before and after condensation")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _file_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "layer"
