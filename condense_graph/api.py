@@ -34,17 +34,20 @@ class CondenseResult:
 def condense(model: ModelLike, threshold: float = 0.95,
              layer_thresholds: dict[str, float] | None = None, verify: bool = False,
              input_shapes: dict[str, list[int]] | None = None,
-             progress: Progress | None = None) -> CondenseResult:
+             progress: Progress | None = None, round_to: int = 1) -> CondenseResult:
     """Merge condensed neurons of every reducible layer; the input model is never modified.
 
     `layer_thresholds` maps a layer (its producer node name or weight name) to its own threshold.
+    `round_to` rounds every new width up to a multiple of it (8 or 16 suit CPU GEMM kernels).
     With `verify`, both models run in ONNX Runtime on random inputs and the report gets `verify`.
     """
     _check_threshold(threshold, "threshold")
     for name, value in (layer_thresholds or {}).items():
         _check_threshold(value, f"threshold of layer '{name}'")
     original = load_model(model)
-    result = CondenseChannelsPass(threshold, layer_thresholds, progress)(original)
+    if not isinstance(round_to, int) or round_to < 1:
+        raise CondenseError(f"round_to must be a positive integer, got {round_to!r}")
+    result = CondenseChannelsPass(threshold, layer_thresholds, progress, round_to)(original)
     plans = result.details["plans"]
     report = build_report(original, result.model, plans, result.details["skipped"])
     if verify:

@@ -49,6 +49,8 @@ def _add_reduce(reduce) -> None:
                         help="cosine similarity at or above which neurons merge (default 0.95)")
     reduce.add_argument("--layer", action="append", default=[], metavar="NAME=T",
                         help="threshold for one layer (node or weight name); repeatable")
+    reduce.add_argument("--round-to", type=int, default=1, metavar="N",
+                        help="round every new width up to a multiple of N (8 or 16 suit CPU kernels)")
     reduce.add_argument("--report", metavar="FILE.json", help="write the JSON report here")
     reduce.add_argument("--verify", action="store_true",
                         help="compare both models in ONNX Runtime on random inputs")
@@ -125,7 +127,8 @@ def run_reduce(args) -> int:
     layer_thresholds = dict(_parse_layer(spec) for spec in args.layer)
     input_shapes = dict(parse_input_shape(spec) for spec in args.input_shape)
     result = condense(args.input, args.threshold, layer_thresholds, verify=args.verify,
-                      input_shapes=input_shapes, progress=_progress(args, "condensing layers"))
+                      input_shapes=input_shapes, progress=_progress(args, "condensing layers"),
+                      round_to=args.round_to)
     report = result.report
     failures = breaches(report["verify"], args.atol, args.rtol, args.min_agreement) if args.verify else []
     if not failures or args.force:

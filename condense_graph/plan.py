@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from condense_graph.analysis import Consumer, Layer, Producer
 from condense_graph.chain_eval import affine_coefficients, evaluate_chain
 from condense_graph.merge import ChannelMap, channel_map, least_squares_rows, merge_consumer
-from condense_graph.similarity import cosine_similarity, greedy_groups
+from condense_graph.similarity import cosine_similarity, greedy_groups, round_up_groups
 
 
 class WeightStore:
@@ -110,10 +110,13 @@ def producer_bias(producer: Producer, store: WeightStore, width: int) -> np.ndar
     return np.broadcast_to(bias.reshape(-1).astype(np.float64), (width,)) * producer.bias_scale
 
 
-def plan_layer(layer: Layer, store: WeightStore, threshold: float, versions: tuple[int, int]) -> LayerPlan:
-    """Group the layer's neurons at `threshold`, then update `store` with the merged arrays."""
+def plan_layer(layer: Layer, store: WeightStore, threshold: float, versions: tuple[int, int],
+               round_to: int = 1) -> LayerPlan:
+    """Group the layer's neurons at `threshold`, then update `store` with the merged arrays.
+
+    With `round_to` > 1 the new width is rounded up to a multiple of it (when merges allow)."""
     if layer.depthwise is not None:
-        return plan_depthwise_layer(layer, store, threshold, versions)
+        return plan_depthwise_layer(layer, store, threshold, versions, round_to)
     vectors = neuron_vectors(layer, store, versions)
     width, dtype = len(vectors), store[layer.producer.weight.name].dtype
     a, c = affine_coefficients(layer.post, layer.middle_output, layer.end, store,
@@ -123,7 +126,7 @@ def plan_layer(layer: Layer, store: WeightStore, threshold: float, versions: tup
     constant = constant_channels(layer, vectors, a)
     candidates = np.flatnonzero(~constant & ~silent)
     cosine = cosine_similarity(vectors[candidates].astype(np.float32))
-    local_groups = greedy_groups(cosine, threshold)
+    local_groups = group(cosine, threshold, round_to)
     groups = [candidates[g] for g in local_groups]
     folded = {}
     if constant.any():
@@ -135,6 +138,12 @@ def plan_layer(layer: Layer, store: WeightStore, threshold: float, versions: tup
     return LayerPlan(layer, cmap, threshold, exact, int(constant.sum()),
                      int((silent & ~constant).sum()), min_group_cosine(cosine, local_groups),
                      vectors=vectors, groups=groups)
+
+
+def group(cosine: np.ndarray, threshold: float, round_to: int) -> list[np.ndarray]:
+    """Greedy groups; their count (the new width) rounded up to a multiple of `round_to`."""
+    groups = greedy_groups(cosine, threshold)
+    return round_up_groups(cosine, groups, round_to) if round_to > 1 else groups
 
 
 def constant_channels(layer: Layer, vectors: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -245,7 +254,8 @@ def depthwise_vectors(layer: Layer, store: WeightStore, versions) -> np.ndarray:
     return np.concatenate([s[:, None] * kernels.reshape(width, -1), (s * bias + t)[:, None]], axis=1)
 
 
-def plan_depthwise_layer(layer: Layer, store: WeightStore, threshold: float, versions) -> LayerPlan:
+def plan_depthwise_layer(layer: Layer, store: WeightStore, threshold: float, versions,
+                         round_to: int = 1) -> LayerPlan:
     """Reduce a depthwise-separable block (paper A.3): group on the depthwise kernels, keep the main
     kernel, merge the consumer columns by eq. 48 and the producer rows by least squares."""
     dw = depthwise_vectors(layer, store, versions)
@@ -255,7 +265,7 @@ def plan_depthwise_layer(layer: Layer, store: WeightStore, threshold: float, ver
     outgoing = np.concatenate([consumer_rows(k, store, layer) for k in layer.consumers], axis=1)
     candidates = np.flatnonzero(~np.all(outgoing == 0, axis=1))
     cosine = cosine_similarity(dw[candidates].astype(np.float32))
-    local_groups = greedy_groups(cosine, threshold)
+    local_groups = group(cosine, threshold, round_to)
     cmap = channel_map(dw, [candidates[g] for g in local_groups], a, c, {})
     alpha = neuron_vectors(layer, store, versions)
     rows = least_squares_rows(alpha, outgoing, cmap)

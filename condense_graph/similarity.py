@@ -54,3 +54,16 @@ def greedy_groups(cosine: np.ndarray, threshold: float) -> list[np.ndarray]:
 def widths_at(cosine: np.ndarray, thresholds) -> dict[float, int]:
     """Number of groups (the reduced width) at each threshold."""
     return {float(t): len(greedy_groups(cosine, t)) for t in thresholds}
+
+
+def round_up_groups(cosine: np.ndarray, groups: list[np.ndarray], multiple: int) -> list[np.ndarray]:
+    """Split off the least similar merged neurons until the number of groups (the new width) is a
+    multiple of `multiple`, or nothing is merged any more. Runtimes such as ONNX Runtime's GEMM
+    kernels are fastest on widths that are multiples of 8 or 16; splitting only lowers the error."""
+    needed = -len(groups) % multiple
+    members = [(float(cosine[g[0], k]), gi, int(k)) for gi, g in enumerate(groups) for k in g[1:]]
+    split = {(gi, k) for _, gi, k in sorted(members)[:needed]}
+    if not split:
+        return groups
+    kept = [np.array([k for k in g if (gi, int(k)) not in split]) for gi, g in enumerate(groups)]
+    return kept + [np.array([k]) for _, k in sorted(split)]

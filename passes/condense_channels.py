@@ -29,8 +29,9 @@ class CondenseChannelsPass:
     """`CondenseChannelsPass(thresholds)(model)` -> PassResult with `details["plans"]`."""
 
     def __init__(self, threshold: float = 0.95, layer_thresholds: dict[str, float] | None = None,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, round_to: int = 1):
         self.threshold = threshold
+        self.round_to = round_to
         self.layer_thresholds = dict(layer_thresholds or {})
         self.progress = progress or silent()
 
@@ -60,7 +61,8 @@ class CondenseChannelsPass:
         self.progress.total = max(len(analysis.layers), 1)
         plans = []
         for layer in analysis.layers:
-            plans.append(plan_layer(layer, store, self.threshold_for(layer), (graph.opset, graph.ir_version)))
+            plans.append(plan_layer(layer, store, self.threshold_for(layer),
+                                    (graph.opset, graph.ir_version), self.round_to))
             self.progress.advance()
         self.progress.close()
         return plans, store

@@ -136,3 +136,10 @@ def test_constant_channel_into_a_matmul_consumer_gets_a_bias_add(rng):
     assert sum(n.op_type == "Add" for n in result.model.graph.node) == 4  # 3 biases + the fold
     check_full(result.model)
     assert_same_outputs(model, result.model, {"x": rng.normal(size=(6, 5)).astype(np.float32)})
+
+
+def test_round_to_rounds_widths_up_and_stays_exact(rng):
+    model = planted_mlp([6, 40, 30, 3], [5, 9], seed=11)
+    result = cg.condense(model, threshold=0.9999, round_to=8)
+    assert widths_after(result.report) == [8, 16]
+    assert_same_outputs(model, result.model, {"x": rng.normal(size=(4, 6)).astype(np.float32)})

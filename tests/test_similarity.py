@@ -36,3 +36,19 @@ def test_widths_shrink_as_threshold_falls(rng):
     assert widths[0.9] == 3
     assert widths[0.999999] == 12
     assert widths[0.5] <= widths[0.9]
+
+
+def test_round_up_splits_the_least_similar_members(rng):
+    from condense_graph.similarity import round_up_groups
+    base = rng.normal(size=(3, 12))
+    v = np.repeat(base, 5, axis=0) + 0.02 * rng.normal(size=(15, 12))
+    cos = cosine_similarity(v)
+    groups = greedy_groups(cos, 0.9)
+    assert len(groups) == 3
+    rounded = round_up_groups(cos, groups, 8)
+    assert len(rounded) == 8
+    assert sorted(np.concatenate(rounded).tolist()) == list(range(15))  # a partition still
+    split = [int(g[0]) for g in rounded[3:]]
+    members = [(cos[g[0], k], int(k)) for g in groups for k in g[1:]]
+    assert sorted(split) == sorted(k for _, k in sorted(members)[:5])
+    assert len(round_up_groups(cos, [np.array([i]) for i in range(15)], 8)) == 15  # nothing to split
