@@ -16,13 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from condense_graph import ops
 from condense_graph.ops import Channels
 
-_FLOAT_DTYPES = (np.float32, np.float64)
+# float16 and bfloat16 weights are analyzed in float32 and written back in their own dtype
+_FLOAT_DTYPES = (np.float32, np.float64, np.float16, ml_dtypes.bfloat16)
 _MATRIX_OPS = ("Gemm", "MatMul", "Conv")
 
 
@@ -128,6 +130,9 @@ def analyze(graph: gs.Graph, subgraph_tensors: set[str] = frozenset()) -> Analys
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     layers, skipped = [], []
     for node in graph.nodes:
+        if node.op in ops.QUANTIZED and node.op not in ("QuantizeLinear", "DequantizeLinear"):
+            skipped.append(Skipped(_name(node), f"quantized op {node.op}: left untouched"))
+            continue
         if node.op not in _MATRIX_OPS and node.op != "ConvTranspose" or ops.is_depthwise_conv(node):
             continue
         producer = as_producer(node, outputs, subgraph_tensors)
@@ -184,6 +189,8 @@ def as_consumer(node: gs.Node, tensor: gs.Tensor) -> Consumer | str:
 
 
 def _weight_reason(node: gs.Node, weight: gs.Tensor) -> str | None:
+    if weight.inputs and weight.inputs[0].op == "DequantizeLinear":
+        return f"{node.op} '{_name(node)}' weight is dequantized (a quantized graph): left untouched"
     if not isinstance(weight, gs.Constant):
         return f"{node.op} '{_name(node)}' has no constant weight"
     values = weight.values

@@ -1,5 +1,8 @@
 """Evaluate a per-channel chain of nodes on chosen channel values with ONNX Runtime.
 
+The chain runs in float32 whatever the model's dtype (float16 and bfloat16 models are analyzed in
+float32; ONNX Runtime has no bfloat16 kernels for most ops on CPU).
+
 The merge math needs numbers the graph computes per channel: the scale and shift of the affine
 ops around the activation, and the constant a dead channel outputs. Rather than re-implement every
 activation, we cut the chain out as a tiny model (with the current, possibly already reduced,
@@ -11,8 +14,12 @@ from __future__ import annotations
 from typing import Mapping
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
+
+
+_HALF = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 
 def evaluate_chain(nodes: list[gs.Node], source: gs.Tensor, sink: gs.Tensor,
@@ -23,6 +30,7 @@ def evaluate_chain(nodes: list[gs.Node], source: gs.Tensor, sink: gs.Tensor,
     """
     if not nodes:
         return x.reshape(x.shape[0], -1)
+    x = x.astype(np.float32) if x.dtype != np.float64 else x
     tensors: dict[str, gs.Tensor] = {source.name: gs.Variable(source.name, dtype=x.dtype)}
     copies = [_copy(n, tensors, arrays) for n in nodes]
     graph = gs.Graph(nodes=copies, inputs=[tensors[source.name]], outputs=[tensors[sink.name]],
@@ -43,6 +51,8 @@ def _copy(node: gs.Node, tensors: dict, arrays: Mapping[str, np.ndarray]) -> gs.
                    outputs=[_tensor(t, tensors, arrays) for t in node.outputs])
     if node.op == "Conv" and node.attrs.get("group", 1) > 1:  # depthwise: one group per kernel
         copy.attrs["group"] = len(copy.inputs[1].values)
+    if node.op == "Cast" and copy.attrs.get("to") in _HALF:
+        copy.attrs["to"] = onnx.TensorProto.FLOAT
     return copy
 
 
@@ -51,8 +61,10 @@ def _tensor(t: gs.Tensor, tensors: dict[str, gs.Tensor], arrays: Mapping[str, np
         return gs.Variable.empty()
     if t.name not in tensors:
         if isinstance(t, gs.Constant):
-            values = arrays[t.name] if t.name in arrays else t.values
-            tensors[t.name] = gs.Constant(t.name, np.asarray(values))
+            values = np.asarray(arrays[t.name] if t.name in arrays else t.values)
+            if values.dtype.kind == "f" and values.dtype.itemsize <= 2 or str(values.dtype) == "bfloat16":
+                values = values.astype(np.float32)
+            tensors[t.name] = gs.Constant(t.name, values)
         else:
             tensors[t.name] = gs.Variable(t.name)
     return tensors[t.name]

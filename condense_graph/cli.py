@@ -60,6 +60,8 @@ def _add_reduce(reduce) -> None:
     reduce.add_argument("--force", action="store_true",
                         help="write the output even when verification fails (exit code stays 1)")
     reduce.add_argument("--in-place", action="store_true", help="allow OUTPUT to be INPUT")
+    reduce.add_argument("--external-data", action="store_true",
+                        help="save the weights in OUTPUT.data (automatic above the 2 GB protobuf limit)")
     reduce.add_argument("--bench", action="store_true", help="benchmark the written model against the input")
     _add_bench_options(reduce)
     reduce.add_argument("--plot", metavar="DIR", help="write cosine heatmaps and a width chart (PNG)")
@@ -132,7 +134,7 @@ def run_reduce(args) -> int:
     report = result.report
     failures = breaches(report["verify"], args.atol, args.rtol, args.min_agreement) if args.verify else []
     if not failures or args.force:
-        report["file_size_after"] = save_model(result.model, args.output)
+        report["file_size_after"] = save_model(result.model, args.output, args.external_data)
     if args.plot:
         from condense_graph.plots import plot_reduction
         report["plots"] = [str(p) for p in plot_reduction(result.plans, args.plot)]

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
+
+# graphsurgeon warns on stdout about bfloat16 and missing colour support; our CLI owns stdout
+G_LOGGER.severity = G_LOGGER.ERROR
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:

@@ -1,62 +1,159 @@
-"""Loading and saving ONNX models.
+"""Loading and saving ONNX models, safely.
 
-Loading accepts a path or an `onnx.ModelProto` and never modifies the caller's object. Saving
-writes to a temporary file in the destination directory and renames it into place, so an
-interrupted run leaves either the old file or the new one.
+Loading accepts a path or an `onnx.ModelProto` and never modifies the caller's object. It refuses,
+with one line naming the problem: a missing or unreadable file, a truncated protobuf, an empty
+graph, a model that fails onnx.checker, an opset older than 7 or newer than the installed onnx
+knows, NaN/Inf weights, and external data whose location leaves the model's directory (`../`,
+absolute paths, symbolic links): nothing outside the directories the user named is ever read.
+
+Saving writes to temporary files in the destination directory and renames them into place, so an
+interrupted run leaves the old file or the new one, never half of one. Models over the 2 GB
+protobuf limit (or with `external_data=True`) are saved with their weights in `<name>.data`.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import numpy_helper
 
 from condense_graph.errors import CondenseError
 
+MIN_OPSET = 7
+PROTOBUF_LIMIT = 2**31 - 1  # bytes one protobuf message can hold
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+           onnx.TensorProto.BFLOAT16}
+
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """Return a private copy of the model, checked by onnx.checker."""
+    """Return a private, validated copy of the model with its external data loaded."""
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
+        validate(model)
     else:
-        model = _read(Path(source))
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "invalid model"
-        raise CondenseError(f"model fails onnx.checker: {first}") from None
+        model, external = _read(Path(source))
+        validate(model, Path(source) if external else None)
     return model
 
 
-def _read(path: Path) -> onnx.ModelProto:
+def _read(path: Path) -> tuple[onnx.ModelProto, bool]:
+    """The model with its external data loaded, and whether it had any."""
     if not path.is_file():
         raise CondenseError(f"no such file: {path}")
     try:
-        return onnx.load(str(path))
-    except (DecodeError, RuntimeError, ValueError) as err:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as err:
         raise CondenseError(f"{path} is not a readable ONNX model ({type(err).__name__})") from None
+    external = uses_external_data(model)
+    if external:
+        check_external_locations(model, path.parent)
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError) as err:
+            raise CondenseError(f"cannot read the external data of {path}: {err}") from None
+    return model, external
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> int:
-    """Write `model` atomically to `path`; return the file size in bytes."""
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model))
+
+
+def check_external_locations(model: onnx.ModelProto, base: Path) -> None:
+    """Every external-data file must lie inside `base`, reached without leaving it."""
+    root = base.resolve()
+    for tensor in _all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+        target = (base / location).resolve()
+        if os.path.isabs(location) or ".." in Path(location).parts or not target.is_relative_to(root):
+            raise CondenseError(f"external data of '{tensor.name}' points outside the model's "
+                                f"directory ({location!r}): refused")
+
+
+def _all_tensors(model: onnx.ModelProto):
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+
+
+def validate(model: onnx.ModelProto, external_path: Path | None = None) -> None:
+    """Refuse empty graphs, unsupported opsets, checker failures and non-finite weights.
+    A model read with external data is checked from its path (which handles > 2 GB)."""
+    if not model.graph.node:
+        raise CondenseError("the model's graph is empty (no nodes)")
+    _check_opset(model)
+    try:
+        if external_path is not None:
+            onnx.checker.check_model(str(external_path))
+        else:
+            onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "invalid model"
+        raise CondenseError(f"model fails onnx.checker: {first}") from None
+    check_finite(model)
+
+
+def _check_opset(model: onnx.ModelProto) -> None:
+    versions = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    if not versions:
+        raise CondenseError("the model imports no default ONNX opset")
+    newest = onnx.defs.onnx_opset_version()
+    if versions[0] < MIN_OPSET:
+        raise CondenseError(f"opset {versions[0]} is older than {MIN_OPSET}, the oldest supported")
+    if versions[0] > newest:
+        raise CondenseError(f"opset {versions[0]} is newer than the installed onnx knows ({newest}); "
+                            "upgrade onnx")
+
+
+def check_finite(model: onnx.ModelProto) -> None:
+    """NaN or Inf in a float weight is an error naming the initializer."""
+    for tensor in _all_tensors(model):
+        if tensor.data_type in _FLOATS:
+            values = numpy_helper.to_array(tensor)
+            if values.size and not np.all(np.isfinite(values.astype(np.float32))):
+                raise CondenseError(f"initializer '{tensor.name}' contains NaN or Inf values")
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool = False) -> int:
+    """Write `model` atomically to `path`; return the size in bytes (model file + data file).
+
+    Weights go to `<name>.data` beside the model when asked or when the model would exceed
+    the 2 GB protobuf limit."""
     path = Path(path)
     if not path.parent.is_dir():
         raise CondenseError(f"output directory does not exist: {path.parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    external = external_data or model.ByteSize() >= PROTOBUF_LIMIT or _tensor_bytes(model) >= PROTOBUF_LIMIT
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
+        files = _write(model, staging / path.name, external)
+        for name in sorted(files, key=lambda n: n == path.name):  # data first, model last
+            os.replace(staging / name, path.parent / name)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path.stat().st_size
+        shutil.rmtree(staging, ignore_errors=True)
+    return sum((path.parent / name).stat().st_size for name in files)
 
 
-def serialized_size(model: onnx.ModelProto) -> int:
-    """Bytes the model takes as one protobuf file."""
-    return model.ByteSize()
+def _write(model: onnx.ModelProto, target: Path, external: bool) -> list[str]:
+    if not external:
+        onnx.save(model, str(target))
+        return [target.name]
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    data = f"{target.name}.data"
+    onnx.save(copy, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=data, size_threshold=1024)
+    return [target.name] + ([data] if (target.parent / data).exists() else [])
+
+
+def _tensor_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in _all_tensors(model))

@@ -39,6 +39,9 @@ SPATIAL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Pad"
            "Upsample", "Slice", "ReduceMean", "ReduceMax", "ReduceSum", "Squeeze"}
 # [N, C, H, W] -> [N, C*H*W]: channel c becomes a block of H*W consecutive features.
 LAYOUT = {"Flatten", "Reshape"}
+# Quantized graphs are left untouched: merging would need requantization.
+QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+             "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "QLinearAdd"}
 # Affine ops that never add a constant: they keep positive homogeneity.
 _SCALING = {"Mul", "Div", "Identity", "Dropout", "Cast", "Neg"}
 _HOMOGENEOUS = {"Relu", "LeakyRelu", "PRelu"} | _SCALING | LAYOUT | SPATIAL

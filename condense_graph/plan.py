@@ -20,7 +20,10 @@ from condense_graph.similarity import cosine_similarity, greedy_groups, round_up
 
 
 class WeightStore:
-    """Current values of the arrays a plan reads and writes, by initializer name."""
+    """Current values of the arrays a plan reads and writes, by initializer name.
+
+    Half-precision arrays (float16, bfloat16) are handed out as float32: the math runs in float32
+    and `original_dtype` says what to write back."""
 
     def __init__(self, constants: dict[str, gs.Constant]):
         self._constants = constants
@@ -33,7 +36,12 @@ class WeightStore:
     def __getitem__(self, name: str) -> np.ndarray:
         if name in self.changed:
             return self.changed[name]
-        return np.asarray(self._constants[name].values)
+        values = np.asarray(self._constants[name].values)
+        return values.astype(np.float32) if values.dtype.itemsize == 2 and values.dtype.kind == "f" \
+            or str(values.dtype) == "bfloat16" else values
+
+    def original_dtype(self, name: str):
+        return np.asarray(self._constants[name].values).dtype if name in self._constants else None
 
     def get(self, name: str):
         return self[name] if name in self else None

@@ -89,10 +89,11 @@ def rewrite(graph: gs.Graph, plans: list[LayerPlan], store: WeightStore) -> None
     """Write the planned arrays into the graph and forget the shapes that changed."""
     tensors = graph.tensors()
     for name, values in store.changed.items():
-        if name not in store.created:
-            tensors[name].values = values
+        if name not in store.created:  # back to the model's own dtype (float16, bfloat16...)
+            tensors[name].values = values.astype(store.original_dtype(name))
     for name, node in store.created.items():
-        add_bias(graph, node, gs.Constant(name, store.changed[name]))
+        dtype = store.original_dtype(node.inputs[1].name)
+        add_bias(graph, node, gs.Constant(name, store.changed[name].astype(dtype)))
     for plan in plans:
         if plan.layer.depthwise is not None:  # one filter per channel: group follows the width
             plan.layer.depthwise.attrs["group"] = plan.cmap.width_after
