@@ -29,10 +29,24 @@ def export_like(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.CopyFrom(original)
     model.graph.CopyFrom(gs.export_onnx(graph, do_type_check=False).graph)
+    _restore_node_docs(model.graph, original.graph)
     try:
         return onnx.shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 - a model onnx cannot infer is still a valid model
         return model
+
+
+def _restore_node_docs(graph: onnx.GraphProto, original: onnx.GraphProto) -> None:
+    """graphsurgeon drops node doc strings and metadata; copy them back by node name."""
+    by_name = {n.name: n for n in original.node if n.name}
+    for node in graph.node:
+        source = by_name.get(node.name)
+        if source is not None:
+            node.doc_string = source.doc_string
+            if hasattr(node, "metadata_props"):
+                del node.metadata_props[:]
+                node.metadata_props.extend(source.metadata_props)
+    graph.doc_string = original.doc_string
 
 
 def subgraph_tensor_names(model: onnx.ModelProto) -> set[str]:

@@ -151,7 +151,7 @@ def _write(model: onnx.ModelProto, target: Path, external: bool) -> list[str]:
     copy.CopyFrom(model)
     data = f"{target.name}.data"
     onnx.save(copy, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=data, size_threshold=1024)
+              location=data, size_threshold=0)
     return [target.name] + ([data] if (target.parent / data).exists() else [])
 
 
