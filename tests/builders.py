@@ -72,3 +72,38 @@ def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     import onnxruntime as ort
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
+
+
+def planted_cnn(channels, distinct, kernels, strides, pads, pool, head, activation="Relu",
+                size=8, seed=0) -> onnx.ModelProto:
+    """Conv stack channels[0] -> channels[1] -> ... with planted positive multiples in each conv
+    (distinct[i] kernel directions), optional MaxPool after each conv, then a dense head reached
+    through Flatten ("flatten") or GlobalAveragePool + Flatten ("global")."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, cur, side = [], [], "x", size
+    for i in range(1, len(channels)):
+        k, s, p = kernels[i - 1], strides[i - 1], pads[i - 1]
+        rows = planted_rows(rng, channels[i], distinct[i - 1], channels[i - 1] * k * k)
+        inits += [numpy_helper.from_array(rows[:, :-1].reshape(channels[i], channels[i - 1], k, k), f"conv{i}.weight"),
+                  numpy_helper.from_array(rows[:, -1].copy(), f"conv{i}.bias")]
+        nodes.append(helper.make_node("Conv", [cur, f"conv{i}.weight", f"conv{i}.bias"], [f"c{i}"],
+                                      name=f"conv{i}", kernel_shape=[k, k], strides=[s, s], pads=[p] * 4))
+        cur, side = f"c{i}", (side + 2 * p - k) // s + 1
+        if activation:
+            nodes.append(helper.make_node(activation, [cur], [f"a{i}"], name=f"act{i}"))
+            cur = f"a{i}"
+        if pool and side >= 2:
+            nodes.append(helper.make_node("MaxPool", [cur], [f"p{i}"], kernel_shape=[2, 2], strides=[2, 2]))
+            cur, side = f"p{i}", side // 2
+    if head == "global":
+        nodes.append(helper.make_node("GlobalAveragePool", [cur], ["gap"]))
+        cur, side = "gap", 1
+    nodes.append(helper.make_node("Flatten", [cur], ["flat"], axis=1))
+    features = channels[-1] * side * side
+    inits += [numpy_helper.from_array(rng.normal(size=(3, features)).astype(np.float32), "head.weight"),
+              numpy_helper.from_array(rng.normal(size=3).astype(np.float32), "head.bias")]
+    nodes.append(helper.make_node("Gemm", ["flat", "head.weight", "head.bias"], ["y"], name="head", transB=1))
+    graph = helper.make_graph(nodes, "planted_cnn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels[0], size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)

@@ -26,3 +26,26 @@ def check_full(model: onnx.ModelProto) -> None:
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def rounding_scale(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    """|W| |x| through the network: the magnitude of the sums behind each output, which bounds
+    float rounding (an output near zero can still be the difference of large terms)."""
+    from onnx import numpy_helper
+    magnitude = onnx.ModelProto()
+    magnitude.CopyFrom(model)
+    for i, tensor in enumerate(magnitude.graph.initializer):
+        values = numpy_helper.to_array(tensor)
+        if np.issubdtype(values.dtype, np.floating):
+            magnitude.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.abs(values), tensor.name))
+    return run(magnitude, {k: np.abs(v) for k, v in feeds.items()})
+
+
+def assert_equal_to_rounding(original: onnx.ModelProto, reduced: onnx.ModelProto, feeds: dict,
+                             rtol: float = 1e-5) -> None:
+    """Outputs agree within `rtol` of the magnitude of the sums that produce them (ReLU-type nets)."""
+    scales = rounding_scale(original, feeds)
+    for expected, actual, scale in zip(run(original, feeds), run(reduced, feeds), scales):
+        assert actual.shape == expected.shape
+        assert np.all(np.abs(actual - expected) <= rtol * scale + 1e-30), \
+            f"max error {np.abs(actual - expected).max()} vs scale {scale.max()}"
