@@ -285,6 +285,8 @@ def _add_consumer(node: gs.Node, region: set[str], consumers: list[Consumer]) ->
 def _add_region_node(node: gs.Node, region: set[str], producer: Producer, nodes) -> str | None:
     if node.op == "Concat":
         return f"Concat '{_name(node)}' couples the channels with other tensors: left alone"
+    if node.op in ("If", "Loop", "Scan"):
+        return f"channels enter control flow ({node.op} '{_name(node)}'): left alone"
     if not ops.is_per_channel_op(node) or node.domain not in (None, "", "ai.onnx"):
         return f"channels reach {node.op} '{_name(node)}', which does not act per channel"
     data = next(t for t in node.inputs if t.name in region)

@@ -192,7 +192,7 @@ def test_bfloat16_model_is_written_back_in_bfloat16():
     check_full(result.model)
 
 
-def test_quantized_weights_are_left_untouched():
+def quantized_model():
     model = planted_mlp([6, 20, 3], [5], form="matmul")
     weight = next(t for t in model.graph.initializer if t.name == "fc1.weight")
     q = numpy_helper.from_array(np.clip(numpy_helper.to_array(weight) * 10, -127, 127).astype(np.int8), "fc1.q")
@@ -202,6 +202,11 @@ def test_quantized_weights_are_left_untouched():
     model.graph.node.append(helper.make_node("MatMulInteger", ["xq", "fc1.q"], ["unused"], name="mmi"))
     model.graph.input.append(helper.make_tensor_value_info("xq", TensorProto.INT8, ["N", 6]))
     model.graph.output.append(helper.make_tensor_value_info("unused", TensorProto.INT32, ["N", 20]))
+    return model
+
+
+def test_quantized_weights_are_left_untouched():
+    model = quantized_model()
     result = cg.condense(model, threshold=0.5)
     reasons = {s["name"]: s["reason"] for s in result.report["skipped"]}
     assert "dequantized" in reasons["fc1"] and "quantized op MatMulInteger" in reasons["mmi"]
@@ -218,18 +223,21 @@ def relu_mlp_with(extra_nodes, extra_outputs, opset=17, domains=()):
     return model
 
 
+def custom_op_model():
+    return relu_mlp_with([helper.make_node("Swish", ["act1"], ["s"], domain="com.example", name="sw")],
+                         [helper.make_tensor_value_info("s", TensorProto.FLOAT, ["N", 20])],
+                         domains=["com.example"])
+
+
 def test_a_custom_domain_op_on_the_path_is_named():
-    model = relu_mlp_with([helper.make_node("Swish", ["act1"], ["s"], domain="com.example", name="sw")],
-                          [helper.make_tensor_value_info("s", TensorProto.FLOAT, ["N", 20])],
-                          domains=["com.example"])
+    model = custom_op_model()
     onnx.checker.check_model(model)
     result = cg.condense(model, threshold=0.5)
     assert result.report["layers"] == []
     assert any("Swish 'sw'" in s["reason"] for s in result.report["skipped"])
 
 
-@pytest.mark.parametrize("op", ["Loop", "Scan"])
-def test_channels_read_inside_loop_and_scan_bodies_are_left_alone(op):
+def control_flow_model(op):
     if op == "Loop":
         body = helper.make_graph(
             [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["act1", "acc"], ["acc_out"])],
@@ -254,10 +262,15 @@ def test_channels_read_inside_loop_and_scan_bodies_are_left_alone(op):
     model.graph.initializer.extend(inits)
     if op == "Scan":
         model.graph.output.append(helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["N", 20]))
+    return model
+
+
+@pytest.mark.parametrize("op", ["Loop", "Scan"])
+def test_channels_read_inside_loop_and_scan_bodies_are_left_alone(op):
+    model = control_flow_model(op)
     result = cg.condense(model, threshold=0.5)
     assert result.report["layers"] == []
-    assert any("subgraph" in s["reason"] or "does not act per channel" in s["reason"]
-               for s in result.report["skipped"])
+    assert any("subgraph" in s["reason"] or "control flow" in s["reason"] for s in result.report["skipped"])
 
 
 def test_node_names_doc_strings_and_metadata_survive():
@@ -270,3 +283,40 @@ def test_node_names_doc_strings_and_metadata_survive():
     assert reduced.graph.doc_string == "graph docs" and reduced.graph.node[1].doc_string == "relu docs"
     assert [(p.key, p.value) for p in reduced.metadata_props] == [("k", "v")]
     assert reduced.graph.name == model.graph.name
+
+
+def graph_output_model():
+    return relu_mlp_with([], [helper.make_tensor_value_info("act1", TensorProto.FLOAT, ["N", 20])])
+
+
+def tied_model():
+    return relu_mlp_with([helper.make_node("Gemm", ["x", "fc1.weight"], ["tied"], name="tied", transB=1)],
+                         [helper.make_tensor_value_info("tied", TensorProto.FLOAT, ["N", 20])])
+
+
+def if_model():
+    def branch(name):
+        return helper.make_graph([helper.make_node("Identity", ["act1"], [name])], name, [],
+                                 [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 20])])
+    model = relu_mlp_with([helper.make_node("If", ["cond"], ["z"], then_branch=branch("t"), else_branch=branch("e"))],
+                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 20])])
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    return model
+
+
+@pytest.mark.parametrize("make,reason", [
+    (graph_output_model, "graph output 'act1'"), (tied_model, "weight tying"),
+    (if_model, "subgraph reads"), (lambda: control_flow_model("Loop"), "subgraph reads"),
+    (lambda: control_flow_model("Scan"), "control flow (Scan"), (custom_op_model, "Swish 'sw'"),
+    (quantized_model, "quantized op MatMulInteger"),
+], ids=["graph-output", "tying", "if", "loop", "scan", "custom-op", "quantized"])
+def test_graph_shapes_through_the_cli(make, reason, tmp_path):
+    import json
+    path = write(tmp_path, make())
+    before = path.read_bytes()
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    assert main(["reduce", str(path), str(out), "--threshold", "0.5", "--report", str(report), "--quiet"]) == 0
+    skipped = json.loads(report.read_text())["skipped"]
+    assert any(reason in s["reason"] for s in skipped), skipped
+    assert path.read_bytes() == before
+    check_full(onnx.load(str(out)))
