@@ -47,11 +47,13 @@ def channel_map(
     post_scale: np.ndarray,
     post_shift: np.ndarray,
     constant_outputs: dict[int, float],
+    factors: np.ndarray | None = None,
 ) -> ChannelMap:
     """Build the map for `groups` (main neuron first) of the rows of `vectors`.
 
     Channels in no group are removed; those in `constant_outputs` fold their constant into the
-    consumer bias, the others (zero consumer weights) just disappear.
+    consumer bias, the others (zero consumer weights) just disappear. `factors` replaces the
+    norm ratio lambda_k of eq. 10 when the caller knows better (activation projections).
     """
     width = len(vectors)
     norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
@@ -62,7 +64,7 @@ def channel_map(
     new_index = {old: new for new, old in enumerate(mains)}
     for group in groups:  # one iteration per group; the work inside is vectorized
         main, members = int(group[0]), np.asarray(group, dtype=np.int64)
-        lam = norms[members] / norms[main]  # eq. 10
+        lam = norms[members] / norms[main] if factors is None else factors[members]  # eq. 10
         f = post_scale[members] * lam / post_scale[main]
         target[members] = new_index[main]
         factor[members] = f

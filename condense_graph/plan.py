@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 from condense_graph.analysis import Consumer, Layer, Producer
 from condense_graph.chain_eval import affine_coefficients, evaluate_chain
 from condense_graph.merge import ChannelMap, channel_map, least_squares_rows, merge_consumer
+from condense_graph.refit import activation_cosine, projection_factors
 from condense_graph.similarity import cosine_similarity, greedy_groups, round_up_groups
 
 
@@ -62,6 +63,7 @@ class LayerPlan:
     block_error: dict | None = None  # depthwise blocks: the merge's error measured on the block
     vectors: np.ndarray | None = field(default=None, repr=False)  # what was grouped (for plots)
     groups: list[np.ndarray] = field(default_factory=list, repr=False)
+    refit: list[dict] | None = None  # with calibration data: each consumer's refit errors
 
     def report(self) -> dict:
         return {
@@ -75,7 +77,8 @@ class LayerPlan:
             "constant_removed": self.constant_channels,
             "zero_output_removed": self.silent_channels,
             "min_group_cosine": self.min_cosine,
-        } | ({"block_error": self.block_error} if self.block_error else {})
+        } | ({"block_error": self.block_error} if self.block_error else {}) \
+          | ({"refit": self.refit} if self.refit is not None else {})
 
 
 def channel_first(array: np.ndarray, axis: int) -> np.ndarray:
@@ -119,10 +122,13 @@ def producer_bias(producer: Producer, store: WeightStore, width: int) -> np.ndar
 
 
 def plan_layer(layer: Layer, store: WeightStore, threshold: float, versions: tuple[int, int],
-               round_to: int = 1) -> LayerPlan:
+               round_to: int = 1, activations: np.ndarray | None = None) -> LayerPlan:
     """Group the layer's neurons at `threshold`, then update `store` with the merged arrays.
 
-    With `round_to` > 1 the new width is rounded up to a multiple of it (when merges allow)."""
+    With `round_to` > 1 the new width is rounded up to a multiple of it (when merges allow).
+    With `activations` (the Gram matrix of the channels' calibration activations) neurons are
+    grouped by the cosine of their activation vectors instead of their weight vectors, and merged
+    with the least-squares factor <a_k, a_main> / <a_main, a_main>."""
     if layer.depthwise is not None:
         return plan_depthwise_layer(layer, store, threshold, versions, round_to)
     vectors = neuron_vectors(layer, store, versions)
@@ -133,14 +139,21 @@ def plan_layer(layer: Layer, store: WeightStore, threshold: float, versions: tup
     silent = np.logical_and.reduce([np.all(u == 0, axis=1) for u in outgoing])
     constant = constant_channels(layer, vectors, a)
     candidates = np.flatnonzero(~constant & ~silent)
-    cosine = cosine_similarity(vectors[candidates].astype(np.float32))
+    if activations is None:
+        cosine = cosine_similarity(vectors[candidates].astype(np.float32))
+    else:
+        cosine = activation_cosine(activations[np.ix_(candidates, candidates)])
     local_groups = group(cosine, threshold, round_to)
     groups = [candidates[g] for g in local_groups]
     folded = {}
     if constant.any():
         outputs = constant_outputs(layer, store, vectors[:, -1], a, c, versions)
         folded = {int(k): float(outputs[k]) for k in np.flatnonzero(constant & ~silent)}
-    cmap = channel_map(vectors, groups, a, c, folded)
+    if activations is None:
+        cmap = channel_map(vectors, groups, a, c, folded)
+    else:  # activations already include the post-activation affine ops: plain factors
+        cmap = channel_map(vectors, groups, np.ones(width), np.zeros(width), folded,
+                           factors=projection_factors(activations, groups))
     exact = is_exact(layer, store, groups, cmap)  # before apply_map slices the constants
     apply_map(layer, store, cmap)
     return LayerPlan(layer, cmap, threshold, exact, int(constant.sum()),

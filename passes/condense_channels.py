@@ -19,6 +19,8 @@ import onnx_graphsurgeon as gs
 from condense_graph.analysis import Analysis, analyze
 from condense_graph.errors import CondenseError
 from condense_graph.graph import export_like, import_graph, subgraph_tensor_names
+from condense_graph.calibration import Calibration, cross_statistics, layer_statistics
+from condense_graph.compensate import compensate, snapshot
 from condense_graph.plan import LayerPlan, WeightStore, plan_layer
 from condense_graph.progress import Progress, silent
 from passes.base import PassResult
@@ -29,15 +31,17 @@ class CondenseChannelsPass:
     """`CondenseChannelsPass(thresholds)(model)` -> PassResult with `details["plans"]`."""
 
     def __init__(self, threshold: float = 0.95, layer_thresholds: dict[str, float] | None = None,
-                 progress: Progress | None = None, round_to: int = 1):
+                 progress: Progress | None = None, round_to: int = 1,
+                 calibration: Calibration | None = None):
         self.threshold = threshold
+        self.calibration = calibration
         self.round_to = round_to
         self.layer_thresholds = dict(layer_thresholds or {})
         self.progress = progress or silent()
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         graph, analysis = self.analyze(model)
-        plans, store = self.plan(graph, analysis)
+        plans, store = self.plan(graph, analysis, model)
         modified = any(p.cmap.width_after < p.cmap.width_before for p in plans)
         if modified:
             rewrite(graph, plans, store)
@@ -51,7 +55,10 @@ class CondenseChannelsPass:
             graph = import_graph(export_like(graph, model))
         return graph, analyze(graph, subgraph_tensor_names(model))
 
-    def plan(self, graph: gs.Graph, analysis: Analysis) -> tuple[list[LayerPlan], WeightStore]:
+    def plan(self, graph: gs.Graph, analysis: Analysis,
+             model: onnx.ModelProto | None = None) -> tuple[list[LayerPlan], WeightStore]:
+        """Plan every layer in graph order; with calibration data each layer is judged and refit on
+        the activations of the network reduced so far (`model` is the pass's input)."""
         self.check_layer_names(analysis)
         for layer in analysis.layers:
             if layer.depthwise is not None:
@@ -61,11 +68,30 @@ class CondenseChannelsPass:
         self.progress.total = max(len(analysis.layers), 1)
         plans = []
         for layer in analysis.layers:
-            plans.append(plan_layer(layer, store, self.threshold_for(layer),
-                                    (graph.opset, graph.ir_version), self.round_to))
+            if self.calibration is None:
+                plans.append(plan_layer(layer, store, self.threshold_for(layer),
+                                        (graph.opset, graph.ir_version), self.round_to))
+            else:
+                plans.append(self.plan_with_data(graph, layer, plans, store, model))
             self.progress.advance()
         self.progress.close()
         return plans, store
+
+    def plan_with_data(self, graph, layer, plans, store, model) -> LayerPlan:
+        """Capture the layer's activations on the network reduced so far, group (by weights or by
+        activations), merge, then refit the consumers by least squares."""
+        before = materialize(graph, plans, store, model)
+        stats = layer_statistics(before, layer, self.calibration) if layer.depthwise is None else None
+        by_activations = stats is not None and self.calibration.similarity == "activations"
+        originals = snapshot(layer, store)
+        plan = plan_layer(layer, store, self.threshold_for(layer), (graph.opset, graph.ir_version),
+                          self.round_to, stats.channel_gram[:-1, :-1] if by_activations else None)
+        if plan.cmap.width_after < plan.cmap.width_before:
+            if layer.depthwise is not None:  # its kept channels change: capture them after the merge
+                after = materialize(graph, plans + [plan], store, model)
+                stats = cross_statistics(before, after, layer, plan.cmap.width_after, self.calibration)
+            plan.refit = compensate(layer, store, stats, plan.cmap, originals)
+        return plan
 
     def check_layer_names(self, analysis: Analysis) -> None:
         """Every per-layer threshold must name a reducible layer (node or weight name)."""
@@ -85,15 +111,26 @@ class CondenseChannelsPass:
         return self.threshold
 
 
+def materialize(graph: gs.Graph, plans: list[LayerPlan], store: WeightStore,
+                model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as planned so far (calibration runs on it)."""
+    rewrite(graph, plans, store)
+    return export_like(graph, model)
+
+
 def rewrite(graph: gs.Graph, plans: list[LayerPlan], store: WeightStore) -> None:
-    """Write the planned arrays into the graph and forget the shapes that changed."""
+    """Write the planned arrays into the graph and forget the shapes that changed. Idempotent:
+    calibration rewrites after every layer."""
     tensors = graph.tensors()
     for name, values in store.changed.items():
-        if name not in store.created:  # back to the model's own dtype (float16, bfloat16...)
+        if name in store.created and name not in tensors:
+            node = store.created[name]
+            dtype = store.original_dtype(node.inputs[1].name)
+            add_bias(graph, node, gs.Constant(name, values.astype(dtype)))
+        elif name in store.created:
+            tensors[name].values = values.astype(tensors[name].values.dtype)
+        else:  # back to the model's own dtype (float16, bfloat16...)
             tensors[name].values = values.astype(store.original_dtype(name))
-    for name, node in store.created.items():
-        dtype = store.original_dtype(node.inputs[1].name)
-        add_bias(graph, node, gs.Constant(name, store.changed[name].astype(dtype)))
     for plan in plans:
         if plan.layer.depthwise is not None:  # one filter per channel: group follows the width
             plan.layer.depthwise.attrs["group"] = plan.cmap.width_after
