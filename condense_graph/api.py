@@ -37,7 +37,8 @@ def condense(model: ModelLike, threshold: float = 0.95,
              layer_thresholds: dict[str, float] | None = None, verify: bool = False,
              input_shapes: dict[str, list[int]] | None = None,
              progress: Progress | None = None, round_to: int = 1,
-             calibration: str | os.PathLike | dict | None = None, similarity: str = "weights") -> CondenseResult:
+             calibration: str | os.PathLike | dict | None = None, similarity: str = "weights",
+             layer_widths: dict[str, int] | None = None, target_params: float | None = None) -> CondenseResult:
     """Merge condensed neurons of every reducible layer; the input model is never modified.
 
     `layer_thresholds` maps a layer (its producer node name or weight name) to its own threshold.
@@ -45,6 +46,8 @@ def condense(model: ModelLike, threshold: float = 0.95,
     `calibration` (an .npz path or a dict of arrays named after the graph inputs) turns on the
     data-aware merge: consumers are refit by least squares on the calibration activations, and
     `similarity="activations"` groups neurons by their activations instead of their weights.
+    `layer_widths` asks for a width per layer (the threshold that lands on it is found);
+    `target_params` (a fraction of the original parameters) picks those widths for every layer.
     With `verify`, both models run in ONNX Runtime on random inputs and the report gets `verify`.
     """
     _check_threshold(threshold, "threshold")
@@ -54,9 +57,18 @@ def condense(model: ModelLike, threshold: float = 0.95,
         raise CondenseError(f"round_to must be a positive integer, got {round_to!r}")
     original = load_model(model)
     data = _calibration(calibration, original, similarity)
-    result = CondenseChannelsPass(threshold, layer_thresholds, progress, round_to, data)(original)
+    widths = dict(layer_widths or {})
+    _check_widths(widths, target_params)
+    fraction = None
+    if target_params is not None:
+        fraction, target_widths = widths_for_params(original, target_params, widths)
+        widths = target_widths | widths
+    result = CondenseChannelsPass(threshold, layer_thresholds, progress, round_to, data, widths)(original)
     plans = result.details["plans"]
     report = build_report(original, result.model, plans, result.details["skipped"])
+    if target_params is not None:
+        report["target_params"] = {"requested": target_params, "width_fraction": fraction,
+                                   "achieved": report["params_after"] / report["params_before"]}
     if verify:
         report["verify"] = compare_models(original, result.model, input_shapes)
     return CondenseResult(result.model, report, plans)
@@ -78,6 +90,35 @@ def inspect(model: ModelLike, thresholds=INSPECT_THRESHOLDS) -> dict:
                "widths": widths[layer.name]} for layer in analysis.layers]
     return {"params": count_params(original), "thresholds": list(thresholds), "layers": layers,
             "skipped": [{"name": s.name, "reason": s.reason} for s in analysis.skipped]}
+
+
+def widths_for_params(model: onnx.ModelProto, target: float, fixed: dict[str, int],
+                      steps: int = 14) -> tuple[float, dict[str, int]]:
+    """Widths round(r * width) for every layer, with r found by bisection so that the reduced model
+    keeps about `target` of the parameters (layers in `fixed` keep their requested width)."""
+    _, analysis = CondenseChannelsPass.analyze(model)
+    before = count_params(model)
+
+    def widths_at(r: float) -> dict[str, int]:
+        return {layer.name: max(1, round(r * layer.producer.width)) for layer in analysis.layers}
+
+    def fraction_at(r: float) -> float:
+        reduced = CondenseChannelsPass(1.0, layer_widths=widths_at(r) | fixed)(model).model
+        return count_params(reduced) / before
+
+    low, high = 0.0, 1.0
+    for _ in range(steps):
+        mid = (low + high) / 2
+        low, high = (mid, high) if fraction_at(mid) <= target else (low, mid)
+    return low, widths_at(low)
+
+
+def _check_widths(widths: dict, target: float | None) -> None:
+    for name, width in widths.items():
+        if not isinstance(width, int) or width < 1:
+            raise CondenseError(f"width of layer '{name}' must be a positive integer, got {width!r}")
+    if target is not None and not 0.0 < target <= 1.0:
+        raise CondenseError(f"target_params is a fraction of the parameters in (0, 1], got {target!r}")
 
 
 def _calibration(source, model: onnx.ModelProto, similarity: str) -> Calibration | None:

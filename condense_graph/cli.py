@@ -49,6 +49,14 @@ def _add_reduce(reduce) -> None:
                         help="cosine similarity at or above which neurons merge (default 0.95)")
     reduce.add_argument("--layer", action="append", default=[], metavar="NAME=T",
                         help="threshold for one layer (node or weight name); repeatable")
+    reduce.add_argument("--layer-width", action="append", default=[], metavar="NAME=W",
+                        help="width to reach for one layer (the threshold landing on it is found)")
+    reduce.add_argument("--target-params", type=float, metavar="R",
+                        help="keep this fraction of the parameters: a width for every layer")
+    reduce.add_argument("--data", metavar="FILE.npz",
+                        help="calibration data (arrays named after the graph inputs): refit consumers")
+    reduce.add_argument("--similarity", choices=["weights", "activations"], default="weights",
+                        help="group neurons by weight vectors (the paper) or, with --data, activations")
     reduce.add_argument("--round-to", type=int, default=1, metavar="N",
                         help="round every new width up to a multiple of N (8 or 16 suit CPU kernels)")
     reduce.add_argument("--report", metavar="FILE.json", help="write the JSON report here")
@@ -127,10 +135,13 @@ def _progress(args, label: str) -> Progress:
 def run_reduce(args) -> int:
     _check_paths(args)
     layer_thresholds = dict(_parse_layer(spec) for spec in args.layer)
+    layer_widths = {name: _as_width(value, spec) for spec in args.layer_width
+                    for name, value in [_parse_layer(spec, "--layer-width", "NAME=WIDTH")]}
     input_shapes = dict(parse_input_shape(spec) for spec in args.input_shape)
     result = condense(args.input, args.threshold, layer_thresholds, verify=args.verify,
                       input_shapes=input_shapes, progress=_progress(args, "condensing layers"),
-                      round_to=args.round_to)
+                      round_to=args.round_to, calibration=args.data, similarity=args.similarity,
+                      layer_widths=layer_widths, target_params=args.target_params)
     report = result.report
     failures = breaches(report["verify"], args.atol, args.rtol, args.min_agreement) if args.verify else []
     if not failures or args.force:
@@ -223,16 +234,20 @@ def _check_paths(args) -> None:
         raise CondenseError(f"output {target} is the input; pass --in-place to overwrite it")
 
 
-def _parse_layer(spec: str) -> tuple[str, float]:
+def _parse_layer(spec: str, option: str = "--layer", form: str = "NAME=THRESHOLD") -> tuple[str, float]:
     name, sep, value = spec.rpartition("=")
     try:
-        return (name, float(value)) if sep and name else _bad_layer(spec)
+        if sep and name:
+            return name, float(value)
     except ValueError:
-        return _bad_layer(spec)
+        pass
+    raise CondenseError(f"bad {option} '{spec}': expected {form}")
 
 
-def _bad_layer(spec: str):
-    raise CondenseError(f"bad --layer '{spec}': expected NAME=THRESHOLD")
+def _as_width(value: float, spec: str) -> int:
+    if value != int(value) or value < 1:
+        raise CondenseError(f"bad --layer-width '{spec}': the width must be a positive integer")
+    return int(value)
 
 
 def _write_json(data: dict, path: str) -> None:

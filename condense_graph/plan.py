@@ -17,7 +17,7 @@ from condense_graph.analysis import Consumer, Layer, Producer
 from condense_graph.chain_eval import affine_coefficients, evaluate_chain
 from condense_graph.merge import ChannelMap, channel_map, least_squares_rows, merge_consumer
 from condense_graph.refit import activation_cosine, projection_factors
-from condense_graph.similarity import cosine_similarity, greedy_groups, round_up_groups
+from condense_graph.similarity import cosine_similarity, greedy_groups, groups_for_width, round_up_groups
 
 
 class WeightStore:
@@ -121,16 +121,15 @@ def producer_bias(producer: Producer, store: WeightStore, width: int) -> np.ndar
     return np.broadcast_to(bias.reshape(-1).astype(np.float64), (width,)) * producer.bias_scale
 
 
-def plan_layer(layer: Layer, store: WeightStore, threshold: float, versions: tuple[int, int],
-               round_to: int = 1, activations: np.ndarray | None = None) -> LayerPlan:
-    """Group the layer's neurons at `threshold`, then update `store` with the merged arrays.
-
-    With `round_to` > 1 the new width is rounded up to a multiple of it (when merges allow).
+def plan_layer(layer: Layer, store: WeightStore, grouping: Grouping, versions: tuple[int, int],
+               activations: np.ndarray | None = None) -> LayerPlan:
+    """Group the layer's neurons (`grouping`: a threshold, or a target width), then update
+    `store` with the merged arrays.
     With `activations` (the Gram matrix of the channels' calibration activations) neurons are
     grouped by the cosine of their activation vectors instead of their weight vectors, and merged
     with the least-squares factor <a_k, a_main> / <a_main, a_main>."""
     if layer.depthwise is not None:
-        return plan_depthwise_layer(layer, store, threshold, versions, round_to)
+        return plan_depthwise_layer(layer, store, grouping, versions)
     vectors = neuron_vectors(layer, store, versions)
     width, dtype = len(vectors), store[layer.producer.weight.name].dtype
     a, c = affine_coefficients(layer.post, layer.middle_output, layer.end, store,
@@ -143,7 +142,7 @@ def plan_layer(layer: Layer, store: WeightStore, threshold: float, versions: tup
         cosine = cosine_similarity(vectors[candidates].astype(np.float32))
     else:
         cosine = activation_cosine(activations[np.ix_(candidates, candidates)])
-    local_groups = group(cosine, threshold, round_to)
+    local_groups, threshold = grouping(cosine)
     groups = [candidates[g] for g in local_groups]
     folded = {}
     if constant.any():
@@ -161,10 +160,22 @@ def plan_layer(layer: Layer, store: WeightStore, threshold: float, versions: tup
                      vectors=vectors, groups=groups)
 
 
-def group(cosine: np.ndarray, threshold: float, round_to: int) -> list[np.ndarray]:
-    """Greedy groups; their count (the new width) rounded up to a multiple of `round_to`."""
-    groups = greedy_groups(cosine, threshold)
-    return round_up_groups(cosine, groups, round_to) if round_to > 1 else groups
+@dataclass
+class Grouping:
+    """How a layer's neurons are grouped: at a threshold, or at the threshold landing on a width."""
+
+    threshold: float = 0.95
+    round_to: int = 1
+    width: int | None = None
+
+    def __call__(self, cosine: np.ndarray) -> tuple[list[np.ndarray], float]:
+        """The groups (main neuron first) and the threshold that produced them."""
+        if self.width is not None:
+            return groups_for_width(cosine, max(self.width, 1))
+        groups = greedy_groups(cosine, self.threshold)
+        if self.round_to > 1:
+            groups = round_up_groups(cosine, groups, self.round_to)
+        return groups, self.threshold
 
 
 def constant_channels(layer: Layer, vectors: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -275,8 +286,7 @@ def depthwise_vectors(layer: Layer, store: WeightStore, versions) -> np.ndarray:
     return np.concatenate([s[:, None] * kernels.reshape(width, -1), (s * bias + t)[:, None]], axis=1)
 
 
-def plan_depthwise_layer(layer: Layer, store: WeightStore, threshold: float, versions,
-                         round_to: int = 1) -> LayerPlan:
+def plan_depthwise_layer(layer: Layer, store: WeightStore, grouping: Grouping, versions) -> LayerPlan:
     """Reduce a depthwise-separable block (paper A.3): group on the depthwise kernels, keep the main
     kernel, merge the consumer columns by eq. 48 and the producer rows by least squares."""
     dw = depthwise_vectors(layer, store, versions)
@@ -286,7 +296,7 @@ def plan_depthwise_layer(layer: Layer, store: WeightStore, threshold: float, ver
     outgoing = np.concatenate([consumer_rows(k, store, layer) for k in layer.consumers], axis=1)
     candidates = np.flatnonzero(~np.all(outgoing == 0, axis=1))
     cosine = cosine_similarity(dw[candidates].astype(np.float32))
-    local_groups = group(cosine, threshold, round_to)
+    local_groups, threshold = grouping(cosine)
     cmap = channel_map(dw, [candidates[g] for g in local_groups], a, c, {})
     alpha = neuron_vectors(layer, store, versions)
     rows = least_squares_rows(alpha, outgoing, cmap)

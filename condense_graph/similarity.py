@@ -60,10 +60,32 @@ def round_up_groups(cosine: np.ndarray, groups: list[np.ndarray], multiple: int)
     """Split off the least similar merged neurons until the number of groups (the new width) is a
     multiple of `multiple`, or nothing is merged any more. Runtimes such as ONNX Runtime's GEMM
     kernels are fastest on widths that are multiples of 8 or 16; splitting only lowers the error."""
-    needed = -len(groups) % multiple
+    return split_to_width(cosine, groups, len(groups) + (-len(groups) % multiple))
+
+
+def split_to_width(cosine: np.ndarray, groups: list[np.ndarray], width: int) -> list[np.ndarray]:
+    """Split off the least similar merged neurons until there are `width` groups (or no merges)."""
+    needed = width - len(groups)
+    if needed <= 0:
+        return groups
     members = [(float(cosine[g[0], k]), gi, int(k)) for gi, g in enumerate(groups) for k in g[1:]]
     split = {(gi, k) for _, gi, k in sorted(members)[:needed]}
-    if not split:
-        return groups
     kept = [np.array([k for k in g if (gi, int(k)) not in split]) for gi, g in enumerate(groups)]
     return kept + [np.array([k]) for _, k in sorted(split)]
+
+
+def groups_for_width(cosine: np.ndarray, width: int, steps: int = 40) -> tuple[list[np.ndarray], float]:
+    """Groups landing on exactly `width` (when merging allows), and the threshold that gave them.
+
+    Bisection finds the highest threshold whose greedy grouping has at most `width` groups; the
+    least similar merges are then split off to land on the width exactly."""
+    low, high = -1.0, 1.0 + 2 * COSINE_TOLERANCE
+    best = greedy_groups(cosine, low)
+    for _ in range(steps):
+        mid = (low + high) / 2
+        groups = greedy_groups(cosine, mid)
+        if len(groups) <= width:
+            low, best = mid, groups
+        else:
+            high = mid
+    return split_to_width(cosine, best, width), low

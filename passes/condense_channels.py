@@ -21,7 +21,7 @@ from condense_graph.errors import CondenseError
 from condense_graph.graph import export_like, import_graph, subgraph_tensor_names
 from condense_graph.calibration import Calibration, cross_statistics, layer_statistics
 from condense_graph.compensate import compensate, snapshot
-from condense_graph.plan import LayerPlan, WeightStore, plan_layer
+from condense_graph.plan import Grouping, LayerPlan, WeightStore, plan_layer
 from condense_graph.progress import Progress, silent
 from passes.base import PassResult
 from passes.materialize_constants import materialize_constants
@@ -32,8 +32,9 @@ class CondenseChannelsPass:
 
     def __init__(self, threshold: float = 0.95, layer_thresholds: dict[str, float] | None = None,
                  progress: Progress | None = None, round_to: int = 1,
-                 calibration: Calibration | None = None):
+                 calibration: Calibration | None = None, layer_widths: dict[str, int] | None = None):
         self.threshold = threshold
+        self.layer_widths = dict(layer_widths or {})
         self.calibration = calibration
         self.round_to = round_to
         self.layer_thresholds = dict(layer_thresholds or {})
@@ -69,8 +70,7 @@ class CondenseChannelsPass:
         plans = []
         for layer in analysis.layers:
             if self.calibration is None:
-                plans.append(plan_layer(layer, store, self.threshold_for(layer),
-                                        (graph.opset, graph.ir_version), self.round_to))
+                plans.append(plan_layer(layer, store, self.grouping_for(layer), (graph.opset, graph.ir_version)))
             else:
                 plans.append(self.plan_with_data(graph, layer, plans, store, model))
             self.progress.advance()
@@ -84,8 +84,8 @@ class CondenseChannelsPass:
         stats = layer_statistics(before, layer, self.calibration) if layer.depthwise is None else None
         by_activations = stats is not None and self.calibration.similarity == "activations"
         originals = snapshot(layer, store)
-        plan = plan_layer(layer, store, self.threshold_for(layer), (graph.opset, graph.ir_version),
-                          self.round_to, stats.channel_gram[:-1, :-1] if by_activations else None)
+        plan = plan_layer(layer, store, self.grouping_for(layer), (graph.opset, graph.ir_version),
+                          stats.channel_gram[:-1, :-1] if by_activations else None)
         if plan.cmap.width_after < plan.cmap.width_before:
             if layer.depthwise is not None:  # its kept channels change: capture them after the merge
                 after = materialize(graph, plans + [plan], store, model)
@@ -94,21 +94,21 @@ class CondenseChannelsPass:
         return plan
 
     def check_layer_names(self, analysis: Analysis) -> None:
-        """Every per-layer threshold must name a reducible layer (node or weight name)."""
+        """Every per-layer threshold or width must name a reducible layer (node or weight name)."""
         known = {key for layer in analysis.layers for key in (layer.name, layer.producer.weight.name)}
         skipped = {s.name: s.reason for s in analysis.skipped}
-        for name in self.layer_thresholds:
+        for name in list(self.layer_thresholds) + list(self.layer_widths):
             if name in skipped and name not in known:
                 raise CondenseError(f"layer '{name}' cannot be reduced: {skipped[name]}")
             if name not in known:
                 names = ", ".join(layer.name for layer in analysis.layers) or "none"
                 raise CondenseError(f"no reducible layer named '{name}' (layers: {names})")
 
-    def threshold_for(self, layer) -> float:
-        for key in (layer.name, layer.producer.weight.name):
-            if key in self.layer_thresholds:
-                return self.layer_thresholds[key]
-        return self.threshold
+    def grouping_for(self, layer) -> Grouping:
+        keys = (layer.name, layer.producer.weight.name)
+        threshold = next((self.layer_thresholds[k] for k in keys if k in self.layer_thresholds), self.threshold)
+        width = next((self.layer_widths[k] for k in keys if k in self.layer_widths), None)
+        return Grouping(threshold, self.round_to, width)
 
 
 def materialize(graph: gs.Graph, plans: list[LayerPlan], store: WeightStore,
