@@ -65,6 +65,10 @@ class Consumer:
     scale: float
     bias: str
     bias_scale: float
+    output_name: str = ""  # the consumer's output in the original model (the refit's target)
+
+    def __post_init__(self):
+        self.output_name = self.output_name or self.node.outputs[0].name
 
     @property
     def pads_borders(self) -> bool:

@@ -1,21 +1,21 @@
 """Calibration data: capture hidden activations with ONNX Runtime and summarize them per layer.
 
-The needed intermediate tensor is exposed as an extra output of a copy of the (partially reduced)
-model, which runs on the calibration data in batches; each batch is folded into Gram matrices
-(`condense_graph.refit.Gram`) and dropped, so no more than one batch of one layer's activations is
-in memory at a time.
+The needed intermediate tensors are exposed as extra outputs of a copy of the model (the network
+reduced so far, and the original one), which run on the calibration data in batches; each batch is
+folded into Gram matrices or normal equations (`condense_graph.refit`) and dropped, so no more than
+one batch of one layer's activations is in memory at a time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from condense_graph.analysis import Consumer, Layer
 from condense_graph.errors import CondenseError
-from condense_graph.refit import Gram, channel_rows, im2col
+from condense_graph.refit import Gram, Normal, channel_rows, im2col
 from condense_graph.verify import data_batches, load_data, session
 
 MAX_FEATURES = 6144  # a consumer with more input features is not refit (its Gram would be huge)
@@ -40,13 +40,6 @@ def load_calibration(path: str, model: onnx.ModelProto, **options) -> Calibratio
     return calibration
 
 
-@dataclass
-class LayerStats:
-    channel_gram: np.ndarray | None               # [C+1, C+1], channels' activations + ones
-    consumer_grams: list[np.ndarray | None] = field(default_factory=list)  # features + ones
-    changed_channels: bool = False                # grams hold [after merge, before merge] features
-
-
 def capture(model: onnx.ModelProto, names: list[str], calibration: Calibration):
     """Yield, batch by batch, the values of tensors `names` of `model` on the calibration data."""
     copy = onnx.ModelProto()
@@ -62,18 +55,39 @@ def capture(model: onnx.ModelProto, names: list[str], calibration: Calibration):
         yield [np.asarray(v) for v in sess.run(names, feeds)]
 
 
-def layer_statistics(model: onnx.ModelProto, layer: Layer, calibration: Calibration) -> LayerStats:
-    """Gram matrices of the layer's channels and of each consumer's input features."""
-    width = layer.producer.width
-    channels = Gram(width)
-    consumers = [Gram(features) if (features := consumer_features(c, width, layer.block)) else None
-                 for c in layer.consumers]
+def channel_gram(model: onnx.ModelProto, layer: Layer, calibration: Calibration) -> np.ndarray:
+    """Gram matrix [C, C] of the layer's channels' activations (for activation similarity)."""
+    gram = Gram(layer.producer.width)
     for (values,) in capture(model, [layer.end.name], calibration):
-        channels.add(_channels_of(values, layer))
-        for consumer, gram in zip(layer.consumers, consumers):
-            if gram is not None:
-                gram.add(feature_rows(consumer, values))
-    return LayerStats(channels.matrix, [g.matrix if g is not None else None for g in consumers])
+        gram.add(_channels_of(values, layer))
+    return gram.matrix[:-1, :-1]
+
+
+def refit_statistics(reduced: onnx.ModelProto, original: onnx.ModelProto, layer: Layer,
+                     width: int, calibration: Calibration) -> list[Normal | None]:
+    """For each consumer, the normal equations relating its inputs in the reduced network (this
+    layer merged) to its outputs in the original network, on the same samples; None for consumers
+    that are not refit (too many input features, unsupported padding). `width`: the layer's
+    width after the merge."""
+    normals = [Normal(f, _outputs(c)) if (f := consumer_features(c, width, layer.block)) else None
+               for c in layer.consumers]
+    inputs = capture(reduced, [layer.end.name], calibration)
+    targets = capture(original, [c.output_name for c in layer.consumers], calibration)
+    for (values,), outputs in zip(inputs, targets):
+        for consumer, normal, out in zip(layer.consumers, normals, outputs):
+            if normal is not None:
+                normal.add(feature_rows(consumer, values), _output_rows(consumer, out))
+    return normals
+
+
+def _outputs(consumer: Consumer) -> int:
+    weight = consumer.weight.values
+    return weight.shape[0] if consumer.node.op == "Conv" else weight.shape[1 - consumer.axis]
+
+
+def _output_rows(consumer: Consumer, out: np.ndarray) -> np.ndarray:
+    """Consumer outputs as rows [samples * positions, outputs]."""
+    return channel_rows(out, 1) if consumer.node.op == "Conv" else out.reshape(-1, out.shape[-1])
 
 
 def _channels_of(values: np.ndarray, layer: Layer) -> np.ndarray:
@@ -107,18 +121,3 @@ def feature_rows(consumer: Consumer, values: np.ndarray) -> np.ndarray:
     return im2col(values, kernel, attrs.get("strides", [1, 1]), (top, left, bottom, right),
                   attrs.get("dilations", [1, 1]))
 
-
-def cross_statistics(before: onnx.ModelProto, after: onnx.ModelProto, layer: Layer,
-                     width_after: int, calibration: Calibration) -> LayerStats:
-    """Gram matrices of [features after the merge, features before] for each consumer: the kept
-    channels of a depthwise block change when it is merged, so both are captured on the same data."""
-    width = layer.producer.width
-    sizes = [(consumer_features(c, width_after, layer.block), consumer_features(c, width, layer.block))
-             for c in layer.consumers]
-    grams = [Gram(a + b) if a and b else None for a, b in sizes]
-    pairs = zip(capture(after, [layer.end.name], calibration), capture(before, [layer.end.name], calibration))
-    for (new,), (old,) in pairs:
-        for consumer, gram in zip(layer.consumers, grams):
-            if gram is not None:
-                gram.add(np.concatenate([feature_rows(consumer, new), feature_rows(consumer, old)], axis=1))
-    return LayerStats(None, [g.matrix if g is not None else None for g in grams], changed_channels=True)

@@ -12,13 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from condense_graph.analysis import Consumer, Layer
-from condense_graph.merge import ChannelMap
 from condense_graph.refit import refit
-
-
-def kept_columns(cmap: ChannelMap, block: int) -> np.ndarray:
-    """Feature columns of the kept channels, each channel owning `block` consecutive features."""
-    return (cmap.keep[:, None] * block + np.arange(block)[None, :]).reshape(-1)
 
 
 def weight_rows(consumer: Consumer, weight: np.ndarray) -> np.ndarray:
@@ -35,19 +29,13 @@ def from_weight_rows(consumer: Consumer, rows: np.ndarray, like: np.ndarray) -> 
     return np.moveaxis(rows.reshape((-1,) + np.moveaxis(like, consumer.axis, 0).shape[1:]), 0, consumer.axis)
 
 
-def refit_consumer(consumer: Consumer, gram: np.ndarray, original_weight: np.ndarray,
-                   original_bias: np.ndarray, store, columns: tuple[np.ndarray, np.ndarray]) -> dict:
-    """Replace the consumer's merged weights and bias in `store` by the least-squares refit;
-    `columns` = (kept feature columns, original feature columns) of the Gram matrix."""
-    outputs = original_bias.size
-    target = np.vstack([consumer.scale * weight_rows(consumer, original_weight),
-                        consumer.bias_scale * original_bias.reshape(1, outputs)])
+def refit_consumer(consumer: Consumer, normal, store) -> dict:
+    """Replace the consumer's merged weights and bias in `store` by the least-squares refit."""
     merged = store[consumer.weight.name]
-    bias = store.get(consumer.bias)
-    bias = np.zeros(outputs) if bias is None else np.broadcast_to(bias.reshape(-1), (outputs,))
-    start = np.vstack([consumer.scale * weight_rows(consumer, merged),
-                       consumer.bias_scale * bias.reshape(1, outputs)])
-    solution, errors = refit(gram, columns[0], columns[1], target, start)
+    rows = weight_rows(consumer, merged)
+    bias = consumer_bias(consumer, store, rows.shape[1])
+    start = np.vstack([consumer.scale * rows, consumer.bias_scale * bias.reshape(1, -1)])
+    solution, errors = refit(normal, start)
     store.set(consumer.weight.name,
               from_weight_rows(consumer, solution[:-1] / consumer.scale, merged).astype(merged.dtype))
     new_bias = solution[-1] / consumer.bias_scale
@@ -64,41 +52,14 @@ def consumer_bias(consumer: Consumer, store, outputs: int) -> np.ndarray:
     return np.zeros(outputs) if bias is None else np.broadcast_to(bias.reshape(-1), (outputs,)).astype(np.float64)
 
 
-def feature_block(consumer: Consumer, layer: Layer) -> int:
-    """Input features per channel: H*W after a Flatten, kh*kw for a convolution's patches."""
-    if consumer.node.op == "Conv":
-        return int(np.prod(consumer.weight.values.shape[2:]))
-    return layer.block
-
-
-def snapshot(layer: Layer, store) -> dict:
-    """Consumer weights and biases before the merge: the refit's target."""
-    originals = {}
-    for consumer in layer.consumers:
-        weight = store[consumer.weight.name].copy()
-        outputs = weight_rows(consumer, weight).shape[1]
-        originals[consumer.node.name] = (weight, consumer_bias(consumer, store, outputs))
-    return originals
-
-
-def compensate(layer: Layer, store, stats, cmap: ChannelMap, originals: dict) -> list[dict]:
-    """Refit every consumer that has a Gram matrix; `originals` holds weights/biases before merging.
-
-    With `stats.changed_channels` (a depthwise block, whose kept channels change when merged) the
-    Gram matrix holds the features after the merge, then those before it."""
+def compensate(layer: Layer, store, normals: list) -> list[dict]:
+    """Refit every consumer that has normal equations; report the calibration errors."""
     results = []
-    for consumer, gram in zip(layer.consumers, stats.consumer_grams):
-        if gram is None:
+    for consumer, normal in zip(layer.consumers, normals):
+        if normal is None:
             results.append({"consumer": consumer.node.name, "refit": False})
             continue
-        weight, bias = originals[consumer.node.name]
-        block = feature_block(consumer, layer)
-        if stats.changed_channels:
-            after = cmap.width_after * block
-            columns = (np.arange(after), after + np.arange(cmap.width_before * block))
-        else:
-            columns = (kept_columns(cmap, block), np.arange(cmap.width_before * block))
-        errors = refit_consumer(consumer, gram, weight, bias, store, columns)
+        errors = refit_consumer(consumer, normal, store)
         results.append({"consumer": consumer.node.name, "refit": True,
                         "calibration_err_paper": errors["paper"], "calibration_err_refit": errors["refit"]})
     return results

@@ -1,15 +1,17 @@
 """Data-aware compensation: refit consumer weights on calibration activations. Pure numpy.
 
 A consumer computes y = P u + b from its input features P (a dense layer's input channels, a
-convolution's im2col patches). After a layer is reduced only the kept channels remain; the refit
-chooses new weights w for them (and the bias) to reproduce the original pre-activation output:
+convolution's im2col patches). After a layer is reduced, the reduced network feeds the consumer
+only the kept channels, P'; the refit chooses new weights w for them (and the bias) so that the
+consumer reproduces what the ORIGINAL network's consumer outputs, Y, on the same samples:
 
-    min_w  || P_keep w - P_all u ||^2 + rho || w - w0 ||^2
+    min_w  || P' w - Y ||^2 + rho || w - w0 ||^2
 
-where w0 is the paper's merge (eq. 10-12 / 36-38), the starting point. The normal equations only
-need the Gram matrix G = P^T P (with a column of ones for the bias), accumulated batch by batch,
-so activations are never held in memory. Because w0 is feasible, the solution is never worse than
-w0 on the calibration data (and the caller checks that numerically).
+where w0 is the paper's merge (eq. 10-12 / 36-38), the starting point. Targeting the original
+network's outputs (not the reduced network's) keeps errors from compounding layer after layer.
+The normal equations need P'^T P', P'^T Y and ||Y||^2, accumulated batch by batch, so activations
+are never held in memory. Because w0 is feasible, the solution is never worse than w0 on the
+calibration data (and the caller checks that numerically).
 """
 
 from __future__ import annotations
@@ -66,35 +68,44 @@ def projection_factors(gram: np.ndarray, groups: list[np.ndarray]) -> np.ndarray
     return factor
 
 
-def refit(gram: np.ndarray, keep_cols: np.ndarray, target_cols: np.ndarray, target: np.ndarray,
-          start: np.ndarray, ridge: float = 1e-3) -> tuple[np.ndarray, dict]:
-    """Least-squares consumer weights for the kept feature columns.
+class Normal:
+    """Normal equations of a refit, accumulated batch by batch:
+    A = P^T P, C = P^T Y and E = ||Y||^2, for input rows P (with a ones column) of the reduced
+    consumer and the original consumer's outputs Y on the same samples."""
 
-    gram [F+1, F+1]: Gram of the features with the ones column last. The reduced consumer reads
-    columns `keep_cols`, the original one read `target_cols` (the same features for a plain merge;
-    the features before and after the merge, side by side, for a depthwise block whose kept
-    channels change). target [T+1, O]: original weights and bias (last row); start [K+1, O]: the
-    paper's merge. Returns the refit [K+1, O] and the calibration errors of start and refit,
-    relative to the output energy; falls back to `start` when the solve fails or is not better.
+    def __init__(self, features: int, outputs: int):
+        self.a = np.zeros((features + 1, features + 1))
+        self.c = np.zeros((features + 1, outputs))
+        self.e = 0.0
+
+    def add(self, rows: np.ndarray, targets: np.ndarray) -> None:
+        rows = rows.reshape(len(rows), -1).astype(np.float32)
+        aug = np.concatenate([rows, np.ones((len(rows), 1), np.float32)], axis=1)
+        targets = targets.reshape(len(rows), -1).astype(np.float32)
+        self.a += (aug.T @ aug).astype(np.float64)
+        self.c += (aug.T @ targets).astype(np.float64)
+        self.e += float(np.sum(targets.astype(np.float64) ** 2))
+
+
+def refit(normal: Normal, start: np.ndarray, ridge: float = 1e-3) -> tuple[np.ndarray, dict]:
+    """Least-squares weights (last row: bias) of the reduced consumer, reproducing the original
+    consumer's outputs:  min ||P w - Y||^2 + rho ||w - w0||^2  with w0 = `start`, the paper's merge.
+
+    Returns the refit and the calibration errors of start and refit, relative to ||Y||^2; falls
+    back to `start` when the solve fails or is not better.
     """
-    ones = [len(gram) - 1]
-    cols, tcols = np.concatenate([keep_cols, ones]), np.concatenate([target_cols, ones])
-    g_kk, g_kt = gram[np.ix_(cols, cols)], gram[np.ix_(cols, tcols)]
-    rho = ridge * max(float(np.mean(np.diag(g_kk))), 1e-12)
+    a = normal.a
+    rho = ridge * max(float(np.mean(np.diag(a))), 1e-12)
     try:
-        solution = np.linalg.solve(g_kk + rho * np.eye(len(cols)), g_kt @ target + rho * start)
+        solution = np.linalg.solve(a + rho * np.eye(len(a)), normal.c + rho * start)
     except np.linalg.LinAlgError:
         solution = start
-    energy = _quadratic(target, gram[np.ix_(tcols, tcols)], target)
-    def error(w):
-        value = _quadratic(w, g_kk, w) - 2 * _quadratic(w, g_kt, target) + energy
-        return max(value, 0.0) / max(energy, 1e-300)
+
+    def error(w: np.ndarray) -> float:
+        value = float(np.einsum("io,ij,jo->", w, a, w)) - 2 * float(np.sum(w * normal.c)) + normal.e
+        return max(value, 0.0) / max(normal.e, 1e-300)
+
     errors = {"paper": error(start), "refit": error(solution) if np.all(np.isfinite(solution)) else np.inf}
     if errors["refit"] > errors["paper"]:
         solution, errors["refit"] = start, errors["paper"]
     return solution, errors
-
-
-def _quadratic(a: np.ndarray, gram: np.ndarray, b: np.ndarray) -> float:
-    """sum over outputs of a_o^T G b_o."""
-    return float(np.einsum("io,ij,jo->", a, gram, b))

@@ -19,8 +19,8 @@ import onnx_graphsurgeon as gs
 from condense_graph.analysis import Analysis, analyze
 from condense_graph.errors import CondenseError
 from condense_graph.graph import export_like, import_graph, subgraph_tensor_names
-from condense_graph.calibration import Calibration, cross_statistics, layer_statistics
-from condense_graph.compensate import compensate, snapshot
+from condense_graph.calibration import Calibration, channel_gram, refit_statistics
+from condense_graph.compensate import compensate
 from condense_graph.plan import Grouping, LayerPlan, WeightStore, plan_layer
 from condense_graph.progress import Progress, silent
 from passes.base import PassResult
@@ -78,19 +78,18 @@ class CondenseChannelsPass:
         return plans, store
 
     def plan_with_data(self, graph, layer, plans, store, model) -> LayerPlan:
-        """Capture the layer's activations on the network reduced so far, group (by weights or by
-        activations), merge, then refit the consumers by least squares."""
-        before = materialize(graph, plans, store, model)
-        stats = layer_statistics(before, layer, self.calibration) if layer.depthwise is None else None
-        by_activations = stats is not None and self.calibration.similarity == "activations"
-        originals = snapshot(layer, store)
-        plan = plan_layer(layer, store, self.grouping_for(layer), (graph.opset, graph.ir_version),
-                          stats.channel_gram[:-1, :-1] if by_activations else None)
+        """Group (by weights, or by activations on the network reduced so far), merge, then refit
+        the consumers so that, fed by the reduced network, they reproduce the original network's
+        consumer outputs."""
+        versions = (graph.opset, graph.ir_version)
+        gram = None
+        if self.calibration.similarity == "activations":
+            gram = channel_gram(materialize(graph, plans, store, model), layer, self.calibration)
+        plan = plan_layer(layer, store, self.grouping_for(layer), versions, gram)
         if plan.cmap.width_after < plan.cmap.width_before:
-            if layer.depthwise is not None:  # its kept channels change: capture them after the merge
-                after = materialize(graph, plans + [plan], store, model)
-                stats = cross_statistics(before, after, layer, plan.cmap.width_after, self.calibration)
-            plan.refit = compensate(layer, store, stats, plan.cmap, originals)
+            reduced = materialize(graph, plans + [plan], store, model)
+            normals = refit_statistics(reduced, model, layer, plan.cmap.width_after, self.calibration)
+            plan.refit = compensate(layer, store, normals)
         return plan
 
     def check_layer_names(self, analysis: Analysis) -> None:
