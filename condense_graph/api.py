@@ -45,7 +45,8 @@ def condense(model: ModelLike, threshold: float = 0.95,
     `round_to` rounds every new width up to a multiple of it (8 or 16 suit CPU GEMM kernels).
     `calibration` (an .npz path or a dict of arrays named after the graph inputs) turns on the
     data-aware merge: consumers are refit by least squares on the calibration activations, and
-    `similarity="activations"` groups neurons by their activations instead of their weights.
+    `similarity="activations"` groups neurons by their activations instead of their weights;
+    `similarity="magnitude"` is the pruning baseline (keep the largest neurons, drop the rest).
     `layer_widths` asks for a width per layer (the threshold that lands on it is found);
     `target_params` (a fraction of the original parameters) picks those widths for every layer.
     With `verify`, both models run in ONNX Runtime on random inputs and the report gets `verify`.
@@ -57,13 +58,16 @@ def condense(model: ModelLike, threshold: float = 0.95,
         raise CondenseError(f"round_to must be a positive integer, got {round_to!r}")
     original = load_model(model)
     data = _calibration(calibration, original, similarity)
+    if similarity == "magnitude" and not layer_widths and target_params is None:
+        raise CondenseError("magnitude pruning needs layer widths or target_params")
     widths = dict(layer_widths or {})
     _check_widths(widths, target_params)
     fraction = None
     if target_params is not None:
-        fraction, target_widths = widths_for_params(original, target_params, widths)
+        fraction, target_widths = widths_for_params(original, target_params, widths, similarity)
         widths = target_widths | widths
-    result = CondenseChannelsPass(threshold, layer_thresholds, progress, round_to, data, widths)(original)
+    result = CondenseChannelsPass(threshold, layer_thresholds, progress, round_to, data, widths,
+                                  similarity)(original)
     plans = result.details["plans"]
     report = build_report(original, result.model, plans, result.details["skipped"])
     if target_params is not None:
@@ -93,7 +97,7 @@ def inspect(model: ModelLike, thresholds=INSPECT_THRESHOLDS) -> dict:
 
 
 def widths_for_params(model: onnx.ModelProto, target: float, fixed: dict[str, int],
-                      steps: int = 14) -> tuple[float, dict[str, int]]:
+                      similarity: str = "weights", steps: int = 14) -> tuple[float, dict[str, int]]:
     """Widths round(r * width) for every layer, with r found by bisection so that the reduced model
     keeps about `target` of the parameters (layers in `fixed` keep their requested width)."""
     _, analysis = CondenseChannelsPass.analyze(model)
@@ -103,7 +107,8 @@ def widths_for_params(model: onnx.ModelProto, target: float, fixed: dict[str, in
         return {layer.name: max(1, round(r * layer.producer.width)) for layer in analysis.layers}
 
     def fraction_at(r: float) -> float:
-        reduced = CondenseChannelsPass(1.0, layer_widths=widths_at(r) | fixed)(model).model
+        selection = "magnitude" if similarity == "magnitude" else "weights"
+        reduced = CondenseChannelsPass(1.0, layer_widths=widths_at(r) | fixed, similarity=selection)(model).model
         return count_params(reduced) / before
 
     low, high = 0.0, 1.0
@@ -122,8 +127,8 @@ def _check_widths(widths: dict, target: float | None) -> None:
 
 
 def _calibration(source, model: onnx.ModelProto, similarity: str) -> Calibration | None:
-    if similarity not in ("weights", "activations"):
-        raise CondenseError(f"similarity must be 'weights' or 'activations', got {similarity!r}")
+    if similarity not in ("weights", "activations", "magnitude"):
+        raise CondenseError(f"similarity must be 'weights', 'activations' or 'magnitude', got {similarity!r}")
     if source is None:
         if similarity == "activations":
             raise CondenseError("similarity 'activations' needs calibration data")
@@ -135,9 +140,8 @@ def _calibration(source, model: onnx.ModelProto, similarity: str) -> Calibration
             raise CondenseError(f"calibration data has no array for input(s): {', '.join(sorted(missing))}")
         dtypes = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
                   for v in graph_inputs(model)}
-        return Calibration({k: np.asarray(v).astype(dtypes[k]) for k, v in source.items() if k in dtypes},
-                           similarity=similarity)
-    return load_calibration(str(source), model, similarity=similarity)
+        return Calibration({k: np.asarray(v).astype(dtypes[k]) for k, v in source.items() if k in dtypes})
+    return load_calibration(str(source), model)
 
 
 def _check_threshold(value: float, what: str) -> None:

@@ -25,7 +25,6 @@ MAX_FEATURES = 6144  # a consumer with more input features is not refit (its Gra
 class Calibration:
     data: dict[str, np.ndarray]
     batch_size: int = 128
-    similarity: str = "weights"   # "weights" (the paper) or "activations"
 
     @property
     def samples(self) -> int:

@@ -55,8 +55,9 @@ def _add_reduce(reduce) -> None:
                         help="keep this fraction of the parameters: a width for every layer")
     reduce.add_argument("--data", metavar="FILE.npz",
                         help="calibration data (arrays named after the graph inputs): refit consumers")
-    reduce.add_argument("--similarity", choices=["weights", "activations"], default="weights",
-                        help="group neurons by weight vectors (the paper) or, with --data, activations")
+    reduce.add_argument("--similarity", choices=["weights", "activations", "magnitude"], default="weights",
+                        help="group neurons by weight vectors (the paper) or, with --data, activations; "
+                             "'magnitude' is the pruning baseline (keep the largest, needs widths)")
     reduce.add_argument("--round-to", type=int, default=1, metavar="N",
                         help="round every new width up to a multiple of N (8 or 16 suit CPU kernels)")
     reduce.add_argument("--report", metavar="FILE.json", help="write the JSON report here")

@@ -55,7 +55,7 @@ class WeightStore:
 class LayerPlan:
     layer: Layer
     cmap: ChannelMap
-    threshold: float
+    threshold: float | None   # None for magnitude pruning
     exact: bool
     constant_channels: int   # removed: zero incoming weights, constant output folded
     silent_channels: int     # removed: zero outgoing weights
@@ -138,11 +138,14 @@ def plan_layer(layer: Layer, store: WeightStore, grouping: Grouping, versions: t
     silent = np.logical_and.reduce([np.all(u == 0, axis=1) for u in outgoing])
     constant = constant_channels(layer, vectors, a)
     candidates = np.flatnonzero(~constant & ~silent)
-    if activations is None:
+    if grouping.magnitude:
+        local_groups, threshold, cosine = largest(vectors[candidates], grouping.width), None, None
+    elif activations is None:
         cosine = cosine_similarity(vectors[candidates].astype(np.float32))
     else:
         cosine = activation_cosine(activations[np.ix_(candidates, candidates)])
-    local_groups, threshold = grouping(cosine)
+    if cosine is not None:
+        local_groups, threshold = grouping(cosine)
     groups = [candidates[g] for g in local_groups]
     folded = {}
     if constant.any():
@@ -167,6 +170,7 @@ class Grouping:
     threshold: float = 0.95
     round_to: int = 1
     width: int | None = None
+    magnitude: bool = False   # the pruning baseline: keep the largest neurons, merge nothing
 
     def __call__(self, cosine: np.ndarray) -> tuple[list[np.ndarray], float]:
         """The groups (main neuron first) and the threshold that produced them."""
@@ -197,9 +201,16 @@ def constant_outputs(layer, store, bias, a, c, versions) -> np.ndarray:
     return a * g.astype(np.float64) + c
 
 
-def min_group_cosine(cosine: np.ndarray, groups: list[np.ndarray]) -> float | None:
+def largest(vectors: np.ndarray, width: int) -> list[np.ndarray]:
+    """Magnitude pruning (Torch-Pruning's MagnitudeImportance, p=2): the `width` neurons with the
+    largest L2 norm, each alone; the others are dropped, not merged."""
+    order = np.argsort(-np.linalg.norm(vectors.astype(np.float64), axis=1), kind="stable")
+    return [np.array([k]) for k in sorted(order[:width])]
+
+
+def min_group_cosine(cosine: np.ndarray | None, groups: list[np.ndarray]) -> float | None:
     merged = [g for g in groups if len(g) > 1]
-    if not merged:
+    if not merged or cosine is None:
         return None
     mains = np.concatenate([np.full(len(g) - 1, g[0]) for g in merged])
     others = np.concatenate([g[1:] for g in merged])
@@ -295,8 +306,11 @@ def plan_depthwise_layer(layer: Layer, store: WeightStore, grouping: Grouping, v
                                probe_shape(layer, layer.middle_output), dtype, versions)
     outgoing = np.concatenate([consumer_rows(k, store, layer) for k in layer.consumers], axis=1)
     candidates = np.flatnonzero(~np.all(outgoing == 0, axis=1))
-    cosine = cosine_similarity(dw[candidates].astype(np.float32))
-    local_groups, threshold = grouping(cosine)
+    if grouping.magnitude:
+        local_groups, threshold, cosine = largest(dw[candidates], grouping.width), None, None
+    else:
+        cosine = cosine_similarity(dw[candidates].astype(np.float32))
+        local_groups, threshold = grouping(cosine)
     cmap = channel_map(dw, [candidates[g] for g in local_groups], a, c, {})
     alpha = neuron_vectors(layer, store, versions)
     rows = least_squares_rows(alpha, outgoing, cmap)

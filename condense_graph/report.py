@@ -37,7 +37,8 @@ def format_reduce_table(report: dict) -> str:
     for layer in report["layers"]:
         width = f"{layer['width_before']} -> {layer['width_after']}"
         cos = "-" if layer["min_group_cosine"] is None else f"{layer['min_group_cosine']:.4f}"
-        rows.append((layer["name"], layer["activation"], width, f"{layer['threshold']:g}", cos,
+        threshold = "pruned" if layer["threshold"] is None else f"{layer['threshold']:.4g}"
+        rows.append((layer["name"], layer["activation"], width, threshold, cos,
                      "yes" if layer["exact"] else "no"))
     rows.append(("Params", "", _change(report["params_before"], report["params_after"]), "", "", ""))
     rows.append(("File size", "", _change(report["file_size_before"], report["file_size_after"],

@@ -32,8 +32,10 @@ class CondenseChannelsPass:
 
     def __init__(self, threshold: float = 0.95, layer_thresholds: dict[str, float] | None = None,
                  progress: Progress | None = None, round_to: int = 1,
-                 calibration: Calibration | None = None, layer_widths: dict[str, int] | None = None):
+                 calibration: Calibration | None = None, layer_widths: dict[str, int] | None = None,
+                 similarity: str = "weights"):
         self.threshold = threshold
+        self.similarity = similarity
         self.layer_widths = dict(layer_widths or {})
         self.calibration = calibration
         self.round_to = round_to
@@ -83,7 +85,7 @@ class CondenseChannelsPass:
         consumer outputs."""
         versions = (graph.opset, graph.ir_version)
         gram = None
-        if self.calibration.similarity == "activations":
+        if self.similarity == "activations":
             gram = channel_gram(materialize(graph, plans, store, model), layer, self.calibration)
         plan = plan_layer(layer, store, self.grouping_for(layer), versions, gram)
         if plan.cmap.width_after < plan.cmap.width_before:
@@ -107,7 +109,10 @@ class CondenseChannelsPass:
         keys = (layer.name, layer.producer.weight.name)
         threshold = next((self.layer_thresholds[k] for k in keys if k in self.layer_thresholds), self.threshold)
         width = next((self.layer_widths[k] for k in keys if k in self.layer_widths), None)
-        return Grouping(threshold, self.round_to, width)
+        if self.similarity == "magnitude" and width is None:
+            raise CondenseError(f"magnitude pruning needs a width for layer '{layer.name}' "
+                                "(--layer-width or --target-params)")
+        return Grouping(threshold, self.round_to, width, self.similarity == "magnitude")
 
 
 def materialize(graph: gs.Graph, plans: list[LayerPlan], store: WeightStore,

@@ -145,3 +145,18 @@ def test_bad_data_aware_options(args, message, tmp_path, capsys):
     argv = ["reduce", str(path), str(tmp_path / "o.onnx")] + [a.format(missing=tmp_path / "no.npz") for a in args]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_magnitude_baseline_keeps_the_largest_neurons():
+    model = near_duplicate_mlp("Relu")
+    result = cg.condense(model, layer_widths={"fc0": 5, "fc1": 4}, similarity="magnitude")
+    assert [l["width_after"] for l in result.report["layers"]] == [5, 4]
+    assert all(l["threshold"] is None for l in result.report["layers"])
+    rows = numpy_helper.to_array(model.graph.initializer[0])
+    bias = numpy_helper.to_array(model.graph.initializer[1])
+    norms = np.linalg.norm(np.c_[rows, bias], axis=1)
+    kept = numpy_helper.to_array(result.model.graph.initializer[0])
+    expected = rows[np.sort(np.argsort(-norms)[:5])]
+    np.testing.assert_array_equal(kept, expected)
+    with pytest.raises(cg.CondenseError, match="needs layer widths"):
+        cg.condense(model, similarity="magnitude")
