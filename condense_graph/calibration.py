@@ -24,7 +24,7 @@ MAX_FEATURES = 6144  # a consumer with more input features is not refit (its Gra
 @dataclass
 class Calibration:
     data: dict[str, np.ndarray]
-    batch_size: int = 128
+    batch_size: int = 64
 
     @property
     def samples(self) -> int:
@@ -49,7 +49,8 @@ def capture(model: onnx.ModelProto, names: list[str], calibration: Calibration):
         if name not in present:
             copy.graph.output.append(typed.get(name) or onnx.helper.make_tensor_value_info(
                 name, onnx.TensorProto.FLOAT, None))
-    sess = session(copy)
+    sess = session(copy, arena=False)
+    del copy
     for feeds in data_batches(model, calibration.data, calibration.batch_size):
         yield [np.asarray(v) for v in sess.run(names, feeds)]
 

@@ -19,6 +19,18 @@ from __future__ import annotations
 import numpy as np
 
 
+CHUNK = 8192  # rows folded at once: bounds the memory of an im2col batch
+
+
+def _augmented_products(rows: np.ndarray, other: np.ndarray | None = None):
+    """Yield ([P 1]^T [P 1], [P 1]^T other) chunk by chunk, without building [P 1] whole."""
+    for start in range(0, len(rows), CHUNK):
+        p = rows[start:start + CHUNK].astype(np.float32)
+        aug = np.concatenate([p, np.ones((len(p), 1), np.float32)], axis=1)
+        cross = None if other is None else aug.T @ other[start:start + CHUNK].astype(np.float32)
+        yield (aug.T @ aug).astype(np.float64), cross
+
+
 class Gram:
     """Running P^T P of feature rows, with a trailing column of ones (for the bias)."""
 
@@ -27,9 +39,9 @@ class Gram:
         self.rows = 0
 
     def add(self, rows: np.ndarray) -> None:
-        rows = rows.reshape(len(rows), -1).astype(np.float32)
-        aug = np.concatenate([rows, np.ones((len(rows), 1), np.float32)], axis=1)
-        self.matrix += (aug.T @ aug).astype(np.float64)
+        rows = rows.reshape(len(rows), -1)
+        for gram, _ in _augmented_products(rows):
+            self.matrix += gram
         self.rows += len(rows)
 
 
@@ -79,12 +91,12 @@ class Normal:
         self.e = 0.0
 
     def add(self, rows: np.ndarray, targets: np.ndarray) -> None:
-        rows = rows.reshape(len(rows), -1).astype(np.float32)
-        aug = np.concatenate([rows, np.ones((len(rows), 1), np.float32)], axis=1)
-        targets = targets.reshape(len(rows), -1).astype(np.float32)
-        self.a += (aug.T @ aug).astype(np.float64)
-        self.c += (aug.T @ targets).astype(np.float64)
-        self.e += float(np.sum(targets.astype(np.float64) ** 2))
+        rows = rows.reshape(len(rows), -1)
+        targets = targets.reshape(len(rows), -1)
+        for gram, cross in _augmented_products(rows, targets):
+            self.a += gram
+            self.c += cross
+        self.e += float(np.einsum("ij,ij->", targets, targets, dtype=np.float64))
 
 
 def refit(normal: Normal, start: np.ndarray, ridge: float = 1e-3) -> tuple[np.ndarray, dict]:

@@ -62,10 +62,12 @@ def _random_array(rng, shape, dtype) -> np.ndarray:
     return rng.integers(0, 10, shape).astype(dtype)
 
 
-def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
+def session(model: onnx.ModelProto, threads: int = 0, arena: bool = True) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session; `arena=False` returns memory after each run (calibration)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
+    options.enable_cpu_mem_arena = arena
     try:
         return ort.InferenceSession(model.SerializeToString(), options,
                                     providers=["CPUExecutionProvider"])
