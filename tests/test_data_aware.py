@@ -160,3 +160,29 @@ def test_magnitude_baseline_keeps_the_largest_neurons():
     np.testing.assert_array_equal(kept, expected)
     with pytest.raises(cg.CondenseError, match="needs layer widths"):
         cg.condense(model, similarity="magnitude")
+
+
+def test_depthwise_projection_is_refit(tmp_path):
+    torch = pytest.importorskip("torch")
+    from torch_models import randomize_batchnorm
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    block = torch.nn.Sequential(
+        torch.nn.Conv2d(4, 18, 1, bias=False), torch.nn.BatchNorm2d(18), torch.nn.ReLU6(),
+        torch.nn.Conv2d(18, 18, 3, padding=1, groups=18, bias=False), torch.nn.BatchNorm2d(18),
+        torch.nn.ReLU6(), torch.nn.Conv2d(18, 6, 1, bias=False)).eval()
+    randomize_batchnorm(block, gen)
+    with torch.no_grad():
+        for q in range(9, 18):
+            block[3].weight[q] = block[3].weight[q - 9] + 0.05 * torch.randn(block[3].weight[q].shape, generator=gen)
+    path = tmp_path / "b.onnx"
+    torch.onnx.export(block, (torch.randn(1, 4, 6, 6),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    model = onnx.load(str(path))
+    calib, held = data(1, 200, (4, 6, 6)), data(2, 200, (4, 6, 6))
+    paper = cg.condense(model, layer_widths={model.graph.node[0].name: 9}).model
+    aware = cg.condense(model, layer_widths={model.graph.node[0].name: 9}, calibration={"x": calib})
+    (layer,) = aware.report["layers"]
+    assert layer["width_after"] == 9 and layer["refit"][0]["refit"]
+    assert layer["refit"][0]["calibration_err_refit"] < layer["refit"][0]["calibration_err_paper"]
+    assert rms_error(model, aware.model, held) < rms_error(model, paper, held)
