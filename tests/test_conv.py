@@ -1,7 +1,5 @@
 """Convolutional networks: planted duplicate channels in VGG-style CNNs (both torch exporters)."""
 
-import warnings
-
 import numpy as np
 import pytest
 
@@ -11,6 +9,7 @@ from conftest import assert_same_outputs, check_full
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
+from torch_models import export  # noqa: E402
 
 
 def plant_conv(conv, distinct, rng):
@@ -37,15 +36,6 @@ class VGG(nn.Module):
         x = self.features(x)
         x = x.mean((2, 3)) if self.global_pool else torch.flatten(x, 1)
         return self.head(x)
-
-
-def export(module, example, dynamo, path):
-    import onnx
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), str(path), input_names=["x"], output_names=["y"],
-                          dynamo=dynamo, opset_version=18 if dynamo else 17)
-    return onnx.load(str(path))
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])

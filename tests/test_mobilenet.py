@@ -1,7 +1,5 @@
 """MobileNetV2 (the paper's Table 2 network) and residual CNNs through both torch exporters."""
 
-import warnings
-
 import numpy as np
 import pytest
 
@@ -9,16 +7,7 @@ import condense_graph as cg
 from conftest import assert_same_outputs, check_full
 
 torch = pytest.importorskip("torch")
-from torch_models import MobileNetV2, ResidualCNN, randomize_batchnorm  # noqa: E402
-
-
-def export(module, example, dynamo, path):
-    import onnx
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), str(path), input_names=["x"], output_names=["y"],
-                          dynamo=dynamo, opset_version=18 if dynamo else 17)
-    return onnx.load(str(path))
+from torch_models import MobileNetV2, ResidualCNN, export, randomize_batchnorm  # noqa: E402
 
 
 def copy_channel(p, q, conv, *bns, dw=None, dw_bn=None):

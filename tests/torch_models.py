@@ -99,3 +99,15 @@ def randomize_batchnorm(module: nn.Module, generator: torch.Generator) -> None:
                 bn.bias.copy_(torch.randn(n, generator=generator) * 0.1)
                 bn.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
                 bn.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+
+
+def export(module: nn.Module, example: torch.Tensor, dynamo: bool, path) -> "onnx.ModelProto":
+    """Export with the TorchScript (dynamo=False, opset 17) or the dynamo exporter (opset 18)."""
+    import warnings
+
+    import onnx
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), input_names=["x"], output_names=["y"],
+                          dynamo=dynamo, opset_version=18 if dynamo else 17)
+    return onnx.load(str(path))
