@@ -99,17 +99,21 @@ def inspect(model: ModelLike, thresholds=INSPECT_THRESHOLDS) -> dict:
 def widths_for_params(model: onnx.ModelProto, target: float, fixed: dict[str, int],
                       similarity: str = "weights", steps: int = 14) -> tuple[float, dict[str, int]]:
     """Widths round(r * width) for every layer, with r found by bisection so that the reduced model
-    keeps about `target` of the parameters (layers in `fixed` keep their requested width)."""
-    _, analysis = CondenseChannelsPass.analyze(model)
+    keeps about `target` of the parameters (layers in `fixed` keep their requested width). Each
+    step plans the reduction on one analysis of the model and counts parameters from the plan."""
+    graph, analysis = CondenseChannelsPass.analyze(model)
     before = count_params(model)
+    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    selection = "magnitude" if similarity == "magnitude" else "weights"
 
     def widths_at(r: float) -> dict[str, int]:
         return {layer.name: max(1, round(r * layer.producer.width)) for layer in analysis.layers}
 
     def fraction_at(r: float) -> float:
-        selection = "magnitude" if similarity == "magnitude" else "weights"
-        reduced = CondenseChannelsPass(1.0, layer_widths=widths_at(r) | fixed, similarity=selection)(model).model
-        return count_params(reduced) / before
+        condense = CondenseChannelsPass(1.0, layer_widths=widths_at(r) | fixed, similarity=selection)
+        _, store = condense.plan(graph, analysis, model)
+        delta = sum(values.size - sizes.get(name, 0) for name, values in store.changed.items())
+        return (before + delta) / before
 
     low, high = 0.0, 1.0
     for _ in range(steps):

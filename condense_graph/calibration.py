@@ -16,7 +16,7 @@ import onnx
 from condense_graph.analysis import Consumer, Layer
 from condense_graph.errors import CondenseError
 from condense_graph.refit import Gram, Normal, channel_rows, im2col
-from condense_graph.verify import data_batches, load_data, session
+from condense_graph.verify import data_batches, graph_inputs, load_data, session
 
 MAX_FEATURES = 6144  # a consumer with more input features is not refit (its Gram would be huge)
 
@@ -40,19 +40,28 @@ def load_calibration(path: str, model: onnx.ModelProto, **options) -> Calibratio
 
 
 def capture(model: onnx.ModelProto, names: list[str], calibration: Calibration):
-    """Yield, batch by batch, the values of tensors `names` of `model` on the calibration data."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    present = {o.name for o in copy.graph.output}
-    typed = {v.name: v for v in copy.graph.value_info}
-    for name in names:
-        if name not in present:
-            copy.graph.output.append(typed.get(name) or onnx.helper.make_tensor_value_info(
-                name, onnx.TensorProto.FLOAT, None))
-    sess = session(copy, arena=False)
-    del copy
+    """Yield, batch by batch, the values of tensors `names` of `model` on the calibration data.
+
+    Only the part of the model that computes them runs: it is cut out with onnx.utils.Extractor
+    (the whole model, with the tensors as extra outputs, when that fails)."""
+    sess = session(prefix(model, names))
     for feeds in data_batches(model, calibration.data, calibration.batch_size):
         yield [np.asarray(v) for v in sess.run(names, feeds)]
+
+
+def prefix(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """The subgraph of `model` from its inputs to the tensors `names`."""
+    inputs = [i.name for i in graph_inputs(model)]
+    try:
+        return onnx.utils.Extractor(model).extract_model(inputs, names)
+    except Exception:  # noqa: BLE001 - subgraphs, missing shapes: run the whole model instead
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        present = {o.name for o in copy.graph.output}
+        typed = {v.name: v for v in copy.graph.value_info}
+        copy.graph.output.extend(typed.get(n) or onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                                 for n in names if n not in present)
+        return copy
 
 
 def channel_gram(model: onnx.ModelProto, layer: Layer, calibration: Calibration) -> np.ndarray:

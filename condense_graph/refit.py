@@ -114,7 +114,7 @@ def refit(normal: Normal, start: np.ndarray, ridge: float = 1e-3) -> tuple[np.nd
         solution = start
 
     def error(w: np.ndarray) -> float:
-        value = float(np.einsum("io,ij,jo->", w, a, w)) - 2 * float(np.sum(w * normal.c)) + normal.e
+        value = float(np.sum(w * (a @ w))) - 2 * float(np.sum(w * normal.c)) + normal.e
         return max(value, 0.0) / max(normal.e, 1e-300)
 
     errors = {"paper": error(start), "refit": error(solution) if np.all(np.isfinite(solution)) else np.inf}

@@ -74,11 +74,13 @@ def split_to_width(cosine: np.ndarray, groups: list[np.ndarray], width: int) -> 
     return kept + [np.array([k]) for _, k in sorted(split)]
 
 
-def groups_for_width(cosine: np.ndarray, width: int, steps: int = 40) -> tuple[list[np.ndarray], float]:
+def groups_for_width(cosine: np.ndarray, width: int, steps: int = 24) -> tuple[list[np.ndarray], float]:
     """Groups landing on exactly `width` (when merging allows), and the threshold that gave them.
 
     Bisection finds the highest threshold whose greedy grouping has at most `width` groups; the
     least similar merges are then split off to land on the width exactly."""
+    if width >= len(cosine):
+        return [np.array([k]) for k in range(len(cosine))], 1.0
     low, high = -1.0, 1.0 + 2 * COSINE_TOLERANCE
     best = greedy_groups(cosine, low)
     for _ in range(steps):
@@ -86,6 +88,8 @@ def groups_for_width(cosine: np.ndarray, width: int, steps: int = 40) -> tuple[l
         groups = greedy_groups(cosine, mid)
         if len(groups) <= width:
             low, best = mid, groups
+            if len(groups) == width:
+                break
         else:
             high = mid
     return split_to_width(cosine, best, width), low
