@@ -229,6 +229,8 @@ def _gemm_bias(node: gs.Node, width: int) -> tuple[str, float] | str:
         return f"bias '{bias.name}' is shared by {len(bias.outputs)} nodes"
     if beta == 0.0:
         return f"Gemm '{node.name}' has beta=0"
+    if float(node.attrs.get("alpha", 1.0)) == 0.0:
+        return f"Gemm '{node.name}' has alpha=0"
     reason = ops.per_channel_shape_reason(bias.values, Channels(width, -1), 2)
     if reason:
         return f"Gemm '{node.name}' bias: {reason}"
@@ -348,7 +350,12 @@ def _affine_chain_after(node: gs.Node, nodes: list[gs.Node], region: set[str]) -
 
 
 def _block_reason(layer: Layer) -> str | None:
+    """Consumers must contract over the channel axis: Conv over axis 1, Gemm/MatMul over the last."""
     for consumer in layer.consumers:
+        if consumer.node.op == "Conv" and (layer.channels.axis != 1 or layer.block != 1):
+            return f"Conv '{_name(consumer.node)}' reads the channels on another axis"
+        if consumer.node.op != "Conv" and layer.channels.axis == 1 and _rank(layer.end) != 2:
+            return f"{consumer.node.op} '{_name(consumer.node)}' does not read the channels as its last axis"
         rows = consumer.weight.values.shape[consumer.axis]
         if rows != layer.producer.width * layer.block:
             return f"consumer '{_name(consumer.node)}' reads {rows} features, not {layer.producer.width} x {layer.block}"

@@ -54,9 +54,11 @@ def subgraph_tensor_names(model: onnx.ModelProto) -> set[str]:
     names: set[str] = set()
     for node in model.graph.node:
         for attr in node.attribute:
-            for sub in list(attr.g.node if attr.HasField("g") else []) + \
-                    [n for g in attr.graphs for n in g.node]:
-                names.update(_node_inputs_recursive(sub))
+            graphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+            for g in graphs:
+                names.update(o.name for o in g.output)
+                for sub in g.node:
+                    names.update(_node_inputs_recursive(sub))
     return names
 
 
@@ -65,6 +67,7 @@ def _node_inputs_recursive(node: onnx.NodeProto) -> set[str]:
     for attr in node.attribute:
         subs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
         for g in subs:
+            names |= {o.name for o in g.output}  # a body may return an outer tensor directly
             for inner in g.node:
                 names |= _node_inputs_recursive(inner)
     return names

@@ -176,11 +176,11 @@ def _resize_reason(node, channels, rank) -> str | None:
     scales = inputs[2] if len(inputs) > 2 and not _is_empty(inputs[2]) else \
         (inputs[1] if node.op == "Upsample" else None)
     sizes = inputs[3] if len(inputs) > 3 and not _is_empty(inputs[3]) else None
-    if scales is not None and np.asarray(scales.values).size >= 2:
+    if sizes is None and scales is not None and np.asarray(scales.values).size >= 2:
         if np.asarray(scales.values).reshape(-1)[1] == 1.0:
             return None
-    if sizes is not None and np.asarray(sizes.values).reshape(-1)[1] == channels.width:
-        return None
+    if sizes is not None:  # sizes name the channel count, which the reduction changes
+        return f"{node.op} '{node.name}' fixes its output sizes, channels included"
     return f"{node.op} '{node.name}' may resize the channel axis"
 
 

@@ -137,7 +137,9 @@ def plan_layer(layer: Layer, store: WeightStore, grouping: Grouping, versions: t
     outgoing = [consumer_rows(k, store, layer) for k in layer.consumers]
     silent = np.logical_and.reduce([np.all(u == 0, axis=1) for u in outgoing])
     constant = constant_channels(layer, vectors, a)
-    candidates = np.flatnonzero(~constant & ~silent)
+    # a conv layer keeps its zero-scale channels, alone: no group can be merged into them
+    alone = np.flatnonzero((a == 0) & ~constant & ~silent)
+    candidates = np.flatnonzero(~constant & ~silent & (a != 0))
     if grouping.magnitude:
         local_groups, threshold, cosine = largest(vectors[candidates], grouping.width), None, None
     elif activations is None:
@@ -146,7 +148,7 @@ def plan_layer(layer: Layer, store: WeightStore, grouping: Grouping, versions: t
         cosine = activation_cosine(activations[np.ix_(candidates, candidates)])
     if cosine is not None:
         local_groups, threshold = grouping(cosine)
-    groups = [candidates[g] for g in local_groups]
+    groups = keep_one([candidates[g] for g in local_groups] + [np.array([k]) for k in alone], silent)
     folded = {}
     if constant.any():
         outputs = constant_outputs(layer, store, vectors[:, -1], a, c, versions)
@@ -156,7 +158,8 @@ def plan_layer(layer: Layer, store: WeightStore, grouping: Grouping, versions: t
     else:  # activations already include the post-activation affine ops: plain factors
         cmap = channel_map(vectors, groups, np.ones(width), np.zeros(width), folded,
                            factors=projection_factors(activations, groups))
-    exact = is_exact(layer, store, groups, cmap)  # before apply_map slices the constants
+    # the data-free merge of exact multiples is exact; pruning and activation projections are not
+    exact = is_exact(layer, store, groups, cmap) and not grouping.magnitude and activations is None
     apply_map(layer, store, cmap)
     return LayerPlan(layer, cmap, threshold, exact, int(constant.sum()),
                      int((silent & ~constant).sum()), min_group_cosine(cosine, local_groups),
@@ -199,6 +202,13 @@ def constant_outputs(layer, store, bias, a, c, versions) -> np.ndarray:
     z = bias[None, :].astype(store[layer.producer.weight.name].dtype)
     g = evaluate_chain(layer.middle, layer.middle_input, layer.middle_output, store, z, versions)[0]
     return a * g.astype(np.float64) + c
+
+
+def keep_one(groups: list[np.ndarray], silent: np.ndarray) -> list[np.ndarray]:
+    """A layer keeps at least one channel: one whose outgoing weights are zero changes nothing."""
+    if groups:
+        return groups
+    return [np.array([int(np.argmax(silent))])]
 
 
 def largest(vectors: np.ndarray, width: int) -> list[np.ndarray]:
@@ -305,13 +315,16 @@ def plan_depthwise_layer(layer: Layer, store: WeightStore, grouping: Grouping, v
     a, c = affine_coefficients(layer.post, layer.middle_output, layer.end, store,
                                probe_shape(layer, layer.middle_output), dtype, versions)
     outgoing = np.concatenate([consumer_rows(k, store, layer) for k in layer.consumers], axis=1)
-    candidates = np.flatnonzero(~np.all(outgoing == 0, axis=1))
+    silent = np.all(outgoing == 0, axis=1)
+    alone = np.flatnonzero(~silent & (a == 0))
+    candidates = np.flatnonzero(~silent & (a != 0))
     if grouping.magnitude:
         local_groups, threshold, cosine = largest(dw[candidates], grouping.width), None, None
     else:
         cosine = cosine_similarity(dw[candidates].astype(np.float32))
         local_groups, threshold = grouping(cosine)
-    cmap = channel_map(dw, [candidates[g] for g in local_groups], a, c, {})
+    groups = keep_one([candidates[g] for g in local_groups] + [np.array([m]) for m in alone], silent)
+    cmap = channel_map(dw, groups, a, c, {})
     alpha = neuron_vectors(layer, store, versions)
     rows = least_squares_rows(alpha, outgoing, cmap)
     s, t = pre_affine(layer, store, versions)
@@ -321,7 +334,7 @@ def plan_depthwise_layer(layer: Layer, store: WeightStore, grouping: Grouping, v
     error = block_error(layer, before, store, versions) if cmap.width_after < width else None
     return LayerPlan(layer, cmap, threshold, False, 0, width - len(candidates),
                      min_group_cosine(cosine, local_groups), error, vectors=dw,
-                     groups=[candidates[g] for g in local_groups])
+                     groups=groups)
 
 
 def block_nodes(layer: Layer) -> list[gs.Node]:

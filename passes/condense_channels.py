@@ -138,6 +138,7 @@ def rewrite(graph: gs.Graph, plans: list[LayerPlan], store: WeightStore) -> None
     for plan in plans:
         if plan.layer.depthwise is not None:  # one filter per channel: group follows the width
             plan.layer.depthwise.attrs["group"] = plan.cmap.width_after
+        plan.layer.start.shape = None  # may be an inserted bias Add's output by now
         for node in [plan.layer.producer.node] + plan.layer.pre + plan.layer.middle + plan.layer.post:
             for out in node.outputs:
                 out.shape = None  # shape inference fills in the new widths
