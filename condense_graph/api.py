@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from condense_graph.calibration import Calibration, load_calibration
 from condense_graph.errors import CondenseError
@@ -103,11 +104,14 @@ def widths_for_params(model: onnx.ModelProto, target: float, fixed: dict[str, in
     step plans the reduction on one analysis of the model and counts parameters from the plan."""
     graph, analysis = CondenseChannelsPass.analyze(model)
     before = count_params(model)
-    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    # sizes from the analyzed graph, where Constant nodes have become initializers
+    sizes = {name: int(t.values.size) for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
     selection = "magnitude" if similarity == "magnitude" else "weights"
+    free = [layer for layer in analysis.layers
+            if layer.name not in fixed and layer.producer.weight.name not in fixed]
 
     def widths_at(r: float) -> dict[str, int]:
-        return {layer.name: max(1, round(r * layer.producer.width)) for layer in analysis.layers}
+        return {layer.name: max(1, round(r * layer.producer.width)) for layer in free}
 
     def fraction_at(r: float) -> float:
         condense = CondenseChannelsPass(1.0, layer_widths=widths_at(r) | fixed, similarity=selection)
@@ -138,13 +142,15 @@ def _calibration(source, model: onnx.ModelProto, similarity: str) -> Calibration
             raise CondenseError("similarity 'activations' needs calibration data")
         return None
     if isinstance(source, dict):
-        from condense_graph.verify import graph_inputs
+        from condense_graph.verify import check_lengths, graph_inputs
         missing = {v.name for v in graph_inputs(model)} - set(source)
         if missing:
             raise CondenseError(f"calibration data has no array for input(s): {', '.join(sorted(missing))}")
         dtypes = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
                   for v in graph_inputs(model)}
-        return Calibration({k: np.asarray(v).astype(dtypes[k]) for k, v in source.items() if k in dtypes})
+        data = {k: np.asarray(v).astype(dtypes[k]) for k, v in source.items() if k in dtypes}
+        check_lengths("the calibration data", data, None)
+        return Calibration(data)
     return load_calibration(str(source), model)
 
 

@@ -14,10 +14,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from condense_graph.errors import CondenseError
 from condense_graph.progress import Progress, silent
 from condense_graph.report import count_params
-from condense_graph.verify import graph_inputs, random_feeds
+from condense_graph.verify import graph_inputs, random_feeds, session
 
 
 def count_macs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int:
@@ -89,15 +88,7 @@ def bench_feeds(model: onnx.ModelProto, batch: int, input_shapes: dict[str, list
 
 
 def make_session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as err:  # noqa: BLE001
-        raise CondenseError(f"ONNX Runtime cannot load the model: {str(err).strip().splitlines()[-1]}") from None
+    return session(model, threads)
 
 
 def interleaved_times(sessions: list, feeds: dict, runs: int, warmup: int,

@@ -16,7 +16,7 @@ import onnx
 from condense_graph.analysis import Consumer, Layer
 from condense_graph.errors import CondenseError
 from condense_graph.refit import Gram, Normal, channel_rows, im2col
-from condense_graph.verify import data_batches, graph_inputs, load_data, session
+from condense_graph.verify import check_lengths, data_batches, graph_inputs, load_data, run_session, session
 
 MAX_FEATURES = 6144  # a consumer with more input features is not refit (its Gram would be huge)
 
@@ -46,7 +46,7 @@ def capture(model: onnx.ModelProto, names: list[str], calibration: Calibration):
     (the whole model, with the tensors as extra outputs, when that fails)."""
     sess = session(prefix(model, names))
     for feeds in data_batches(model, calibration.data, calibration.batch_size):
-        yield [np.asarray(v) for v in sess.run(names, feeds)]
+        yield [np.asarray(v) for v in run_session(sess, feeds, names)]
 
 
 def prefix(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -102,7 +102,7 @@ def _output_rows(consumer: Consumer, out: np.ndarray) -> np.ndarray:
 def _channels_of(values: np.ndarray, layer: Layer) -> np.ndarray:
     if layer.channels.axis == 1 and layer.block == 1 and values.ndim > 2:
         return channel_rows(values, 1)
-    rows = values.reshape(-1, values.shape[-1])          # dense features (block-major after Flatten)
+    rows = values.reshape(-1, values.shape[-1])          # dense features (channel-major after Flatten)
     width = layer.producer.width
     return rows.reshape(len(rows), width, -1).transpose(0, 2, 1).reshape(-1, width)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -191,6 +192,8 @@ def run_inspect(args) -> int:
 
 
 def run_verify(args) -> int:
+    if args.runs < 1 or args.batch_size < 1:
+        raise CondenseError("--runs and --batch-size must be at least 1")
     original, reduced = load_model(args.original), load_model(args.reduced)
     data = labels = None
     if args.labels and not args.data:
@@ -246,7 +249,7 @@ def _parse_layer(spec: str, option: str = "--layer", form: str = "NAME=THRESHOLD
 
 
 def _as_width(value: float, spec: str) -> int:
-    if value != int(value) or value < 1:
+    if not math.isfinite(value) or value != int(value) or value < 1:
         raise CondenseError(f"bad --layer-width '{spec}': the width must be a positive integer")
     return int(value)
 

@@ -65,7 +65,8 @@ def channel_map(
     for group in groups:  # one iteration per group; the work inside is vectorized
         main, members = int(group[0]), np.asarray(group, dtype=np.int64)
         lam = norms[members] / norms[main] if factors is None else factors[members]  # eq. 10
-        f = post_scale[members] * lam / post_scale[main]
+        # a main neuron maps onto itself (f = 1), also when its post scale is 0 (then it is alone)
+        f = post_scale[members] * lam / post_scale[main] if post_scale[main] != 0 else np.ones(len(members))
         target[members] = new_index[main]
         factor[members] = f
         offset[members] = post_shift[members] - f * post_shift[main]

@@ -133,7 +133,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     if not path.parent.is_dir():
         raise CondenseError(f"output directory does not exist: {path.parent}")
     external = external_data or model.ByteSize() >= PROTOBUF_LIMIT or _tensor_bytes(model) >= PROTOBUF_LIMIT
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as err:
+        raise CondenseError(f"cannot write in {path.parent}: {err.strerror}") from None
     try:
         files = _write(model, staging / path.name, external)
         for name in sorted(files, key=lambda n: n == path.name):  # data first, model last

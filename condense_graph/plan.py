@@ -332,7 +332,7 @@ def plan_depthwise_layer(layer: Layer, store: WeightStore, grouping: Grouping, v
     apply_map(layer, store, cmap)
     write_producer_rows(layer, store, rows, s[cmap.keep], t[cmap.keep])
     error = block_error(layer, before, store, versions) if cmap.width_after < width else None
-    return LayerPlan(layer, cmap, threshold, False, 0, width - len(candidates),
+    return LayerPlan(layer, cmap, threshold, False, 0, int(silent.sum()),
                      min_group_cosine(cosine, local_groups), error, vectors=dw,
                      groups=groups)
 

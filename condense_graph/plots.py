@@ -51,8 +51,9 @@ def plot_cosine(plt, plan, directory: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
     image = ax.imshow(cosine, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
     fig.colorbar(image, ax=ax, label="cosine similarity")
-    ax.set_title(f"{plan.layer.name}: {plan.cmap.width_before} -> {plan.cmap.width_after} "
-                 f"neurons at threshold {plan.threshold:g}", fontsize=10)
+    how = "pruned by magnitude" if plan.threshold is None else f"at threshold {plan.threshold:.4g}"
+    ax.set_title(f"{plan.layer.name}: {plan.cmap.width_before} -> {plan.cmap.width_after} neurons {how}",
+                 fontsize=10)
     ax.set_xlabel("neuron (ordered by group)")
     ax.set_ylabel("neuron (ordered by group)")
     path = directory / f"cosine_{_file_name(plan.layer.name)}.png"

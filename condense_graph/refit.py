@@ -36,13 +36,11 @@ class Gram:
 
     def __init__(self, features: int):
         self.matrix = np.zeros((features + 1, features + 1))
-        self.rows = 0
 
     def add(self, rows: np.ndarray) -> None:
         rows = rows.reshape(len(rows), -1)
         for gram, _ in _augmented_products(rows):
             self.matrix += gram
-        self.rows += len(rows)
 
 
 def channel_rows(values: np.ndarray, channel_axis: int) -> np.ndarray:

@@ -62,20 +62,20 @@ def _random_array(rng, shape, dtype) -> np.ndarray:
     return rng.integers(0, 10, shape).astype(dtype)
 
 
-def session(model: onnx.ModelProto, threads: int = 0, arena: bool = True) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session; `arena=False` returns memory after each run (calibration)."""
+def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session (`threads` intra-op threads, 0: all cores)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
-    options.enable_cpu_mem_arena = arena
+    options.inter_op_num_threads = 1
     try:
         return ort.InferenceSession(model.SerializeToString(), options,
                                     providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 - ORT raises its own exception classes
-        raise CondenseError(f"ONNX Runtime cannot load the model: {_first_line(err)}") from None
+        raise CondenseError(f"ONNX Runtime cannot load the model: {_last_line(err)}") from None
 
 
-def _first_line(err: Exception) -> str:
+def _last_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return text[-1] if text else type(err).__name__
 
@@ -103,7 +103,7 @@ def compare_models(original: onnx.ModelProto, reduced: onnx.ModelProto,
     progress = progress or silent()
     progress.total, start = max(len(batches), 1), 0
     for feeds in batches:
-        expected, actual = _run(reference, feeds, None), _run(candidate, feeds, names)
+        expected, actual = run_session(reference, feeds, None), run_session(candidate, feeds, names)
         rows = len(next(iter(feeds.values()))) if feeds else 1
         batch_labels = labels[start:start + rows] if labels is not None else None
         for name, e, a in zip(names, expected, actual):
@@ -121,11 +121,12 @@ def compare_models(original: onnx.ModelProto, reduced: onnx.ModelProto,
     }
 
 
-def _run(sess: ort.InferenceSession, feeds: dict, names) -> list:
+def run_session(sess: ort.InferenceSession, feeds: dict, names) -> list:
+    """Run a session; ONNX Runtime's failures become one-line user errors."""
     try:
         return sess.run(names, feeds)
     except Exception as err:  # noqa: BLE001 - ORT raises its own exception classes
-        raise CondenseError(f"ONNX Runtime failed to run the model: {_first_line(err)}") from None
+        raise CondenseError(f"ONNX Runtime failed to run the model: {_last_line(err)}") from None
 
 
 class OutputStats:
@@ -208,11 +209,11 @@ def load_data(path: str, model: onnx.ModelProto, labels_key: str | None = None):
             if labels_key not in archive.files:
                 raise CondenseError(f"{path} has no labels array '{labels_key}'")
             labels = archive[labels_key].reshape(-1)
-    _check_lengths(path, data, labels)
+    check_lengths(path, data, labels)
     return data, labels
 
 
-def _check_lengths(path, data, labels) -> None:
+def check_lengths(path, data, labels) -> None:
     lengths = {len(a) for a in data.values()} | ({len(labels)} if labels is not None else set())
     if len(lengths) > 1:
         raise CondenseError(f"arrays in {path} have different lengths: {sorted(lengths)}")
