@@ -1,7 +1,7 @@
 """Evaluate a per-channel chain of nodes on chosen channel values with ONNX Runtime.
 
-The chain runs in float32 whatever the model's dtype (float16 and bfloat16 models are analyzed in
-float32; ONNX Runtime has no bfloat16 kernels for most ops on CPU).
+Half-precision chains run in float32 (float16 and bfloat16 models are analyzed in float32; ONNX
+Runtime has no bfloat16 kernels for most ops on CPU); float64 stays float64.
 
 The merge math needs numbers the graph computes per channel: the scale and shift of the affine
 ops around the activation, and the constant a dead channel outputs. Rather than re-implement every

@@ -1,13 +1,16 @@
-"""Condense the channels of dense layers (paper section 2.2).
+"""Condense the channels of dense and convolutional layers (paper sections 2.2, 2.3, A.1-A.3).
 
-For every layer that `condense_graph.analysis` finds (a Gemm/MatMul producer, per-channel ops,
-Gemm/MatMul consumers), group the neurons by cosine similarity at the layer's threshold, keep each
-group's main neuron and fold the others into the consumer weights (eq. 10-12). Neurons with zero
-incoming weights fold their constant output into the consumer bias; neurons with zero outgoing
-weights are dropped.
+For every layer that `condense_graph.analysis` finds (a Gemm/MatMul/Conv producer, per-channel ops,
+Gemm/MatMul/Conv consumers), group the neurons (cosine of weight vectors, of calibration
+activations, a target width, or the magnitude-pruning baseline), keep each group's main neuron and
+fold the others into the consumer weights (eq. 10-12, 36-38). Depthwise-separable blocks are merged
+by the least-squares rule of A.3. Neurons with zero incoming weights fold their constant output into
+the consumer bias; neurons with zero outgoing weights are dropped. With calibration data each
+reduced layer's consumers are then refit by least squares (`condense_graph.compensate`).
 
-Layers are reduced one after the other in graph order; each layer is judged on the weights left
-by the previous reduction. Layers the analysis rejects are left untouched and reported.
+Layers are reduced one after the other in graph order; each layer is judged on the weights (and,
+with data, the activations) left by the previous reductions. Layers the analysis rejects are left
+untouched and reported.
 """
 
 from __future__ import annotations
