@@ -22,6 +22,12 @@ import onnxruntime as ort
 _HALF = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 
+def float32_if_half(values: np.ndarray) -> np.ndarray:
+    """float16 and bfloat16 arrays as float32 (the precision the math runs in); others as they are."""
+    half = values.dtype == np.float16 or str(values.dtype) == "bfloat16"
+    return values.astype(np.float32) if half else values
+
+
 def evaluate_chain(nodes: list[gs.Node], source: gs.Tensor, sink: gs.Tensor,
                    arrays: Mapping[str, np.ndarray], x: np.ndarray, versions: tuple[int, int]) -> np.ndarray:
     """Run `nodes` from `source` to `sink` on `x` ([rows, width, 1...]); return [rows, width].
@@ -62,9 +68,7 @@ def _tensor(t: gs.Tensor, tensors: dict[str, gs.Tensor], arrays: Mapping[str, np
     if t.name not in tensors:
         if isinstance(t, gs.Constant):
             values = np.asarray(arrays[t.name] if t.name in arrays else t.values)
-            if values.dtype.kind == "f" and values.dtype.itemsize <= 2 or str(values.dtype) == "bfloat16":
-                values = values.astype(np.float32)
-            tensors[t.name] = gs.Constant(t.name, values)
+            tensors[t.name] = gs.Constant(t.name, float32_if_half(values))
         else:
             tensors[t.name] = gs.Variable(t.name)
     return tensors[t.name]

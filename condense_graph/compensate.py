@@ -33,23 +33,13 @@ def refit_consumer(consumer: Consumer, normal, store) -> dict:
     """Replace the consumer's merged weights and bias in `store` by the least-squares refit."""
     merged = store[consumer.weight.name]
     rows = weight_rows(consumer, merged)
-    bias = consumer_bias(consumer, store, rows.shape[1])
+    bias = store.bias(consumer.bias, rows.shape[1])
     start = np.vstack([consumer.scale * rows, consumer.bias_scale * bias.reshape(1, -1)])
     solution, errors = refit(normal, start)
     store.set(consumer.weight.name,
               from_weight_rows(consumer, solution[:-1] / consumer.scale, merged).astype(merged.dtype))
-    new_bias = solution[-1] / consumer.bias_scale
-    if store.get(consumer.bias) is None:
-        if not np.any(new_bias):
-            return errors
-        store.created[consumer.bias] = consumer.node
-    store.set(consumer.bias, new_bias.astype(merged.dtype))
+    store.set_bias(consumer.bias, consumer.node, solution[-1] / consumer.bias_scale, merged.dtype)
     return errors
-
-
-def consumer_bias(consumer: Consumer, store, outputs: int) -> np.ndarray:
-    bias = store.get(consumer.bias)
-    return np.zeros(outputs) if bias is None else np.broadcast_to(bias.reshape(-1), (outputs,)).astype(np.float64)
 
 
 def compensate(layer: Layer, store, normals: list) -> list[dict]:

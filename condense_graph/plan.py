@@ -14,7 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from condense_graph.analysis import Consumer, Layer, Producer
-from condense_graph.chain_eval import affine_coefficients, evaluate_chain
+from condense_graph.chain_eval import affine_coefficients, evaluate_chain, float32_if_half
 from condense_graph.merge import ChannelMap, channel_map, least_squares_rows, merge_consumer
 from condense_graph.refit import activation_cosine, projection_factors
 from condense_graph.similarity import cosine_similarity, greedy_groups, groups_for_width, round_up_groups
@@ -37,9 +37,7 @@ class WeightStore:
     def __getitem__(self, name: str) -> np.ndarray:
         if name in self.changed:
             return self.changed[name]
-        values = np.asarray(self._constants[name].values)
-        return values.astype(np.float32) if values.dtype.itemsize == 2 and values.dtype.kind == "f" \
-            or str(values.dtype) == "bfloat16" else values
+        return float32_if_half(np.asarray(self._constants[name].values))
 
     def original_dtype(self, name: str):
         return np.asarray(self._constants[name].values).dtype if name in self._constants else None
@@ -49,6 +47,19 @@ class WeightStore:
 
     def set(self, name: str, values: np.ndarray) -> None:
         self.changed[name] = values
+
+    def bias(self, key: str, width: int) -> np.ndarray:
+        """The bias array `key` as float64 [width]; zeros when the node has none yet."""
+        bias = self.get(key)
+        return np.zeros(width) if bias is None else np.broadcast_to(bias.reshape(-1), (width,)).astype(np.float64)
+
+    def set_bias(self, key: str, node: gs.Node, values: np.ndarray, dtype) -> None:
+        """Write a bias; a node without one gets a new one (unless it would be all zeros)."""
+        if self.get(key) is None:
+            if not np.any(values):
+                return
+            self.created[key] = node
+        self.set(key, np.asarray(values).astype(dtype))
 
 
 @dataclass
@@ -115,10 +126,7 @@ def pre_affine(layer: Layer, store: WeightStore, versions) -> tuple[np.ndarray, 
 
 
 def producer_bias(producer: Producer, store: WeightStore, width: int) -> np.ndarray:
-    bias = store.get(producer.bias)
-    if bias is None:
-        return np.zeros(width)
-    return np.broadcast_to(bias.reshape(-1).astype(np.float64), (width,)) * producer.bias_scale
+    return store.bias(producer.bias, width) * producer.bias_scale
 
 
 def plan_layer(layer: Layer, store: WeightStore, grouping: Grouping, versions: tuple[int, int],
@@ -286,11 +294,7 @@ def merge_into_consumer(consumer: Consumer, store: WeightStore, cmap: ChannelMap
         return
     delta = consumer.scale * per_output / consumer.bias_scale
     bias = store.get(consumer.bias)
-    if bias is None:
-        store.created[consumer.bias] = consumer.node
-        store.set(consumer.bias, delta.astype(weight.dtype))
-    else:
-        store.set(consumer.bias, (bias + delta).astype(bias.dtype))
+    store.set_bias(consumer.bias, consumer.node, delta if bias is None else bias + delta, weight.dtype)
 
 
 def depthwise_vectors(layer: Layer, store: WeightStore, versions) -> np.ndarray:
@@ -370,9 +374,4 @@ def write_producer_rows(layer: Layer, store: WeightStore, rows: np.ndarray, s, t
     raw = rows[:, :-1] / (safe[:, None] * producer.scale)
     view = channel_first(weight, producer.axis)
     store.set(producer.weight.name, np.moveaxis(raw.reshape(view.shape).astype(weight.dtype), 0, producer.axis))
-    bias = (rows[:, -1] - t) / safe / producer.bias_scale
-    if store.get(producer.bias) is None:
-        if not np.any(bias):
-            return
-        store.created[producer.bias] = producer.node
-    store.set(producer.bias, bias.astype(weight.dtype))
+    store.set_bias(producer.bias, producer.node, (rows[:, -1] - t) / safe / producer.bias_scale, weight.dtype)
