@@ -66,9 +66,8 @@ class CondenseChannelsPass:
         """Plan every layer in graph order; with calibration data each layer is judged and refit on
         the activations of the network reduced so far (`model` is the pass's input)."""
         self.check_layer_names(analysis)
-        for layer in analysis.layers:
-            if layer.depthwise is not None:
-                give_zero_bias(layer.producer)  # the least-squares rows need a bias to write into
+        zero_biased = [layer for layer in analysis.layers  # the least-squares rows need a bias
+                       if layer.depthwise is not None and give_zero_bias(layer.producer)]
         constants = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
         store = WeightStore(constants)
         self.progress.total = max(len(analysis.layers), 1)
@@ -80,6 +79,9 @@ class CondenseChannelsPass:
                 plans.append(self.plan_with_data(graph, layer, plans, store, model))
             self.progress.advance()
         self.progress.close()
+        for layer in zero_biased:  # a bias nobody wrote into goes away again
+            if layer.producer.bias not in store.changed:
+                layer.producer.node.inputs.pop()
         return plans, store
 
     def plan_with_data(self, graph, layer, plans, store, model) -> LayerPlan:
@@ -148,17 +150,18 @@ def rewrite(graph: gs.Graph, plans: list[LayerPlan], store: WeightStore) -> None
     graph.cleanup().toposort()
 
 
-def give_zero_bias(producer) -> None:
-    """A zero bias for a bias-less producer: the same function, and a bias array to plan with."""
+def give_zero_bias(producer) -> bool:
+    """A zero bias for a bias-less producer: the same function, and a bias array to plan with.
+    Returns whether one was added."""
     node = producer.node
     if len(node.inputs) > 2 and node.inputs[2].name:
-        return
-    zeros = np.zeros(producer.width, dtype=producer.weight.values.dtype)
-    bias = gs.Constant(producer.bias, zeros)
+        return False
+    bias = gs.Constant(producer.bias, np.zeros(producer.width, dtype=producer.weight.values.dtype))
     if len(node.inputs) > 2:
         node.inputs[2] = bias
     else:
         node.inputs.append(bias)
+    return True
 
 
 def add_bias(graph: gs.Graph, node: gs.Node, bias: gs.Constant) -> None:

@@ -87,3 +87,15 @@ def test_more_bad_options(argv, message, tmp_path, capsys):
     onnx.save(planted_mlp([4, 6, 2], [3]), path)
     assert main([a.format(m=path, o=tmp_path / "o.onnx") for a in argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_unreduced_depthwise_blocks_get_no_extra_bias(tmp_path):
+    torch = pytest.importorskip("torch")
+    block = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1, bias=False), torch.nn.ReLU6(),
+                                torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), torch.nn.ReLU6(),
+                                torch.nn.Conv2d(8, 4, 1, bias=False)).eval()
+    path = tmp_path / "b.onnx"
+    torch.onnx.export(block, (torch.randn(1, 4, 6, 6),), str(path), dynamo=False, opset_version=17)
+    result = cg.condense(str(path), threshold=1.0)
+    assert result.report["layers"][0]["width_after"] == 8
+    assert result.report["params_after"] == result.report["params_before"]
