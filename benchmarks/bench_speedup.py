@@ -66,7 +66,7 @@ def sweep(name: str, model: onnx.ModelProto, runs: int, round_to: int) -> list[d
             base, red = result["models"]
             row = {"model": name, "threshold": threshold, "batch": batch, "params": red["params"],
                    "ideal": red["ideal_speedup"], "speedup": red["speedup"],
-                   "efficiency": red["speedup"] / red["ideal_speedup"],
+                   "efficiency": red["efficiency"],
                    "median_ms": (base["median_ms"], red["median_ms"]), "runs": n}
             print(f"{name} t={threshold} batch={batch}: ideal {row['ideal']:.2f}x measured "
                   f"{row['speedup']:.2f}x ({row['efficiency']:.2f})", flush=True)

@@ -146,4 +146,5 @@ def benchmark(models: list[tuple[str, onnx.ModelProto, int]], batch: int = 1, th
     for entry in entries:
         entry["speedup"] = speedup(entries[0]["median_ms"], entry["median_ms"])
         entry["ideal_speedup"] = entries[0]["macs"] / entry["macs"] if entry["macs"] else None
+        entry["efficiency"] = efficiency(entry["speedup"], entries[0]["macs"], entry["macs"])
     return {"batch": batch, "threads": threads, "runs": runs, "warmup": warmup, "models": entries}

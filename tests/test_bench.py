@@ -51,12 +51,13 @@ def test_bench_reports_every_field(tmp_path, capsys):
     base, other = result["models"]
     for entry in (base, other):
         assert {"model", "params", "macs", "file_size", "median_ms", "iqr_ms", "speedup",
-                "ideal_speedup"} <= set(entry)
+                "ideal_speedup", "efficiency"} <= set(entry)
         assert entry["median_ms"] > 0 and entry["iqr_ms"] >= 0
     assert base["speedup"] == 1.0
     assert other["macs"] == 8 * (16 * 32 + 32 * 32 + 32 * 4)
     assert other["ideal_speedup"] == pytest.approx(base["macs"] / other["macs"])
     assert other["speedup"] == pytest.approx(base["median_ms"] / other["median_ms"])
+    assert other["efficiency"] == pytest.approx(other["speedup"] / other["ideal_speedup"])
     table = capsys.readouterr().out
     assert "Speedup" in table and "MACs" in table
 

@@ -1,5 +1,6 @@
 """Chains between producer and consumer: exporter patterns, per-channel constants, and the
-parts of a graph the pass must leave alone (graph outputs, weight tying, control flow)."""
+parts of a graph the pass must leave alone (graph outputs; weight tying and control flow are in
+test_robustness.py)."""
 
 import numpy as np
 import onnx
@@ -110,29 +111,6 @@ def test_channels_reaching_a_graph_output_are_left_alone(rng):
     assert result.report["layers"] == []
     assert any("graph output" in s["reason"] for s in result.report["skipped"])
     assert result.report["params_after"] == result.report["params_before"]
-
-
-def test_tied_weights_are_left_alone(rng):
-    model = dense_around([helper.make_node("Relu", ["h"], ["a"])], {}, rng)
-    model.graph.node.append(helper.make_node("Gemm", ["x", "w1"], ["tied"], name="fc_tied", transB=1))
-    model.graph.output.append(helper.make_tensor_value_info("tied", TensorProto.FLOAT, ["N", WIDTH]))
-    result = cg.condense(model, threshold=0.9999)
-    assert result.report["layers"] == []
-    assert any("weight tying" in s["reason"] for s in result.report["skipped"])
-
-
-def test_channels_read_inside_an_if_subgraph_are_left_alone(rng):
-    model = dense_around([helper.make_node("Relu", ["h"], ["a"])], {}, rng)
-    branch = lambda name: helper.make_graph(  # noqa: E731
-        [helper.make_node("Identity", ["a"], [name])], name, [],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)])
-    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
-    model.graph.node.append(helper.make_node("If", ["cond"], ["z"], then_branch=branch("t"),
-                                             else_branch=branch("e")))
-    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", WIDTH]))
-    result = cg.condense(model, threshold=0.9999)
-    assert result.report["layers"] == []
-    assert any("subgraph" in s["reason"] for s in result.report["skipped"])
 
 
 def test_two_consumers_are_rewritten_together(rng):
