@@ -1,4 +1,4 @@
-"""The Python API: one straight line, load -> analyze -> plan -> rewrite -> verify.
+"""The Python API: one straight line, load -> analyze -> plan -> rewrite -> check -> verify.
 
     result = condense_graph.condense("model.onnx", threshold=0.95)
     result.model   # onnx.ModelProto, smaller
@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -19,10 +20,13 @@ from condense_graph.errors import CondenseError
 from condense_graph.model_io import load_model
 from condense_graph.progress import Progress
 from condense_graph.report import build_report, count_params
-from condense_graph.verify import compare_models
+from condense_graph.safety import check_output
+from condense_graph.verify import check_agreement_applies, compare_models, fixed_batch, split_holdout
 from passes.condense_channels import CondenseChannelsPass
 
 INSPECT_THRESHOLDS = (0.8, 0.9, 0.95, 0.99, 0.999)
+HOLDOUT_FRACTION = 0.2     # with calibration data and verify: the last 20% of the rows verify
+MIN_WIDTH_FRACTION = 0.1   # target_params never cuts a layer below 10% of its width
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 
@@ -39,43 +43,55 @@ def condense(model: ModelLike, threshold: float = 0.95,
              input_shapes: dict[str, list[int]] | None = None,
              progress: Progress | None = None, round_to: int = 1,
              calibration: str | os.PathLike | dict | None = None, similarity: str = "weights",
-             layer_widths: dict[str, int] | None = None, target_params: float | None = None) -> CondenseResult:
+             layer_widths: dict[str, int] | None = None, target_params: float | None = None,
+             holdout: float = HOLDOUT_FRACTION, min_width_fraction: float = MIN_WIDTH_FRACTION,
+             all_class_scores: bool = False) -> CondenseResult:
     """Merge condensed neurons of every reducible layer; the input model is never modified.
 
     `layer_thresholds` maps a layer (its producer node name or weight name) to its own threshold.
-    `round_to` rounds every new width up to a multiple of it (8 or 16 suit CPU GEMM kernels).
+    `round_to` rounds every new width up to a multiple of it (8 or 16 suit CPU GEMM kernels),
+    requested widths too (never above the layer's width).
     `calibration` (an .npz path or a dict of arrays named after the graph inputs) turns on the
     data-aware merge: consumers are refit by least squares on the calibration activations, and
     `similarity="activations"` groups neurons by their activations instead of their weights;
     `similarity="magnitude"` is the pruning baseline (keep the largest neurons, drop the rest).
     `layer_widths` asks for a width per layer (the threshold that lands on it is found);
-    `target_params` (a fraction of the original parameters) picks those widths for every layer.
-    With `verify`, both models run in ONNX Runtime on random inputs and the report gets `verify`.
+    `target_params` (a fraction of the original parameters) picks those widths for every layer,
+    none below `min_width_fraction` of the layer's width (a CondenseError when that cannot reach
+    the target).
+    With `verify`, both models run in ONNX Runtime and the report gets `verify`: on random inputs,
+    or with calibration data on its last `holdout` fraction of rows, which then do not calibrate.
+    `all_class_scores` makes every [batch, classes] output class scores (top-1 agreement).
+    The reduced model passes `condense_graph.safety.check_output` (full onnx.checker, ONNX Runtime
+    loads it, finite weights) or an `InternalError` is raised.
     """
-    _check_threshold(threshold, "threshold")
-    for name, value in (layer_thresholds or {}).items():
-        _check_threshold(value, f"threshold of layer '{name}'")
-    if not isinstance(round_to, int) or round_to < 1:
-        raise CondenseError(f"round_to must be a positive integer, got {round_to!r}")
+    _check_options(threshold, layer_thresholds, round_to, holdout, min_width_fraction)
     original = load_model(model)
+    if verify and all_class_scores:
+        check_agreement_applies(original)
     data = _calibration(calibration, original, similarity)
+    held = None
+    if verify and data is not None:
+        calibrate, held = split_holdout(data.data, holdout, fixed_batch(original) or 1)
+        data = Calibration(calibrate, data.batch_size)
     if similarity == "magnitude" and not layer_widths and target_params is None:
         raise CondenseError("magnitude pruning needs layer widths or target_params")
-    widths = dict(layer_widths or {})
-    _check_widths(widths, target_params)
-    fraction = None
-    if target_params is not None:
-        fraction, target_widths = widths_for_params(original, target_params, widths, similarity)
-        widths = target_widths | widths
+    _check_widths(dict(layer_widths or {}), target_params)
+    widths, target = planned_widths(original, dict(layer_widths or {}), target_params, round_to,
+                                    similarity, min_width_fraction)
     result = CondenseChannelsPass(threshold, layer_thresholds, progress, round_to, data, widths,
                                   similarity)(original)
+    checks = check_output(result.model, original)
     plans = result.details["plans"]
     report = build_report(original, result.model, plans, result.details["skipped"])
-    if target_params is not None:
-        report["target_params"] = {"requested": target_params, "width_fraction": fraction,
-                                   "achieved": report["params_after"] / report["params_before"]}
+    report["output_checks"] = checks
+    if target is not None:
+        report["target_params"] = target | {"achieved": report["params_after"] / report["params_before"]}
     if verify:
-        report["verify"] = compare_models(original, result.model, input_shapes)
+        report["verify"] = compare_models(original, result.model, input_shapes, data=held,
+                                          all_class_scores=all_class_scores)
+        if held is not None:
+            report["verify"] |= {"inputs": "held-out data", "calibration_rows": data.samples}
     return CondenseResult(result.model, report, plans)
 
 
@@ -97,12 +113,48 @@ def inspect(model: ModelLike, thresholds=INSPECT_THRESHOLDS) -> dict:
             "skipped": [{"name": s.name, "reason": s.reason} for s in analysis.skipped]}
 
 
-def widths_for_params(model: onnx.ModelProto, target: float, fixed: dict[str, int],
-                      similarity: str = "weights", steps: int = 14) -> tuple[float, dict[str, int]]:
-    """Widths round(r * width) for every layer, with r found by bisection so that the reduced model
-    keeps about `target` of the parameters (layers in `fixed` keep their requested width). Each
-    step plans the reduction on one analysis of the model and counts parameters from the plan."""
+def planned_widths(model: onnx.ModelProto, layer_widths: dict[str, int], target: float | None,
+                   round_to: int, similarity: str, min_fraction: float) -> tuple[dict[str, int], dict | None]:
+    """The width of every layer that gets one: the requested ones rounded up to `round_to`, and
+    for `target` the widths of `widths_for_params`. Also the target's report entry."""
+    if target is None and (round_to == 1 or not layer_widths):
+        return layer_widths, None
     graph, analysis = CondenseChannelsPass.analyze(model)
+    sizes = {key: layer.producer.width for layer in analysis.layers
+             for key in (layer.name, layer.producer.weight.name)}
+    fixed = {name: round_width(width, sizes.get(name), round_to) for name, width in layer_widths.items()}
+    if target is None:
+        return fixed, None
+    fraction, free = widths_for_params(model, target, fixed, similarity, round_to=round_to,
+                                       min_fraction=min_fraction, analyzed=(graph, analysis))
+    floors = {layer.name: width_floor(layer.producer.width, min_fraction, round_to)
+              for layer in analysis.layers if layer.name in free}
+    entry = {"requested": target, "width_fraction": fraction, "min_width_fraction": min_fraction,
+             "at_floor": sorted(name for name, width in free.items() if width == floors[name])}
+    return free | fixed, entry
+
+
+def round_width(width: int, layer_width: int | None, round_to: int) -> int:
+    """`width` rounded up to a multiple of `round_to`, never above the layer's width."""
+    rounded = -(-width // round_to) * round_to
+    return rounded if layer_width is None else min(rounded, layer_width)
+
+
+def width_floor(layer_width: int, min_fraction: float, round_to: int = 1) -> int:
+    """The smallest width target_params gives a layer: min_fraction of it, at least 1 (rounded)."""
+    return round_width(max(1, math.ceil(min_fraction * layer_width - 1e-9)), layer_width, round_to)
+
+
+def widths_for_params(model: onnx.ModelProto, target: float, fixed: dict[str, int],
+                      similarity: str = "weights", steps: int = 14, round_to: int = 1,
+                      min_fraction: float = MIN_WIDTH_FRACTION,
+                      analyzed: tuple | None = None) -> tuple[float, dict[str, int]]:
+    """Widths round(r * width) for every layer (rounded up to `round_to`, never below
+    `width_floor`), with r found by bisection so that the reduced model keeps about `target` of the
+    parameters (layers in `fixed` keep their requested width). Each step plans the reduction on one
+    analysis of the model and counts parameters from the plan. A target that is not reached with
+    every free layer at its floor is a CondenseError saying what is reachable."""
+    graph, analysis = analyzed or CondenseChannelsPass.analyze(model)
     before = count_params(model)
     # sizes from the analyzed graph, where Constant nodes have become initializers
     sizes = {name: int(t.values.size) for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
@@ -111,7 +163,9 @@ def widths_for_params(model: onnx.ModelProto, target: float, fixed: dict[str, in
             if layer.name not in fixed and layer.producer.weight.name not in fixed]
 
     def widths_at(r: float) -> dict[str, int]:
-        return {layer.name: max(1, round(r * layer.producer.width)) for layer in free}
+        return {layer.name: max(width_floor(layer.producer.width, min_fraction, round_to),
+                                round_width(max(1, round(r * layer.producer.width)), layer.producer.width,
+                                            round_to)) for layer in free}
 
     def fraction_at(r: float) -> float:
         condense = CondenseChannelsPass(1.0, layer_widths=widths_at(r) | fixed, similarity=selection)
@@ -119,6 +173,11 @@ def widths_for_params(model: onnx.ModelProto, target: float, fixed: dict[str, in
         delta = sum(values.size - sizes.get(name, 0) for name, values in store.changed.items())
         return (before + delta) / before
 
+    smallest = fraction_at(0.0)
+    if smallest > target:
+        raise CondenseError(f"target_params {target:g} cannot be reached without cutting a layer below "
+                            f"{min_fraction:g} of its width (min_width_fraction): the smallest reachable "
+                            f"is {smallest:.3f} of the parameters")
     low, high = 0.0, 1.0
     for _ in range(steps):
         mid = (low + high) / 2
@@ -152,6 +211,18 @@ def _calibration(source, model: onnx.ModelProto, similarity: str) -> Calibration
         check_lengths("the calibration data", data, None)
         return Calibration(data)
     return load_calibration(str(source), model)
+
+
+def _check_options(threshold, layer_thresholds, round_to, holdout, min_width_fraction) -> None:
+    _check_threshold(threshold, "threshold")
+    for name, value in (layer_thresholds or {}).items():
+        _check_threshold(value, f"threshold of layer '{name}'")
+    if not isinstance(round_to, int) or round_to < 1:
+        raise CondenseError(f"round_to must be a positive integer, got {round_to!r}")
+    if not isinstance(holdout, (int, float)) or not 0.0 < holdout < 1.0:
+        raise CondenseError(f"holdout is a fraction of the data rows in (0, 1), got {holdout!r}")
+    if not isinstance(min_width_fraction, (int, float)) or not 0.0 <= min_width_fraction <= 1.0:
+        raise CondenseError(f"min_width_fraction is a fraction in [0, 1], got {min_width_fraction!r}")
 
 
 def _check_threshold(value: float, what: str) -> None:

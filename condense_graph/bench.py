@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from condense_graph.progress import Progress, silent
 from condense_graph.report import count_params
-from condense_graph.verify import graph_inputs, random_feeds, session
+from condense_graph.verify import random_feeds, session
 
 
 def count_macs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int:
@@ -76,15 +76,10 @@ def inferred_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) 
 
 def bench_feeds(model: onnx.ModelProto, batch: int, input_shapes: dict[str, list[int]],
                 seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs; a dynamic first dimension becomes `batch`."""
-    shapes = dict(input_shapes)
-    for value in graph_inputs(model):
-        if value.name in shapes:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        shapes[value.name] = [d.dim_value if d.HasField("dim_value") else (batch if i == 0 else 1)
-                              for i, d in enumerate(dims)]
-    return random_feeds(model, shapes, np.random.default_rng(seed))
+    """Random inputs; a dynamic first dimension becomes `batch`, other dynamic dimensions get
+    verification's default size. Integer inputs that index constant tables get valid indices, other
+    integer inputs [0, 10) (latency does not depend on their meaning)."""
+    return random_feeds(model, input_shapes, np.random.default_rng(seed), strict=False, batch=batch)
 
 
 def make_session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:

@@ -1,7 +1,9 @@
 """Command line: `condense-graph reduce|inspect|verify|bench`.
 
-Exit codes: 0 done, 1 verification failed (nothing written unless --force), 2 bad input or usage.
-User errors print one line; --debug shows the traceback.
+Exit codes: 0 done, 1 verification failed (nothing written unless --force), 2 bad input or usage
+(one line), 3 internal error: a bug of condense-graph, an unexpected exception or a reduced model
+that fails the safety checks (one line; nothing written). `--debug`, before or after the command,
+shows the traceback instead. A closed stdout (`| head`) ends the output quietly.
 """
 
 from __future__ import annotations
@@ -13,16 +15,20 @@ import os
 import sys
 from pathlib import Path
 
-from condense_graph.api import condense, inspect
+from condense_graph.api import HOLDOUT_FRACTION, MIN_WIDTH_FRACTION, condense, inspect
 from condense_graph.bench import benchmark
-from condense_graph.errors import CondenseError
+from condense_graph.errors import CondenseError, InternalError
 from condense_graph.model_io import load_model, save_model
 from condense_graph.progress import Progress
 from condense_graph.report import (format_bench_table, format_inspect_table, format_reduce_table,
                                    format_verify_table)
-from condense_graph.verify import breaches, compare_models, load_data, parse_input_shape
+from condense_graph.safety import BUG
+from condense_graph.verify import (DEFAULT_BATCH, DEFAULT_DIM, DEFAULT_MIN_COSINE, DEFAULT_RTOL, Tolerances,
+                                   breaches, check_agreement_applies, check_agreement_measured,
+                                   compare_models, load_data, parse_input_shape)
 
-EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+DEFAULT_SHAPES = f"{DEFAULT_BATCH} for the batch, {DEFAULT_DIM} otherwise"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,7 +38,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="condense-graph", description="Merge condensed neurons of ONNX models.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    _add_debug(parser, default=False)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_reduce(commands.add_parser("reduce", help="write a reduced model"))
     insp = commands.add_parser("inspect", help="list reducible layers and their widths")
@@ -40,7 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--json", metavar="FILE.json", help="also write the listing as JSON")
     _add_verify(commands.add_parser("verify", help="compare two models in ONNX Runtime"))
     _add_bench(commands.add_parser("bench", help="measure ONNX Runtime latency of one or two models"))
+    for command in commands.choices.values():
+        _add_debug(command, default=argparse.SUPPRESS)  # after the command too, not clobbering
     return parser
+
+
+def _add_debug(parser, default) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show the traceback of an error instead of one line")
 
 
 def _add_reduce(reduce) -> None:
@@ -54,19 +67,27 @@ def _add_reduce(reduce) -> None:
                         help="width to reach for one layer (the threshold landing on it is found)")
     reduce.add_argument("--target-params", type=float, metavar="R",
                         help="keep this fraction of the parameters: a width for every layer")
+    reduce.add_argument("--min-width-fraction", type=float, default=MIN_WIDTH_FRACTION, metavar="F",
+                        help="--target-params cuts no layer below this fraction of its width "
+                             f"(default {MIN_WIDTH_FRACTION:g}); an unreachable target is an error")
     reduce.add_argument("--data", metavar="FILE.npz",
                         help="calibration data (arrays named after the graph inputs): refit consumers")
     reduce.add_argument("--similarity", choices=["weights", "activations", "magnitude"], default="weights",
                         help="group neurons by weight vectors (the paper) or, with --data, activations; "
                              "'magnitude' is the pruning baseline (keep the largest, needs widths)")
     reduce.add_argument("--round-to", type=int, default=1, metavar="N",
-                        help="round every new width up to a multiple of N (8 or 16 suit CPU kernels)")
+                        help="round every new width up to a multiple of N (8 or 16 suit CPU kernels), "
+                             "requested widths too")
     reduce.add_argument("--report", metavar="FILE.json", help="write the JSON report here")
     reduce.add_argument("--verify", action="store_true",
-                        help="compare both models in ONNX Runtime on random inputs")
-    _add_tolerances(reduce, default_atol=1e-4)
+                        help="compare both models in ONNX Runtime on random inputs or, with --data, "
+                             "on held-out rows of the data that do not calibrate")
+    reduce.add_argument("--holdout", type=float, default=HOLDOUT_FRACTION, metavar="FRACTION",
+                        help="with --data and --verify: the last FRACTION of the rows verify "
+                             f"(default {HOLDOUT_FRACTION:g})")
+    _add_tolerances(reduce)
     reduce.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
-                        help="shape of a graph input (dynamic dims default to 1)")
+                        help=f"shape of a graph input (dynamic dims default to {DEFAULT_SHAPES})")
     reduce.add_argument("--force", action="store_true",
                         help="write the output even when verification fails (exit code stays 1)")
     reduce.add_argument("--in-place", action="store_true", help="allow OUTPUT to be INPUT")
@@ -78,12 +99,21 @@ def _add_reduce(reduce) -> None:
     reduce.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
-def _add_tolerances(parser, default_atol=None) -> None:
-    parser.add_argument("--atol", type=float, default=default_atol,
-                        help="largest max_abs_err accepted" + (f" (default {default_atol:g})" if default_atol else ""))
-    parser.add_argument("--rtol", type=float, help="largest max_rel_err accepted")
+def _add_tolerances(parser) -> None:
+    parser.add_argument("--rtol", type=float,
+                        help="largest max_rel_err (max |diff| / max |original|) accepted "
+                             f"(default {DEFAULT_RTOL:g}; inf switches it off)")
+    parser.add_argument("--min-cosine", type=float,
+                        help=f"smallest output cosine accepted (default {DEFAULT_MIN_COSINE:g}; "
+                             "-1 switches it off)")
+    parser.add_argument("--atol", type=float, help="largest max_abs_err accepted (no default)")
     parser.add_argument("--min-agreement", type=float,
-                        help="smallest top-1 agreement accepted on class-score outputs")
+                        help="smallest top-1 agreement accepted; every [batch, classes] output is then "
+                             "class scores, and an error if there is none")
+
+
+def _tolerances(args) -> Tolerances:
+    return Tolerances.given(args.atol, args.rtol, args.min_cosine, args.min_agreement)
 
 
 def _add_verify(verify) -> None:
@@ -92,7 +122,8 @@ def _add_verify(verify) -> None:
     verify.add_argument("--data", metavar="FILE.npz", help="inputs: arrays named after the graph inputs")
     verify.add_argument("--labels", metavar="KEY", help="array of class labels in the --data file")
     verify.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
-                        help="shape of a graph input for random inputs (dynamic dims default to 1)")
+                        help=f"shape of a graph input for random inputs (dynamic dims default to "
+                             f"{DEFAULT_SHAPES})")
     verify.add_argument("--runs", type=int, default=4, help="random draws without --data (default 4)")
     verify.add_argument("--batch-size", type=int, default=256, help="rows per run with --data")
     _add_tolerances(verify)
@@ -123,11 +154,33 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"reduce": run_reduce, "inspect": run_inspect, "verify": run_verify, "bench": run_bench}
     try:
         return commands[args.command](args)
-    except CondenseError as err:
+    except Exception as err:  # noqa: BLE001 - every failure ends as one line and an exit code
         if args.debug:
             raise
+        return _report_error(err)
+
+
+def _report_error(err: Exception) -> int:
+    """One line on stderr; the exit code says whose problem it is (user: 2, ours: 3)."""
+    if isinstance(err, CondenseError):
         print(f"condense-graph: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    if isinstance(err, InternalError):
+        print(f"condense-graph: {err}", file=sys.stderr)
+    else:
+        message = " ".join(str(err).split())
+        print(f"condense-graph: {BUG}: {type(err).__name__}: {message}; rerun with --debug for the "
+              "traceback", file=sys.stderr)
+    return EXIT_INTERNAL
+
+
+def _say(text: str) -> None:
+    """Print to stdout; a reader that went away (`| head`) silences the rest, not the exit code."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # further writes (and the interpreter's final flush) go nowhere instead of failing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _progress(args, label: str) -> Progress:
@@ -140,12 +193,15 @@ def run_reduce(args) -> int:
     layer_widths = {name: _as_width(value, spec) for spec in args.layer_width
                     for name, value in [_parse_layer(spec, "--layer-width", "NAME=WIDTH")]}
     input_shapes = dict(parse_input_shape(spec) for spec in args.input_shape)
+    tolerances = _tolerances(args)
     result = condense(args.input, args.threshold, layer_thresholds, verify=args.verify,
                       input_shapes=input_shapes, progress=_progress(args, "condensing layers"),
                       round_to=args.round_to, calibration=args.data, similarity=args.similarity,
-                      layer_widths=layer_widths, target_params=args.target_params)
+                      layer_widths=layer_widths, target_params=args.target_params, holdout=args.holdout,
+                      min_width_fraction=args.min_width_fraction,
+                      all_class_scores=args.min_agreement is not None)
     report = result.report
-    failures = breaches(report["verify"], args.atol, args.rtol, args.min_agreement) if args.verify else []
+    failures = _judge(report["verify"], tolerances) if args.verify else []
     if not failures or args.force:
         report["file_size_after"] = save_model(result.model, args.output, args.external_data)
     if args.plot:
@@ -161,31 +217,45 @@ def run_reduce(args) -> int:
     return EXIT_VERIFY_FAILED if failures else EXIT_OK
 
 
+def _judge(verify: dict, tolerances: Tolerances) -> list[str]:
+    """The breaches of `tolerances`; the verdict and the tolerances go into the report too."""
+    if tolerances.min_agreement is not None:
+        check_agreement_measured(verify)
+    failures = breaches(verify, tolerances)
+    verify["tolerances"] = {"rtol": tolerances.rtol, "min_cosine": tolerances.min_cosine,
+                            "atol": tolerances.atol, "min_agreement": tolerances.min_agreement,
+                            "defaults": sorted(tolerances.defaults)}
+    verify["pass"] = not failures
+    return failures
+
+
 def _print_reduce(args, report: dict, failures: list[str]) -> None:
-    print(format_reduce_table(report))
+    _say(format_reduce_table(report))
     if args.verify:
-        print(format_verify_table(report["verify"]))
-        print(_verdict(failures, args.force, args.output))
+        _say(format_verify_table(report["verify"]))
+        _say(_verdict(failures, _tolerances(args), args.force, args.output))
     elif not failures:
-        print(f"Wrote {args.output}")
+        _say(f"Wrote {args.output}")
     if "bench" in report:
-        print(format_bench_table(report["bench"]))
+        _say(format_bench_table(report["bench"]))
     for path in report.get("plots", []):
-        print(f"Plot: {path}")
+        _say(f"Plot: {path}")
 
 
-def _verdict(failures: list[str], force: bool, output: str | None) -> str:
+def _verdict(failures: list[str], tolerances: Tolerances, force: bool, output: str | None) -> str:
+    """'Verify: PASS (...)' or 'Verify: FAIL (breaches; tolerances ...)', and what was written."""
     if not failures:
-        return "Verify: PASS" + (f"; wrote {output}" if output else "")
+        return f"Verify: PASS ({tolerances.describe()})" + (f"; wrote {output}" if output else "")
     detail = "; ".join(failures)
+    line = f"Verify: FAIL ({detail}; tolerances: {tolerances.describe()})"
     if output is None:
-        return f"Verify: FAIL ({detail})"
-    return f"Verify: FAIL ({detail}); " + ("wrote it anyway (--force)" if force else "output not written")
+        return line
+    return f"{line}; " + ("wrote it anyway (--force)" if force else "output not written")
 
 
 def run_inspect(args) -> int:
     info = inspect(args.input)
-    print(format_inspect_table(info))
+    _say(format_inspect_table(info))
     if args.json:
         _write_json(info, args.json)
     return EXIT_OK
@@ -201,15 +271,18 @@ def run_verify(args) -> int:
     if args.data:
         data, labels = load_data(args.data, original, args.labels)
     input_shapes = dict(parse_input_shape(spec) for spec in args.input_shape)
+    tolerances = _tolerances(args)
+    if tolerances.min_agreement is not None:
+        check_agreement_applies(original)
     result = compare_models(original, reduced, input_shapes, runs=args.runs, data=data, labels=labels,
-                            batch_size=args.batch_size, progress=_progress(args, "verifying"))
-    failures = breaches(result, args.atol, args.rtol, args.min_agreement)
-    result["pass"] = not failures
+                            batch_size=args.batch_size, progress=_progress(args, "verifying"),
+                            all_class_scores=tolerances.min_agreement is not None)
+    failures = _judge(result, tolerances)
     if args.report:
         _write_json(result, args.report)
     if not args.quiet:
-        print(format_verify_table(result))
-        print(_verdict(failures, False, None))
+        _say(format_verify_table(result))
+        _say(_verdict(failures, tolerances, False, None))
     return EXIT_VERIFY_FAILED if failures else EXIT_OK
 
 
@@ -220,7 +293,7 @@ def run_bench(args) -> int:
     if args.report:
         _write_json(result, args.report)
     if not args.quiet:
-        print(format_bench_table(result))
+        _say(format_bench_table(result))
     return EXIT_OK
 
 

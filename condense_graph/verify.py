@@ -1,21 +1,36 @@
 """Verification: run the original and the reduced model in ONNX Runtime on the same inputs.
 
 Inputs are real data from an .npz file (arrays named after the graph inputs, run in batches) or
-random, drawn from the declared shapes and dtypes of the graph inputs; a dynamic dimension is 1
-unless `input_shapes` names it (the `name:d0,d1,...` form of onnxsim and Polygraphy).
+random, drawn from the declared shapes and dtypes of the graph inputs (`input_shapes` sets a shape,
+the `name:d0,d1,...` form of onnxsim and Polygraphy). A dynamic dimension of a random draw is
+DEFAULT_BATCH (2) in position 0 (the batch) and DEFAULT_DIM (32) elsewhere: large enough for the
+kernels and strides of a convolution stack or a sequence, small enough to run fast; dimensions with
+the same symbolic name get the same size. An integer input that only indexes constant tables
+(Gather, GatherElements) is drawn in [0, rows of the smallest table); any other integer input
+needs real data (`CondenseError`, the input named), since random integers are rarely valid for it.
 Per output:
 - max_abs_err: max |reduced - original|
 - max_rel_err: max_abs_err / max |original|, the error relative to the output's scale
   (an element-wise ratio explodes on outputs that are near zero, such as ReLU outputs);
+- max_elem_rel_err: max |reduced - original| / (|original| + ELEMENT_EPS), the element-wise
+  relative error (reported, not a default gate, for that reason);
 - cosine: cosine similarity of the flattened outputs;
+- nonfinite: elements that are NaN/Inf in the reduced output where the original is finite (or
+  that differ from a non-finite original); any makes max_abs_err inf and fails verification;
 - for class-score outputs ([batch, classes] made by Softmax/LogSoftmax or named like logits,
-  probs, scores; every [batch, classes] output when labels are given): top1_agreement, and with
-  labels accuracy_original and accuracy_reduced.
+  probs, scores; every [batch, classes] output when labels or a minimum agreement are given):
+  top1_agreement, and with labels accuracy_original and accuracy_reduced.
+
+`breaches` judges a result against `Tolerances`. Verification fails by default, as Polygraphy's
+does: unless overridden, an output must have max_rel_err <= DEFAULT_RTOL (1e-3) and cosine >=
+DEFAULT_MIN_COSINE (0.9999). Every gate is written so that NaN fails it.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -23,6 +38,13 @@ import onnxruntime as ort
 
 from condense_graph.errors import CondenseError
 from condense_graph.progress import Progress, silent
+
+DEFAULT_RTOL = 1e-3          # largest max_rel_err (scale-relative) accepted by default
+DEFAULT_MIN_COSINE = 0.9999  # smallest output cosine accepted by default
+ELEMENT_EPS = 1e-6           # keeps outputs that are zero to rounding from dominating max_elem_rel_err
+DEFAULT_BATCH = 2            # a dynamic batch dimension of a random draw (2: batch effects show)
+DEFAULT_DIM = 32             # any other dynamic dimension of a random draw
+LOOKUPS = {"Gather": "axis", "GatherElements": "axis"}  # ops whose input 1 indexes input 0
 
 
 def parse_input_shape(spec: str) -> tuple[str, list[int]]:
@@ -42,24 +64,112 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in initializers]
 
 
+def default_shapes(model: onnx.ModelProto, batch: int = DEFAULT_BATCH) -> dict[str, list[int]]:
+    """Declared input shapes with every dynamic dimension set: `batch` in position 0, DEFAULT_DIM
+    elsewhere; a symbolic name seen before keeps the size it got first (shared dims agree)."""
+    named: dict[str, int] = {}
+    shapes = {}
+    for value in graph_inputs(model):
+        shape = []
+        for position, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value"):
+                shape.append(dim.dim_value)
+                continue
+            size = batch if position == 0 else DEFAULT_DIM
+            if dim.dim_param:
+                size = named.setdefault(dim.dim_param, size)
+            shape.append(size)
+        shapes[value.name] = shape
+    return shapes
+
+
 def random_feeds(model: onnx.ModelProto, input_shapes: dict[str, list[int]],
-                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+                 rng: np.random.Generator, strict: bool = True,
+                 batch: int = DEFAULT_BATCH) -> dict[str, np.ndarray]:
+    """Random inputs of the declared (or `input_shapes`) shapes. Integer inputs that index constant
+    tables get valid indices; other integer inputs are refused (`strict`) or drawn in [0, 10)."""
+    shapes = default_shapes(model, batch) | dict(input_shapes)
+    bounds = index_bounds(model)
     feeds = {}
     for value in graph_inputs(model):
-        tensor = value.type.tensor_type
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
-        shape = input_shapes.get(value.name) or [d.dim_value if d.HasField("dim_value") else 1
-                                                  for d in tensor.shape.dim]
-        feeds[value.name] = _random_array(rng, shape, dtype)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        high = integer_high(value.name, dtype, bounds, strict)
+        feeds[value.name] = _random_array(rng, shapes[value.name], dtype, high)
     return feeds
 
 
-def _random_array(rng, shape, dtype) -> np.ndarray:
+def integer_high(name: str, dtype, bounds: dict[str, int | None], strict: bool) -> int:
+    """Exclusive upper bound of random values for an integer input."""
+    if not np.issubdtype(dtype, np.integer):
+        return 0
+    bound = bounds.get(name)
+    if bound is not None:
+        return bound
+    if strict:
+        raise CondenseError(f"cannot draw random values for integer input '{name}': it does not only "
+                            "index constant tables (Gather), so random integers may be invalid for it; "
+                            "give real inputs with --data")
+    return 10
+
+
+def index_bounds(model: onnx.ModelProto) -> dict[str, int | None]:
+    """For each graph input read by nodes: the number of rows of the smallest constant table it
+    indexes when it only ever indexes constant tables (input 1 of Gather/GatherElements), else None."""
+    tables = constant_shapes(model)
+    bounds: dict[str, int | None] = {}
+    for node in model.graph.node:
+        for slot, name in enumerate(node.input):
+            rows = _lookup_rows(node, slot, tables)
+            if name in bounds and bounds[name] is None:
+                continue
+            bounds[name] = None if rows is None else min(rows, bounds.get(name) or rows)
+    for name in _read_by_subgraphs(model):
+        bounds[name] = None
+    return bounds
+
+
+def _lookup_rows(node: onnx.NodeProto, slot: int, tables: dict[str, list[int]]) -> int | None:
+    """Rows of the table that input `slot` of `node` indexes, or None when it is not such an index."""
+    if node.op_type not in LOOKUPS or slot != 1 or node.input[0] not in tables:
+        return None
+    shape = tables[node.input[0]]
+    axis = next((a.i for a in node.attribute if a.name == LOOKUPS[node.op_type]), 0)
+    if not shape or not -len(shape) <= axis < len(shape) or shape[axis] < 1:
+        return None
+    return shape[axis]
+
+
+def constant_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Shapes of the main graph's initializers and Constant node outputs."""
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    shapes[node.output[0]] = list(attr.t.dims)
+    return shapes
+
+
+def _read_by_subgraphs(model: onnx.ModelProto) -> set[str]:
+    """Names read inside If/Loop/Scan bodies (outer-scope reads are not lookups we understand)."""
+    names = set()
+    stack = [attr.g for node in model.graph.node for attr in node.attribute if attr.HasField("g")]
+    stack += [g for node in model.graph.node for attr in node.attribute for g in attr.graphs]
+    while stack:
+        graph = stack.pop()
+        for node in graph.node:
+            names.update(node.input)
+            stack += [attr.g for attr in node.attribute if attr.HasField("g")]
+            stack += [g for attr in node.attribute for g in attr.graphs]
+    return names
+
+
+def _random_array(rng, shape, dtype, high: int) -> np.ndarray:
     if np.issubdtype(dtype, np.floating):
         return rng.standard_normal(shape).astype(dtype)
     if dtype == np.bool_:
         return rng.integers(0, 2, shape).astype(bool)
-    return rng.integers(0, 10, shape).astype(dtype)
+    return rng.integers(0, high, shape).astype(dtype)
 
 
 def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
@@ -84,26 +194,30 @@ def compare_models(original: onnx.ModelProto, reduced: onnx.ModelProto,
                    input_shapes: dict[str, list[int]] | None = None, runs: int = 4,
                    seed: int = 0, data: dict[str, np.ndarray] | None = None,
                    labels: np.ndarray | None = None, batch_size: int = 256,
-                   progress: Progress | None = None) -> dict:
+                   progress: Progress | None = None, all_class_scores: bool = False) -> dict:
     """Compare `reduced` with `original` on `data` (arrays named after the graph inputs) or, without
-    data, on `runs` random draws. Returns the overall and per-output numbers (see module doc)."""
+    data, on `runs` random draws. Returns the overall and per-output numbers (see module doc).
+    `all_class_scores`: every [batch, classes] float output counts as class scores."""
     input_shapes = dict(input_shapes or {})
     unknown = set(input_shapes) - {v.name for v in graph_inputs(original)}
     if unknown:
         raise CondenseError(f"--input-shape names no graph input: {', '.join(sorted(unknown))}")
     reference, candidate = session(original), session(reduced)
     names = [o.name for o in reference.get_outputs()]
-    classes = class_score_outputs(original) if labels is None else set(names)
+    every = labels is not None or all_class_scores
+    classes = set(names) if every else class_score_outputs(original)
     stats = {name: OutputStats(name in classes) for name in names}
     if data is not None:
         batches = list(data_batches(original, data, batch_size))
     else:
         rng = np.random.default_rng(seed)
         batches = [random_feeds(original, input_shapes, rng) for _ in range(runs)]
+    hint = "" if data is not None else " (set dynamic dimensions with --input-shape)"
     progress = progress or silent()
     progress.total, start = max(len(batches), 1), 0
     for feeds in batches:
-        expected, actual = run_session(reference, feeds, None), run_session(candidate, feeds, names)
+        expected = run_session(reference, feeds, None, hint)
+        actual = run_session(candidate, feeds, names, hint)
         rows = len(next(iter(feeds.values()))) if feeds else 1
         batch_labels = labels[start:start + rows] if labels is not None else None
         for name, e, a in zip(names, expected, actual):
@@ -113,38 +227,57 @@ def compare_models(original: onnx.ModelProto, reduced: onnx.ModelProto,
     progress.close()
     outputs = {name: s.summary() for name, s in stats.items()}
     return {
-        "max_abs_err": max((o["max_abs_err"] for o in outputs.values()), default=0.0),
-        "max_rel_err": max((o["max_rel_err"] for o in outputs.values()), default=0.0),
+        "max_abs_err": worst(o["max_abs_err"] for o in outputs.values()),
+        "max_rel_err": worst(o["max_rel_err"] for o in outputs.values()),
+        "max_elem_rel_err": worst(o["max_elem_rel_err"] for o in outputs.values()),
+        "nonfinite": sum(o["nonfinite"] for o in outputs.values()),
         "inputs": "data" if data is not None else "random",
         "runs": len(batches),
+        "rows": start,
         "outputs": outputs,
     }
 
 
-def run_session(sess: ort.InferenceSession, feeds: dict, names) -> list:
+def worst(values) -> float:
+    """The largest value, NaN if any is NaN (Python's max(x, nan) would drop it)."""
+    values = list(values)
+    if any(math.isnan(v) for v in values):
+        return float("nan")
+    return max(values, default=0.0)
+
+
+def run_session(sess: ort.InferenceSession, feeds: dict, names, hint: str = "") -> list:
     """Run a session; ONNX Runtime's failures become one-line user errors."""
     try:
         return sess.run(names, feeds)
     except Exception as err:  # noqa: BLE001 - ORT raises its own exception classes
-        raise CondenseError(f"ONNX Runtime failed to run the model: {_last_line(err)}") from None
+        raise CondenseError(f"ONNX Runtime failed to run the model: {_last_line(err)}{hint}") from None
 
 
 class OutputStats:
     """Running error numbers of one output over batches."""
 
     def __init__(self, class_scores: bool):
-        self.abs_err = self.scale = self.dot = self.norm_e = self.norm_a = 0.0
-        self.rows = self.agree = self.correct_e = self.correct_a = 0
+        self.abs_err = self.scale = self.elem_rel_err = self.dot = self.norm_e = self.norm_a = 0.0
+        self.rows = self.agree = self.correct_e = self.correct_a = self.nonfinite = 0
         self.class_scores = class_scores
         self.labelled = False
 
     def add(self, expected: np.ndarray, actual: np.ndarray, labels: np.ndarray | None) -> None:
         e, a = expected.astype(np.float64), actual.astype(np.float64)
-        self.abs_err = max(self.abs_err, float(np.max(np.abs(e - a), initial=0.0)))
-        self.scale = max(self.scale, float(np.max(np.abs(e), initial=0.0)))
-        self.dot += float(np.sum(e * a))
-        self.norm_e += float(np.sum(e * e))
-        self.norm_a += float(np.sum(a * a))
+        finite = np.isfinite(e)
+        self.nonfinite += count_nonfinite(e, a, finite)
+        e_f, a_f = e[finite], a[finite]
+        # a NaN in the reduced output where the original is finite is an infinitely large error
+        diff = np.nan_to_num(np.abs(e_f - a_f), nan=np.inf)
+        self.abs_err = max(self.abs_err, float(np.max(diff, initial=0.0)))
+        self.scale = max(self.scale, float(np.max(np.abs(e_f), initial=0.0)))
+        self.elem_rel_err = max(self.elem_rel_err,
+                                float(np.max(diff / (np.abs(e_f) + ELEMENT_EPS), initial=0.0)))
+        if not self.nonfinite:
+            self.dot += float(np.sum(e_f * a_f))
+            self.norm_e += float(np.sum(e_f * e_f))
+            self.norm_a += float(np.sum(a_f * a_f))
         self.class_scores &= looks_like_class_scores(expected)
         if self.class_scores:
             top_e, top_a = e.argmax(axis=1), a.argmax(axis=1)
@@ -156,14 +289,23 @@ class OutputStats:
                 self.correct_a += int(np.sum(top_a == labels))
 
     def summary(self) -> dict:
+        cosine = float("nan") if self.nonfinite else _cosine(self.dot, self.norm_e, self.norm_a)
         out = {"max_abs_err": self.abs_err, "max_rel_err": _ratio(self.abs_err, self.scale),
-               "cosine": _cosine(self.dot, self.norm_e, self.norm_a)}
+               "max_elem_rel_err": self.elem_rel_err, "cosine": cosine, "nonfinite": self.nonfinite}
         if self.class_scores and self.rows:
             out["top1_agreement"] = self.agree / self.rows
             if self.labelled:
                 out["accuracy_original"] = self.correct_e / self.rows
                 out["accuracy_reduced"] = self.correct_a / self.rows
         return out
+
+
+def count_nonfinite(e: np.ndarray, a: np.ndarray, finite: np.ndarray) -> int:
+    """Elements where the reduced output is NaN/Inf and the original finite, or where a non-finite
+    original value is not reproduced (Inf by the same Inf, NaN by NaN)."""
+    broken = finite & ~np.isfinite(a)
+    lost = ~finite & ~((a == e) | (np.isnan(a) & np.isnan(e)))
+    return int(np.sum(broken) + np.sum(lost))
 
 
 def looks_like_class_scores(output: np.ndarray) -> bool:
@@ -180,6 +322,40 @@ def class_score_outputs(model: onnx.ModelProto) -> set[str]:
     producers = {out: node.op_type for node in model.graph.node for out in node.output}
     return {o.name for o in model.graph.output
             if producers.get(o.name) in ("Softmax", "LogSoftmax") or _CLASS_NAMES.search(o.name)}
+
+
+def may_be_class_scores(model: onnx.ModelProto) -> list[str]:
+    """Outputs whose declared type allows [batch, classes >= 2] floats (unknown shapes allow it)."""
+    names = []
+    for value in model.graph.output:
+        tensor = value.type.tensor_type
+        dims = tensor.shape.dim if tensor.HasField("shape") else None
+        floating = np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type), np.floating)
+        if floating and (dims is None or (len(dims) == 2 and not (dims[1].HasField("dim_value")
+                                                                  and dims[1].dim_value < 2))):
+            names.append(value.name)
+    return names
+
+
+def check_agreement_applies(model: onnx.ModelProto) -> None:
+    """--min-agreement must apply to some output: one whose declared type allows class scores."""
+    if not may_be_class_scores(model):
+        shapes = ", ".join(f"{o.name} {_declared(o)}" for o in model.graph.output)
+        raise CondenseError(f"--min-agreement applies to no output: none is [batch, classes] float "
+                            f"class scores (outputs: {shapes})")
+
+
+def check_agreement_measured(verify: dict) -> None:
+    """After the runs: some output must have had [batch, classes] values (top1_agreement)."""
+    if not any("top1_agreement" in out for out in verify["outputs"].values()):
+        raise CondenseError("--min-agreement applies to no output: none produced [batch, classes] float "
+                            f"class scores (outputs: {', '.join(verify['outputs'])})")
+
+
+def _declared(value: onnx.ValueInfoProto) -> str:
+    dims = value.type.tensor_type.shape.dim
+    return "[" + ", ".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
+                           for d in dims) + "]"
 
 
 def _cosine(dot: float, norm_e: float, norm_a: float) -> float:
@@ -219,11 +395,17 @@ def check_lengths(path, data, labels) -> None:
         raise CondenseError(f"arrays in {path} have different lengths: {sorted(lengths)}")
 
 
-def data_batches(model: onnx.ModelProto, data: dict[str, np.ndarray], batch_size: int):
-    """Consecutive batches; a model whose batch dimension is fixed gets batches of that size."""
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size a model's inputs declare (their first dimension), None when it is dynamic."""
     fixed = [d.dim_value for v in graph_inputs(model) for d in v.type.tensor_type.shape.dim[:1]
              if d.HasField("dim_value")]
-    size = fixed[0] if fixed else batch_size
+    return fixed[0] if fixed else None
+
+
+def data_batches(model: onnx.ModelProto, data: dict[str, np.ndarray], batch_size: int):
+    """Consecutive batches; a model whose batch dimension is fixed gets batches of that size."""
+    fixed = fixed_batch(model)
+    size = fixed or batch_size
     total = len(next(iter(data.values()))) if data else 0
     if fixed and total % size:
         raise CondenseError(f"the model takes batches of {size}; the data has {total} rows")
@@ -231,18 +413,83 @@ def data_batches(model: onnx.ModelProto, data: dict[str, np.ndarray], batch_size
         yield {name: values[start:start + size] for name, values in data.items()}
 
 
-def breaches(verify: dict, atol: float | None, rtol: float | None,
-             min_agreement: float | None) -> list[str]:
-    """The tolerances a verification result breaks, in words (empty: it passes)."""
+def split_holdout(data: dict[str, np.ndarray], fraction: float, multiple: int = 1):
+    """(calibration rows, held-out rows): the last max(1, round(fraction * rows)) rows are held out
+    (a multiple of `multiple`, the model's fixed batch size, so both parts run)."""
+    total = len(next(iter(data.values()))) if data else 0
+    held = max(1, round(fraction * total))
+    held = max(multiple, round(held / multiple) * multiple)
+    if total - held < multiple:
+        raise CondenseError(f"verifying on held-out data needs rows for both calibration and "
+                            f"verification: the data has {total} row(s), at least {2 * multiple} "
+                            "are needed (or verify afterwards with `condense-graph verify`)")
+    cut = total - held
+    return ({k: v[:cut] for k, v in data.items()}, {k: v[cut:] for k, v in data.items()})
+
+
+@dataclass
+class Tolerances:
+    """What a verification result must meet. Gates left at their default are named in `defaults`
+    (the FAIL and PASS lines say so); None switches a gate off."""
+
+    atol: float | None = None
+    rtol: float | None = DEFAULT_RTOL
+    min_cosine: float | None = DEFAULT_MIN_COSINE
+    min_agreement: float | None = None
+    defaults: frozenset = field(default_factory=lambda: frozenset({"rtol", "min_cosine"}))
+
+    @classmethod
+    def given(cls, atol=None, rtol=None, min_cosine=None, min_agreement=None) -> "Tolerances":
+        """The user's tolerances; rtol and min_cosine not given keep their defaults."""
+        defaults = frozenset(name for name, value in (("rtol", rtol), ("min_cosine", min_cosine))
+                             if value is None)
+        tolerances = cls(atol, DEFAULT_RTOL if rtol is None else rtol,
+                         DEFAULT_MIN_COSINE if min_cosine is None else min_cosine, min_agreement, defaults)
+        tolerances.check()
+        return tolerances
+
+    def check(self) -> None:
+        for name, value, low, high in (("--atol", self.atol, 0.0, math.inf),
+                                       ("--rtol", self.rtol, 0.0, math.inf),
+                                       ("--min-cosine", self.min_cosine, -1.0, 1.0),
+                                       ("--min-agreement", self.min_agreement, 0.0, 1.0)):
+            if value is not None and not low <= value <= high:
+                raise CondenseError(f"{name} must be between {low:g} and {high:g}, got {value!r}")
+
+    def describe(self) -> str:
+        """'rtol 0.001 (default), min-cosine 0.9999 (default), atol 0.01'."""
+        parts = []
+        for key, label in (("rtol", "rtol"), ("min_cosine", "min-cosine"), ("atol", "atol"),
+                           ("min_agreement", "min-agreement")):
+            value = getattr(self, key)
+            if value is not None:
+                parts.append(f"{label} {value:g}" + (" (default)" if key in self.defaults else ""))
+        return ", ".join(parts) or "none"
+
+
+def breaches(verify: dict, tolerances: Tolerances) -> list[str]:
+    """The tolerances a verification result breaks, in words (empty: it passes). Comparisons are
+    written `not (value within bound)` so that a NaN number fails."""
     failures = []
     for name, out in verify["outputs"].items():
-        if atol is not None and out["max_abs_err"] > atol:
-            failures.append(f"{name}: max_abs_err {out['max_abs_err']:.3g} > atol {atol:g}")
-        if rtol is not None and out["max_rel_err"] > rtol:
-            failures.append(f"{name}: max_rel_err {out['max_rel_err']:.3g} > rtol {rtol:g}")
-        agreement = out.get("top1_agreement")
-        if min_agreement is not None and agreement is not None and agreement < min_agreement:
-            failures.append(f"{name}: top-1 agreement {agreement:.4f} < {min_agreement:g}")
+        if out.get("nonfinite"):
+            failures.append(f"{name}: {out['nonfinite']} NaN/Inf value(s) where the original is finite")
+            continue
+        failures += _output_breaches(name, out, tolerances)
+    return failures
+
+
+def _output_breaches(name: str, out: dict, tol: Tolerances) -> list[str]:
+    failures = []
+    if tol.atol is not None and not out["max_abs_err"] <= tol.atol:
+        failures.append(f"{name}: max_abs_err {out['max_abs_err']:.3g} > atol {tol.atol:g}")
+    if tol.rtol is not None and not out["max_rel_err"] <= tol.rtol:
+        failures.append(f"{name}: max_rel_err {out['max_rel_err']:.3g} > rtol {tol.rtol:g}")
+    if tol.min_cosine is not None and not out["cosine"] >= tol.min_cosine:
+        failures.append(f"{name}: cosine {out['cosine']:.6f} < min-cosine {tol.min_cosine:g}")
+    agreement = out.get("top1_agreement")
+    if tol.min_agreement is not None and agreement is not None and not agreement >= tol.min_agreement:
+        failures.append(f"{name}: top-1 agreement {agreement:.4f} < {tol.min_agreement:g}")
     return failures
 
 
@@ -250,4 +497,3 @@ def _ratio(err: float, scale: float) -> float:
     if err == 0.0:
         return 0.0
     return err / scale if scale > 0 else float("inf")
-
