@@ -35,7 +35,7 @@ def format_reduce_table(report: dict) -> str:
     # "Exact" = exact for parallel neurons (homogeneous activation); "Min cos" says how parallel
     rows = [("Layer", "Activation", "Width", "Threshold", "Min cos", "Exact")]
     for layer in report["layers"]:
-        width = f"{layer['width_before']} -> {layer['width_after']}"
+        width = _width_change(layer["width_before"], layer["width_after"])
         cos = "-" if layer["min_group_cosine"] is None else f"{layer['min_group_cosine']:.4f}"
         threshold = "pruned" if layer["threshold"] is None else f"{layer['threshold']:.4g}"
         rows.append((layer["name"], layer["activation"], width, threshold, cos,
@@ -45,6 +45,12 @@ def format_reduce_table(report: dict) -> str:
                                           _bytes), "", "", ""))
     text = _table(rows, footer_from=len(rows) - 2)
     return text + _skipped_lines(report["skipped"])
+
+
+def _width_change(before: int, after: int) -> str:
+    """'1280 -> 640 (50%)': the fraction of the width kept shows a layer cut too far."""
+    kept = 100.0 * after / before if before else 100.0
+    return f"{before} -> {after} ({kept:.0f}%)" if kept >= 1 else f"{before} -> {after} ({kept:.1g}%)"
 
 
 def format_inspect_table(info: dict) -> str:
@@ -92,13 +98,25 @@ def _table(rows: list[tuple], footer_from: int | None = None) -> str:
 
 def format_verify_table(verify: dict) -> str:
     """Per-output errors, cosine, and top-1 agreement / accuracy where they apply."""
-    rows = [("Output", "Max abs err", "Max rel err", "Cosine", "Top-1 agree", "Acc orig", "Acc reduced")]
+    rows = [("Output", "Max abs err", "Max rel err", "Max elem rel", "Cosine", "NaN/Inf", "Top-1 agree",
+             "Acc orig", "Acc reduced")]
     for name, out in verify["outputs"].items():
         rows.append((name, f"{out['max_abs_err']:.3g}", f"{out['max_rel_err']:.3g}",
-                     f"{out['cosine']:.6f}", _pct(out.get("top1_agreement")),
-                     _pct(out.get("accuracy_original")), _pct(out.get("accuracy_reduced"))))
-    what = f"{verify['runs']} batches of data" if verify["inputs"] == "data" else f"{verify['runs']} random draws"
-    return _table(rows) + f"\n(ONNX Runtime, {what})"
+                     f"{out['max_elem_rel_err']:.3g}", f"{out['cosine']:.6f}", str(out["nonfinite"]),
+                     _pct(out.get("top1_agreement")), _pct(out.get("accuracy_original")),
+                     _pct(out.get("accuracy_reduced"))))
+    return _table(rows) + f"\n(ONNX Runtime, {_verified_on(verify)})"
+
+
+def _verified_on(verify: dict) -> str:
+    """What the models ran on, in words."""
+    runs, rows = verify["runs"], verify.get("rows")
+    if verify["inputs"] == "held-out data":
+        return (f"verified on {rows} held-out rows not used for calibration ({verify['calibration_rows']} "
+                f"calibrated), {runs} batches")
+    if verify["inputs"] == "data":
+        return f"{rows} rows of data in {runs} batches" if rows is not None else f"{runs} batches of data"
+    return f"{runs} random draws"
 
 
 def format_bench_table(bench: dict) -> str:
