@@ -269,11 +269,13 @@ class OutputStats:
         self.nonfinite += count_nonfinite(e, a, finite)
         e_f, a_f = e[finite], a[finite]
         # a NaN in the reduced output where the original is finite is an infinitely large error
-        diff = np.nan_to_num(np.abs(e_f - a_f), nan=np.inf)
+        diff = np.abs(e_f - a_f)
+        diff[np.isnan(diff)] = np.inf
         self.abs_err = max(self.abs_err, float(np.max(diff, initial=0.0)))
         self.scale = max(self.scale, float(np.max(np.abs(e_f), initial=0.0)))
-        self.elem_rel_err = max(self.elem_rel_err,
-                                float(np.max(diff / (np.abs(e_f) + ELEMENT_EPS), initial=0.0)))
+        with np.errstate(over="ignore"):  # an Inf error stays Inf
+            elem = diff / (np.abs(e_f) + ELEMENT_EPS)
+        self.elem_rel_err = max(self.elem_rel_err, float(np.max(elem, initial=0.0)))
         if not self.nonfinite:
             self.dot += float(np.sum(e_f * a_f))
             self.norm_e += float(np.sum(e_f * e_f))
