@@ -14,6 +14,8 @@ o_k = f_k (o_m - c_m) + c_k exactly (eq. 7), so the consumer computes the same t
 
 Dead channels are removed exactly: a channel with zero incoming weights outputs a constant o_k,
 folded into the consumer bias as u_k o_k; a channel whose consumer weights are all zero is dropped.
+Every factor and offset is finite (a zero main neuron maps onto itself with factor 1); anything
+else raises `InternalError` rather than writing NaN into a model.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from condense_graph.errors import InternalError
 
 
 @dataclass
@@ -64,7 +68,7 @@ def channel_map(
     new_index = {old: new for new, old in enumerate(mains)}
     for group in groups:  # one iteration per group; the work inside is vectorized
         main, members = int(group[0]), np.asarray(group, dtype=np.int64)
-        lam = norms[members] / norms[main] if factors is None else factors[members]  # eq. 10
+        lam = norm_ratios(norms, members, main) if factors is None else factors[members]  # eq. 10
         # a main neuron maps onto itself (f = 1), also when its post scale is 0 (then it is alone)
         f = post_scale[members] * lam / post_scale[main] if post_scale[main] != 0 else np.ones(len(members))
         target[members] = new_index[main]
@@ -72,7 +76,23 @@ def channel_map(
         offset[members] = post_shift[members] - f * post_shift[main]
     for k, value in constant_outputs.items():
         offset[k] = value
-    return ChannelMap(keep=mains, target=target, factor=factor, offset=offset)
+    return checked(ChannelMap(keep=mains, target=target, factor=factor, offset=offset))
+
+
+def norm_ratios(norms: np.ndarray, members: np.ndarray, main: int) -> np.ndarray:
+    """lambda_k = ||v_k|| / ||v_main|| (eq. 10). A zero main neuron is alone in its group (its cosine
+    with every other neuron is 0): it maps onto itself with factor 1, never 0/0."""
+    if norms[main] > 0:
+        return norms[members] / norms[main]
+    return (members == main).astype(np.float64)
+
+
+def checked(cmap: ChannelMap) -> ChannelMap:
+    """A non-finite factor or offset would write NaN/inf into the consumers: that is our bug."""
+    if not (np.all(np.isfinite(cmap.factor)) and np.all(np.isfinite(cmap.offset))):
+        bad = np.flatnonzero(~np.isfinite(cmap.factor) | ~np.isfinite(cmap.offset))
+        raise InternalError(f"non-finite merge factor or offset for channel(s) {bad.tolist()}")
+    return cmap
 
 
 def merge_consumer(weights: np.ndarray, cmap: ChannelMap) -> tuple[np.ndarray, np.ndarray]:

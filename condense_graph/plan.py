@@ -2,8 +2,13 @@
 
 Layers are planned one after another in graph order on a `WeightStore` of current arrays, so a
 layer is judged on weights that already include the merges of the layer before it (the paper
-reduces layer by layer). Planning reads the graph structure from the analysis and never edits
-the graph; `passes.condense_channels` writes the arrays back.
+reduces layer by layer). Every channel count used while planning comes from those current arrays,
+never from tensor shapes recorded before earlier merges. Planning reads the graph structure from
+the analysis and never edits the graph; `passes.condense_channels` writes the arrays back.
+
+Every reduced layer reports `block_error`: the error its merge makes at the output of its first
+consumer, measured with ONNX Runtime on a fixed random probe (`BlockProbe`). A depthwise block
+whose measured error breaks its budget (`error_budget`) is rolled back and left unreduced.
 """
 
 from __future__ import annotations
@@ -15,9 +20,14 @@ import onnx_graphsurgeon as gs
 
 from condense_graph.analysis import Consumer, Layer, Producer
 from condense_graph.chain_eval import affine_coefficients, evaluate_chain, float32_if_half
-from condense_graph.merge import ChannelMap, channel_map, least_squares_rows, merge_consumer
+from condense_graph.merge import ChannelMap, channel_map, least_squares_rows, merge_consumer, norm_ratios
 from condense_graph.refit import activation_cosine, projection_factors
-from condense_graph.similarity import cosine_similarity, greedy_groups, groups_for_width, round_up_groups
+from condense_graph.similarity import (COSINE_TOLERANCE, constant_agreement, greedy_groups,
+                                       groups_for_width, neuron_similarity, round_up_groups)
+
+PROBE_ROWS = 2          # batch of the block-error probe when the model's batch size is dynamic
+PROBE_MIN_SIDE = 8      # a dynamic spatial size is at least this, and large enough for the kernels
+EXACT_BUDGET = 1e-4     # relative block error allowed for merges of exact multiples (float rounding)
 
 
 class WeightStore:
@@ -26,10 +36,25 @@ class WeightStore:
     Half-precision arrays (float16, bfloat16) are handed out as float32: the math runs in float32
     and `original_dtype` says what to write back."""
 
-    def __init__(self, constants: dict[str, gs.Constant]):
+    def __init__(self, constants: dict[str, gs.Constant], shapes: dict[str, list] | None = None):
         self._constants = constants
         self.changed: dict[str, np.ndarray] = {}
         self.created: dict[str, gs.Node] = {}  # new bias arrays and the node that will use them
+        # tensor shapes as analyzed, before any rewrite forgot them: only their spatial and
+        # batch dimensions are used (merges never change those), channel counts come from arrays
+        self._shapes = dict(shapes or {})
+
+    def shape(self, tensor: gs.Tensor) -> list | None:
+        """The tensor's shape as analyzed (its current one when none was recorded)."""
+        return self._shapes.get(tensor.name, tensor.shape)
+
+    def snapshot(self) -> tuple[dict, dict]:
+        """What `restore` needs to undo every write made after this call (arrays are replaced,
+        never modified in place, so shallow copies suffice)."""
+        return dict(self.changed), dict(self.created)
+
+    def restore(self, snapshot: tuple[dict, dict]) -> None:
+        self.changed, self.created = dict(snapshot[0]), dict(snapshot[1])
 
     def __contains__(self, name: str) -> bool:
         return name in self.changed or name in self._constants
@@ -70,11 +95,17 @@ class LayerPlan:
     exact: bool
     constant_channels: int   # removed: zero incoming weights, constant output folded
     silent_channels: int     # removed: zero outgoing weights
-    min_cosine: float | None  # lowest cosine between a merged neuron and its main neuron
-    block_error: dict | None = None  # depthwise blocks: the merge's error measured on the block
+    min_cosine: float | None  # lowest cosine ([w, b] or w alone) between a merged neuron and its main
+    probe: BlockProbe | None = field(default=None, repr=False)  # measures the merge's block error
     vectors: np.ndarray | None = field(default=None, repr=False)  # what was grouped (for plots)
     groups: list[np.ndarray] = field(default_factory=list, repr=False)
     refit: list[dict] | None = None  # with calibration data: each consumer's refit errors
+    rejected: str | None = None      # why a merge was measured and not applied
+
+    @property
+    def block_error(self) -> dict | None:
+        """Error of the merge at the first consumer's output (`BlockProbe`), None when unreduced."""
+        return self.probe.error() if self.probe is not None else None
 
     def report(self) -> dict:
         return {
@@ -88,7 +119,8 @@ class LayerPlan:
             "constant_removed": self.constant_channels,
             "zero_output_removed": self.silent_channels,
             "min_group_cosine": self.min_cosine,
-        } | ({"block_error": self.block_error} if self.block_error else {}) \
+        } | ({"block_error": self.block_error} if self.probe is not None else {}) \
+          | ({"rejected": self.rejected} if self.rejected else {}) \
           | ({"refit": self.refit} if self.refit is not None else {})
 
 
@@ -96,12 +128,18 @@ def channel_first(array: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(array, axis, 0)
 
 
-def probe_shape(layer: Layer, tensor: gs.Tensor) -> tuple:
+def current_width(layer: Layer, store: WeightStore) -> int:
+    """The layer's width now: the producer weight's output-channel axis in the store."""
+    return store[layer.producer.weight.name].shape[layer.producer.axis]
+
+
+def probe_shape(layer: Layer, tensor: gs.Tensor, store: WeightStore) -> tuple:
     """Shape of one probe row for chain evaluation: channels on the layer's channel axis."""
-    width = layer.producer.width
+    width = current_width(layer, store)
     if layer.channels.axis == -1:
         return (width,)
-    rank = len(tensor.shape) if tensor.shape is not None else layer.producer.rank
+    shape = store.shape(tensor)
+    rank = len(shape) if shape is not None else layer.producer.rank
     return (width,) + (1,) * (rank - 2)
 
 
@@ -122,7 +160,14 @@ def pre_affine(layer: Layer, store: WeightStore, versions) -> tuple[np.ndarray, 
     """Scale and shift of the affine ops between the producer and the nonlinearity."""
     dtype = store[layer.producer.weight.name].dtype
     return affine_coefficients(layer.pre, layer.start, layer.middle_input, store,
-                               probe_shape(layer, layer.start), dtype, versions)
+                               probe_shape(layer, layer.start, store), dtype, versions)
+
+
+def post_affine(layer: Layer, store: WeightStore, versions) -> tuple[np.ndarray, np.ndarray]:
+    """Scale a and shift c of the affine ops between the nonlinearity and the consumers."""
+    dtype = store[layer.producer.weight.name].dtype
+    return affine_coefficients(layer.post, layer.middle_output, layer.end, store,
+                               probe_shape(layer, layer.middle_output, store), dtype, versions)
 
 
 def producer_bias(producer: Producer, store: WeightStore, width: int) -> np.ndarray:
@@ -132,46 +177,157 @@ def producer_bias(producer: Producer, store: WeightStore, width: int) -> np.ndar
 def plan_layer(layer: Layer, store: WeightStore, grouping: Grouping, versions: tuple[int, int],
                activations: np.ndarray | None = None) -> LayerPlan:
     """Group the layer's neurons (`grouping`: a threshold, or a target width), then update
-    `store` with the merged arrays.
+    `store` with the merged arrays, and attach the probe that measures the merge's block error.
+    A depthwise block whose measured error breaks its budget is rolled back (store and plan).
     With `activations` (the Gram matrix of the channels' calibration activations) neurons are
     grouped by the cosine of their activation vectors instead of their weight vectors, and merged
     with the least-squares factor <a_k, a_main> / <a_main, a_main>."""
+    snapshot, before = store.snapshot(), block_arrays(layer, store)
     if layer.depthwise is not None:
-        return plan_depthwise_layer(layer, store, grouping, versions)
+        plan = plan_depthwise_layer(layer, store, grouping, versions)
+    else:
+        plan = plan_dense_or_conv_layer(layer, store, grouping, versions, activations)
+    if plan.cmap.width_after == plan.cmap.width_before:
+        return plan
+    plan.probe = BlockProbe.of(layer, before, store, versions)
+    budget = error_budget(plan, grouping)
+    if layer.depthwise is None or budget is None:
+        return plan  # other layers only report their error (measured when the report asks)
+    error = plan.block_error["max_rel_err"]
+    if not error <= budget:  # NaN breaks it too
+        store.restore(snapshot)
+        reason = f"block error {error:.3g} > budget {budget:.3g} at threshold {grouping.threshold:g}"
+        return unreduced_plan(layer, plan.threshold, reason)
+    return plan
+
+
+def plan_dense_or_conv_layer(layer: Layer, store: WeightStore, grouping: Grouping, versions,
+                             activations: np.ndarray | None) -> LayerPlan:
+    """The paper's merge (eq. 10-12, 36-38) of a layer without a depthwise conv."""
     vectors = neuron_vectors(layer, store, versions)
-    width, dtype = len(vectors), store[layer.producer.weight.name].dtype
-    a, c = affine_coefficients(layer.post, layer.middle_output, layer.end, store,
-                               probe_shape(layer, layer.middle_output), dtype, versions)
+    width = len(vectors)
+    a, c = post_affine(layer, store, versions)
     outgoing = [consumer_rows(k, store, layer) for k in layer.consumers]
     silent = np.logical_and.reduce([np.all(u == 0, axis=1) for u in outgoing])
-    constant = constant_channels(layer, vectors, a)
+    constant = constant_channels(layer, vectors, a)  # dense: the constant folds into the consumer bias
+    zero = zero_channels(layer, store, vectors, versions) & ~constant  # conv: dropped, exactly
+    constant |= zero
     # a conv layer keeps its zero-scale channels, alone: no group can be merged into them
     alone = np.flatnonzero((a == 0) & ~constant & ~silent)
     candidates = np.flatnonzero(~constant & ~silent & (a != 0))
+    cosine = None
     if grouping.magnitude:
-        local_groups, threshold, cosine = largest(vectors[candidates], grouping.width), None, None
-    elif activations is None:
-        cosine = cosine_similarity(vectors[candidates].astype(np.float32))
+        local_groups, threshold = largest(vectors[candidates], grouping.width), None
     else:
-        cosine = activation_cosine(activations[np.ix_(candidates, candidates)])
-    if cosine is not None:
-        local_groups, threshold = grouping(cosine)
+        if activations is None:
+            cosine = neuron_similarity(vectors[candidates].astype(np.float32))
+            similarity = np.minimum(cosine, middle_agreement(layer, store, candidates))
+        else:
+            similarity = cosine = activation_cosine(activations[np.ix_(candidates, candidates)])
+        local_groups, threshold = grouping(similarity)
     groups = keep_one([candidates[g] for g in local_groups] + [np.array([k]) for k in alone], silent)
     folded = {}
-    if constant.any():
+    if (constant & ~zero).any():
         outputs = constant_outputs(layer, store, vectors[:, -1], a, c, versions)
-        folded = {int(k): float(outputs[k]) for k in np.flatnonzero(constant & ~silent)}
+        folded = {int(k): float(outputs[k]) for k in np.flatnonzero(constant & ~zero & ~silent)}
     if activations is None:
         cmap = channel_map(vectors, groups, a, c, folded)
     else:  # activations already include the post-activation affine ops: plain factors
         cmap = channel_map(vectors, groups, np.ones(width), np.zeros(width), folded,
                            factors=projection_factors(activations, groups))
+    min_cosine = min_group_cosine(cosine, local_groups)
     # the data-free merge of exact multiples is exact; pruning and activation projections are not
-    exact = is_exact(layer, store, groups, cmap) and not grouping.magnitude and activations is None
+    exact = is_exact(layer, store, groups, cmap, min_cosine) and not grouping.magnitude \
+        and activations is None
     apply_map(layer, store, cmap)
     return LayerPlan(layer, cmap, threshold, exact, int(constant.sum()),
-                     int((silent & ~constant).sum()), min_group_cosine(cosine, local_groups),
-                     vectors=vectors, groups=groups)
+                     int((silent & ~constant).sum()), min_cosine, vectors=vectors, groups=groups)
+
+
+def unreduced_plan(layer: Layer, threshold: float | None, reason: str) -> LayerPlan:
+    """The plan of a layer left as it is (a merge was measured and rejected)."""
+    width = layer.producer.width
+    identity = ChannelMap(keep=np.arange(width), target=np.arange(width), factor=np.ones(width),
+                          offset=np.zeros(width))
+    return LayerPlan(layer, identity, threshold, False, 0, 0, None, rejected=reason)
+
+
+def error_budget(plan: LayerPlan, grouping: Grouping) -> float | None:
+    """The relative block error a merge at this threshold may make: the distance between two
+    unit vectors at cosine = threshold, sqrt(2 (1 - t)), for approximate merges; float rounding
+    (EXACT_BUDGET) for exact ones. None for width targets and pruning: the user asked for a width."""
+    if grouping.width is not None or grouping.magnitude or plan.threshold is None:
+        return None
+    if plan.exact:
+        return EXACT_BUDGET
+    return max(float(np.sqrt(2.0 * max(1.0 - grouping.threshold, 0.0))), EXACT_BUDGET)
+
+
+def middle_agreement(layer: Layer, store: WeightStore, candidates: np.ndarray) -> np.ndarray:
+    """How well the per-channel constants inside the nonlinearity (PRelu slopes, a BN or Mul
+    between two activations) agree between candidates (`similarity.constant_agreement`): with
+    different constants, parallel neurons compute different functions. The depthwise kernels and
+    their BN are judged by the depthwise vectors instead (paper A.3)."""
+    judged = set()
+    if layer.depthwise is not None:
+        judged = {id(t) for n in [layer.depthwise] + layer.depthwise_affine for t in n.inputs}
+    width = current_width(layer, store)
+    values = [channel_first(store[t.name], _axis_of(layer, t)).reshape(width)[candidates]
+              for t in layer.middle_constants if id(t) not in judged]
+    return constant_agreement(values, len(candidates))
+
+
+def zero_channels(layer: Layer, store: WeightStore, vectors: np.ndarray, versions) -> np.ndarray:
+    """Channels whose consumer input is identically zero: a zero neuron vector (say a BN folded with
+    scale 0 and shift 0) that the nonlinearity and the post ops map to zero everywhere. Removing
+    them changes nothing, also at the borders of a padded conv consumer (which pads with zeros)."""
+    zero = ~np.any(vectors != 0, axis=1)
+    if not zero.any() or layer.channels.axis == -1:
+        return zero & False  # dense layers fold every constant channel (`constant_channels`)
+    nodes = layer.middle + layer.post
+    shape = data_shape(layer.middle_input, store, len(vectors), False, nodes, layer.producer.rank or 4)
+    x = np.zeros(shape, dtype=store[layer.producer.weight.name].dtype)
+    out = evaluate_chain(nodes, layer.middle_input, layer.end, store, x, versions)
+    silent = ~np.any(out.reshape(shape[0], len(vectors), -1) != 0, axis=(0, 2))
+    return zero & silent
+
+
+def data_shape(tensor: gs.Tensor, store: WeightStore, channels: int, channel_last: bool,
+               nodes: list[gs.Node], default_rank: int) -> list[int]:
+    """A concrete shape for data at `tensor` with `channels` channels (from the current arrays):
+    batch and spatial sizes as analyzed; a dynamic batch is PROBE_ROWS, a dynamic spatial size the
+    receptive field of `nodes` (never 1, which a kernel may not fit), other dynamic sizes 1."""
+    shape = store.shape(tensor)
+    dims = list(shape) if shape is not None else [None] * max(default_rank, 2)
+    batch = dims[0] if isinstance(dims[0], int) else PROBE_ROWS
+    if channel_last:
+        return [batch] + [d if isinstance(d, int) else 1 for d in dims[1:-1]] + [channels]
+    side = receptive_side(nodes, store)
+    return [batch, channels] + [d if isinstance(d, int) else side for d in dims[2:]]
+
+
+def receptive_side(nodes: list[gs.Node], store: WeightStore) -> int:
+    """A spatial size on which every conv and pooling kernel of `nodes` fits without padding: the
+    receptive field of one output position of the chain (at least PROBE_MIN_SIDE)."""
+    side = 1
+    for node in reversed(nodes):
+        extent = kernel_extent(node, store)
+        if extent:
+            side = (side - 1) * max(node.attrs.get("strides", [1])) + extent
+    return max(side, PROBE_MIN_SIDE)
+
+
+def kernel_extent(node: gs.Node, store: WeightStore) -> int | None:
+    """The largest dilated kernel side of a Conv or pooling node (None for other ops)."""
+    if node.op == "Conv":
+        weight = node.inputs[1]
+        kernel = (store[weight.name] if weight.name in store else np.asarray(weight.values)).shape[2:]
+    elif node.op in ("MaxPool", "AveragePool", "LpPool"):
+        kernel = node.attrs.get("kernel_shape", [1])
+    else:
+        return None
+    dilations = node.attrs.get("dilations", [1] * len(kernel))
+    return max(((k - 1) * d + 1 for k, d in zip(kernel, dilations)), default=1)
 
 
 @dataclass
@@ -227,6 +383,7 @@ def largest(vectors: np.ndarray, width: int) -> list[np.ndarray]:
 
 
 def min_group_cosine(cosine: np.ndarray | None, groups: list[np.ndarray]) -> float | None:
+    """The lowest similarity between a merged neuron and its group's main neuron."""
     merged = [g for g in groups if len(g) > 1]
     if not merged or cosine is None:
         return None
@@ -235,10 +392,11 @@ def min_group_cosine(cosine: np.ndarray | None, groups: list[np.ndarray]) -> flo
     return float(cosine[mains, others].min())
 
 
-def is_exact(layer: Layer, store: WeightStore, groups, cmap: ChannelMap) -> bool:
-    """Exact up to the threshold: homogeneous g, equal per-channel constants of g in each group,
-    and no constant offsets that a padded Conv consumer would see differently at its borders."""
-    if not layer.homogeneous:
+def is_exact(layer: Layer, store: WeightStore, groups, cmap: ChannelMap, min_cosine: float | None) -> bool:
+    """Exact: every merged neuron a positive multiple of its main one to float rounding (both
+    cosines >= 1 - COSINE_TOLERANCE), homogeneous g, equal per-channel constants of g in each
+    group, and no constant offsets that a padded Conv consumer would see differently at its borders."""
+    if not layer.homogeneous or (min_cosine is not None and min_cosine < 1.0 - COSINE_TOLERANCE):
         return False
     if np.any(cmap.offset) and any(k.pads_borders for k in layer.consumers):
         return False
@@ -307,63 +465,177 @@ def depthwise_vectors(layer: Layer, store: WeightStore, versions) -> np.ndarray:
         else np.zeros(width)
     sink = layer.depthwise_affine[-1].outputs[0] if layer.depthwise_affine else node.outputs[0]
     s, t = affine_coefficients(layer.depthwise_affine, node.outputs[0], sink, store,
-                               probe_shape(layer, node.outputs[0]), kernels.dtype, versions)
+                               probe_shape(layer, node.outputs[0], store), kernels.dtype, versions)
     return np.concatenate([s[:, None] * kernels.reshape(width, -1), (s * bias + t)[:, None]], axis=1)
 
 
 def plan_depthwise_layer(layer: Layer, store: WeightStore, grouping: Grouping, versions) -> LayerPlan:
-    """Reduce a depthwise-separable block (paper A.3): group on the depthwise kernels, keep the main
-    kernel, merge the consumer columns by eq. 48 and the producer rows by least squares."""
+    """Reduce a depthwise-separable block (paper A.3): keep the main kernel, merge the consumer
+    columns by eq. 48 and the producer rows by least squares (eq. 47-48, 61-63).
+
+    A block channel is the pair (producer row alpha_k, depthwise vector v_k): channels group when
+    both are parallel (all four cosines, [w, b] and w alone, meet the threshold). Parallel kernels
+    alone say nothing about the rows that feed them (think of 5x5 kernels with one non-zero tap)."""
     dw = depthwise_vectors(layer, store, versions)
-    width, dtype = len(dw), store[layer.producer.weight.name].dtype
-    a, c = affine_coefficients(layer.post, layer.middle_output, layer.end, store,
-                               probe_shape(layer, layer.middle_output), dtype, versions)
+    alpha = neuron_vectors(layer, store, versions)
+    width = len(dw)
+    a, c = post_affine(layer, store, versions)
     outgoing = np.concatenate([consumer_rows(k, store, layer) for k in layer.consumers], axis=1)
     silent = np.all(outgoing == 0, axis=1)
     alone = np.flatnonzero(~silent & (a == 0))
     candidates = np.flatnonzero(~silent & (a != 0))
+    cosine = None
     if grouping.magnitude:
-        local_groups, threshold, cosine = largest(dw[candidates], grouping.width), None, None
+        local_groups, threshold = largest(dw[candidates], grouping.width), None
     else:
-        cosine = cosine_similarity(dw[candidates].astype(np.float32))
-        local_groups, threshold = grouping(cosine)
+        cosine = np.minimum(neuron_similarity(dw[candidates].astype(np.float32)),
+                            neuron_similarity(alpha[candidates].astype(np.float32)))
+        local_groups, threshold = grouping(np.minimum(cosine, middle_agreement(layer, store, candidates)))
     groups = keep_one([candidates[g] for g in local_groups] + [np.array([m]) for m in alone], silent)
-    cmap = channel_map(dw, groups, a, c, {})
-    alpha = neuron_vectors(layer, store, versions)
-    rows = least_squares_rows(alpha, outgoing, cmap)
+    cmap, rows = block_merge(dw, alpha, outgoing, groups, a, c)
     s, t = pre_affine(layer, store, versions)
-    before = block_arrays(layer, store)
     apply_map(layer, store, cmap)
     write_producer_rows(layer, store, rows, s[cmap.keep], t[cmap.keep])
-    error = block_error(layer, before, store, versions) if cmap.width_after < width else None
     return LayerPlan(layer, cmap, threshold, False, 0, int(silent.sum()),
-                     min_group_cosine(cosine, local_groups), error, vectors=dw,
-                     groups=groups)
+                     min_group_cosine(cosine, local_groups), vectors=dw, groups=groups)
+
+
+def block_merge(dw, alpha, outgoing, groups, a, c) -> tuple[ChannelMap, np.ndarray]:
+    """The map and the merged producer rows of a depthwise block.
+
+    Channel k ~ lambda_k mu_k times its main channel, with lambda_k = ||v_k|| / ||v_main|| (the
+    depthwise vectors, eq. 48) and mu_k = ||alpha_k|| / ||alpha_main|| (the producer rows, eq. 10):
+    exact for parallel pairs through positively homogeneous activations. The least squares of
+    eq. 47-48 then runs on the rows rescaled to the main row's norm, alpha_k / mu_k; with equal
+    row norms (mu = 1) it is the paper's rule unchanged."""
+    lam = np.ones(len(dw))
+    mu = np.ones(len(dw))
+    dw_norms = np.linalg.norm(dw.astype(np.float64), axis=1)
+    alpha_norms = np.linalg.norm(alpha.astype(np.float64), axis=1)
+    for group in groups:
+        lam[group] = norm_ratios(dw_norms, group, int(group[0]))
+        mu[group] = norm_ratios(alpha_norms, group, int(group[0]))
+    mu = np.where(mu > 0, mu, 1.0)  # a zero row is alone: nothing to rescale
+    cmap = channel_map(dw, groups, a, c, {}, factors=lam * mu)
+    return cmap, least_squares_rows(alpha / mu[:, None], outgoing, cmap)
 
 
 def block_nodes(layer: Layer) -> list[gs.Node]:
-    return [layer.producer.node] + layer.pre + layer.middle + layer.post + [layer.consumers[0].node]
+    """Producer, region and first consumer, with the bias Adds an earlier rewrite inserted after the
+    producer or the consumer (`passes.condense_channels.add_bias`, calibration rewrites as it goes)."""
+    nodes = []
+    for node in [layer.producer.node] + layer.pre + layer.middle + layer.post + [layer.consumers[0].node]:
+        nodes.append(node)
+        nodes += [n for n in node.outputs[0].outputs if n.op == "Add" and n.name == f"{node.name}.bias_add"]
+    return nodes
 
 
 def block_arrays(layer: Layer, store: WeightStore) -> dict[str, np.ndarray]:
-    """Current values of every constant the block reads."""
-    return {t.name: store[t.name] for n in block_nodes(layer) for t in n.inputs
-            if isinstance(t, gs.Constant)}
+    """Current values of every constant the block reads, and of the producer's and first consumer's
+    biases when planning created them (they are not in the graph yet)."""
+    arrays = {t.name: store[t.name] for n in block_nodes(layer) for t in n.inputs
+              if isinstance(t, gs.Constant)}
+    for key in (layer.producer.bias, layer.consumers[0].bias):
+        if key in store:
+            arrays[key] = store[key]
+    return arrays
 
 
-def block_error(layer: Layer, before: dict, store: WeightStore, versions, runs: int = 2) -> dict:
-    """Max error of the block's output (first consumer) after the merge, on random inputs."""
-    source, sink = layer.producer.node.inputs[0], layer.consumers[0].node.outputs[0]
-    shape = [d if isinstance(d, int) else 1 for d in (source.shape or [])]
-    rng = np.random.default_rng(0)
-    err = scale = 0.0
-    for _ in range(runs):
-        x = rng.standard_normal([1] + shape[1:]).astype(store[layer.producer.weight.name].dtype)
-        expected = evaluate_chain(block_nodes(layer), source, sink, before, x, versions)
-        actual = evaluate_chain(block_nodes(layer), source, sink, store, x, versions)
-        err = max(err, float(np.abs(expected.astype(np.float64) - actual).max()))
-        scale = max(scale, float(np.abs(expected).max()))
-    return {"max_abs_err": err, "max_rel_err": err / scale if scale else 0.0}
+@dataclass
+class BlockProbe:
+    """A layer's block (producer, region, first consumer) before and after the merge, and the probe
+    the merge's error is measured on: standard normals drawn from `np.random.default_rng(0)` in
+    `shape` (`data_shape` of the producer's input). The error is max |after - before| over the first
+    consumer's output, and that over max |before| (relative to the output's scale). ONNX Runtime
+    runs both on first use only; the nodes are detached copies, so later rewrites cannot change them."""
+
+    nodes: list[gs.Node]               # detached copies of `block_nodes`
+    biased: list[tuple[int, str]]      # (index in nodes, bias key) of the producer and the consumer
+    before: dict[str, np.ndarray]
+    after: dict[str, np.ndarray]
+    source: str
+    sink: str
+    shape: list[int]
+    dtype: np.dtype
+    versions: tuple[int, int]
+    _error: dict | None = None
+
+    @classmethod
+    def of(cls, layer: Layer, before: dict, store: WeightStore, versions) -> BlockProbe:
+        producer = layer.producer
+        weight = store[producer.weight.name]
+        dense = producer.node.op != "Conv"
+        fan_in = weight.shape[1 - producer.axis] if dense else weight.shape[1]  # Conv: group 1
+        nodes = block_nodes(layer)
+        shape = data_shape(producer.node.inputs[0], store, fan_in, dense, nodes,
+                           (producer.rank or 2) if dense else weight.ndim)
+        biased = [(0, producer.bias), (nodes.index(layer.consumers[0].node), layer.consumers[0].bias)]
+        return cls(detached(nodes, before), biased, before, block_arrays(layer, store),
+                   producer.node.inputs[0].name, nodes[-1].outputs[0].name, shape, weight.dtype, versions)
+
+    def after_refit(self, store: WeightStore) -> BlockProbe:
+        """The same probe, with the block's arrays as `store` holds them now (after a refit)."""
+        after = {name: store[name] for name in self.after if name in store}
+        after |= {key: store[key] for _, key in self.biased if key in store}
+        return BlockProbe(self.nodes, self.biased, self.before, after, self.source, self.sink,
+                          self.shape, self.dtype, self.versions)
+
+    def error(self) -> dict:
+        if self._error is None:
+            self._error = self.measure()
+        return self._error
+
+    def measure(self) -> dict:
+        x = np.random.default_rng(0).standard_normal(self.shape).astype(self.dtype)
+        expected, actual = (self.run(arrays, x) for arrays in (self.before, self.after))
+        err = float(np.abs(actual - expected).max())
+        scale = float(np.abs(expected).max())
+        return {"max_abs_err": err, "max_rel_err": err / scale if scale else (0.0 if err == 0 else np.inf)}
+
+    def run(self, arrays: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+        nodes = with_planned_biases(detached(self.nodes, arrays), arrays, self.biased)
+        source, sink = gs.Variable(self.source), gs.Variable(self.sink)
+        out = evaluate_chain(nodes, source, sink, arrays, x, self.versions)
+        return out.astype(np.float64)
+
+
+def detached(nodes: list[gs.Node], arrays: dict) -> list[gs.Node]:
+    """Copies of `nodes` on fresh tensors of the same names (constants from `arrays`)."""
+    def fresh(t: gs.Tensor) -> gs.Tensor:
+        if not t.name:
+            return gs.Variable.empty()
+        if isinstance(t, gs.Constant):
+            return gs.Constant(t.name, arrays[t.name] if t.name in arrays else t.values)
+        return gs.Variable(t.name)
+
+    return [gs.Node(n.op, n.name, dict(n.attrs), [fresh(t) for t in n.inputs],
+                    [fresh(t) for t in n.outputs], domain=n.domain) for n in nodes]
+
+
+def with_planned_biases(nodes: list[gs.Node], arrays: dict, biased: list[tuple[int, str]]) -> list[gs.Node]:
+    """`nodes` with the biases that planning created for nodes[index] (by key) attached the way the
+    rewrite will attach them (a bias input, or an Add after a MatMul)."""
+    read = {t.name for n in nodes for t in n.inputs}
+    result = list(nodes)
+    for index, key in sorted(biased, reverse=True):  # from the back: indices stay valid
+        if key in arrays and key not in read:
+            result[index:index + 1] = _with_bias(nodes[index], gs.Constant(key, arrays[key]))
+    return result
+
+
+def _with_bias(node: gs.Node, bias: gs.Constant) -> list[gs.Node]:
+    """A detached node with `bias` attached: Gemm (beta 1) and Conv take it as an input."""
+    if node.op in ("Gemm", "Conv"):
+        while len(node.inputs) > 2:  # an empty optional bias input
+            node.inputs.pop()
+        node.inputs.append(bias)
+        if node.op == "Gemm":
+            node.attrs["beta"] = 1.0
+        return [node]
+    out = node.outputs[0]
+    raw = gs.Variable(f"{out.name}.nobias")
+    node.outputs[0] = raw
+    return [node, gs.Node("Add", f"{node.name}.bias_add", {}, [raw, bias], [out])]
 
 
 def write_producer_rows(layer: Layer, store: WeightStore, rows: np.ndarray, s, t) -> None:

@@ -1,7 +1,10 @@
 """Cosine similarity of neurons and the paper's greedy grouping (section 2.2.3). Pure numpy.
 
 A neuron is the vector of its incoming weights with the bias appended (eq. 3-4), so two neurons
-are condensed when they compute the same pre-activation up to a positive factor.
+are condensed when they compute the same pre-activation up to a positive factor. The [w, b] cosine
+alone can be dominated by the bias (small kernels, large biases: kernels with cosine 0 look
+parallel), so grouping also asks the weight part to agree (`neuron_similarity`), and per-channel
+constants of the nonlinearity (PRelu slopes...) to agree within 1 - threshold (`constant_agreement`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,37 @@ def cosine_similarity(vectors: np.ndarray) -> np.ndarray:
     safe = np.where(norms > 0, norms, 1.0).astype(vectors.dtype)
     unit = vectors / safe[:, None]
     return unit @ unit.T
+
+
+def weight_cosine(vectors: np.ndarray) -> np.ndarray:
+    """Cosine of the weight parts (all but the last column, the bias). Two all-zero weight parts
+    count as parallel: such neurons are constants, and only their biases (the full cosine) decide."""
+    weights = vectors[:, :-1]
+    cosine = cosine_similarity(weights)
+    zero = ~np.any(weights != 0, axis=1)
+    cosine[np.ix_(zero, zero)] = 1.0
+    return cosine
+
+
+def neuron_similarity(vectors: np.ndarray) -> np.ndarray:
+    """min(cosine of [w, b], cosine of w): both must meet the threshold for two neurons to group,
+    so a bias much larger than the weights cannot make unrelated kernels look parallel."""
+    return np.minimum(cosine_similarity(vectors), weight_cosine(vectors))
+
+
+def constant_agreement(constants: list[np.ndarray], width: int) -> np.ndarray:
+    """[width, width]: 1 - the largest relative difference |c_i - c_j| / max(|c_i|, |c_j|) over the
+    per-channel constants `constants` (each [width]). Opposite signs give less than 0, so such
+    channels never group; equal constants give 1. Used as a similarity alongside the cosine: at
+    threshold t, channels group only when their constants differ by at most 1 - t (relatively)."""
+    agreement = np.ones((width, width))
+    for values in constants:
+        c = np.asarray(values, dtype=np.float64).reshape(width)
+        scale = np.maximum(np.abs(c)[:, None], np.abs(c)[None, :])
+        diff = np.abs(c[:, None] - c[None, :])
+        relative = np.divide(diff, scale, out=np.zeros_like(diff), where=scale > 0)
+        agreement = np.minimum(agreement, 1.0 - relative)
+    return agreement
 
 
 def greedy_groups(cosine: np.ndarray, threshold: float) -> list[np.ndarray]:

@@ -68,8 +68,11 @@ class CondenseChannelsPass:
         self.check_layer_names(analysis)
         zero_biased = [layer for layer in analysis.layers  # the least-squares rows need a bias
                        if layer.depthwise is not None and give_zero_bias(layer.producer)]
-        constants = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
-        store = WeightStore(constants)
+        tensors = graph.tensors()
+        constants = {name: t for name, t in tensors.items() if isinstance(t, gs.Constant)}
+        # shapes as analyzed: calibration rewrites forget them, block-error probes need them
+        shapes = {name: list(t.shape) for name, t in tensors.items() if t.shape is not None}
+        store = WeightStore(constants, shapes)
         self.progress.total = max(len(analysis.layers), 1)
         plans = []
         for layer in analysis.layers:
@@ -97,6 +100,9 @@ class CondenseChannelsPass:
             reduced = materialize(graph, plans + [plan], store, model)
             normals = refit_statistics(reduced, model, layer, plan.cmap.width_after, self.calibration)
             plan.refit = compensate(layer, store, normals)
+            # report what the written block does: the refit consumer. (A depthwise block's budget
+            # was judged on the paper's merge, the refit's starting point and fallback.)
+            plan.probe = plan.probe.after_refit(store)
         return plan
 
     def check_layer_names(self, analysis: Analysis) -> None:

@@ -85,8 +85,8 @@ def test_batchnorm_before_relu_is_folded_into_the_neuron_vector(rng):
 def test_prelu_with_equal_slopes_is_exact_and_unequal_is_not(rng):
     nodes = [helper.make_node("PRelu", ["h", "slope"], ["a"])]
     reduce_and_check(dense_around(nodes, {"slope": np.full(WIDTH, 0.2)}, rng), rng, 3, exact=True)
-    unequal = np.array([0.2, 0.3, 0.2, 0.2, 0.2, 0.2])
-    reduce_and_check(dense_around(nodes, {"slope": unequal}, rng), rng, 3, exact=False)
+    unequal = np.array([0.2, 0.3, 0.2, 0.2, 0.2, 0.2])  # neurons 0 and 1 differ in slope: not merged
+    reduce_and_check(dense_around(nodes, {"slope": unequal}, rng), rng, 4, exact=True)
 
 
 @pytest.mark.parametrize("low,high,exact", [(0.0, None, True), (0.0, 6.0, False), (-1.0, 1.0, False)])
