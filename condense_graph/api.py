@@ -21,7 +21,8 @@ from condense_graph.model_io import load_model
 from condense_graph.progress import Progress
 from condense_graph.report import build_report, count_params
 from condense_graph.safety import check_output
-from condense_graph.verify import check_agreement_applies, compare_models, fixed_batch, split_holdout
+from condense_graph.verify import (check_agreement_applies, check_random_draws, compare_models, fixed_batch,
+                                   split_holdout)
 from passes.condense_channels import CondenseChannelsPass
 
 INSPECT_THRESHOLDS = (0.8, 0.9, 0.95, 0.99, 0.999)
@@ -74,6 +75,8 @@ def condense(model: ModelLike, threshold: float = 0.95,
     if verify and data is not None:
         calibrate, held = split_holdout(data.data, holdout, fixed_batch(original) or 1)
         data = Calibration(calibrate, data.batch_size)
+    elif verify:
+        check_random_draws(original)
     if similarity == "magnitude" and not layer_widths and target_params is None:
         raise CondenseError("magnitude pruning needs layer widths or target_params")
     _check_widths(dict(layer_widths or {}), target_params)
@@ -176,7 +179,7 @@ def widths_for_params(model: onnx.ModelProto, target: float, fixed: dict[str, in
     smallest = fraction_at(0.0)
     if smallest > target:
         raise CondenseError(f"target_params {target:g} cannot be reached without cutting a layer below "
-                            f"{min_fraction:g} of its width (min_width_fraction): the smallest reachable "
+                            f"{min_fraction:g} of its width (--min-width-fraction): the smallest reachable "
                             f"is {smallest:.3f} of the parameters")
     low, high = 0.0, 1.0
     for _ in range(steps):

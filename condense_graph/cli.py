@@ -180,7 +180,10 @@ def _say(text: str) -> None:
         print(text, flush=True)
     except BrokenPipeError:
         # further writes (and the interpreter's final flush) go nowhere instead of failing
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # a stdout without a file descriptor
+            pass
 
 
 def _progress(args, label: str) -> Progress:

@@ -98,6 +98,14 @@ def random_feeds(model: onnx.ModelProto, input_shapes: dict[str, list[int]],
     return feeds
 
 
+def check_random_draws(model: onnx.ModelProto) -> None:
+    """Raise the CondenseError of `random_feeds` now, before a long reduction, if it would come."""
+    bounds = index_bounds(model)
+    for value in graph_inputs(model):
+        integer_high(value.name, onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type),
+                     bounds, strict=True)
+
+
 def integer_high(name: str, dtype, bounds: dict[str, int | None], strict: bool) -> int:
     """Exclusive upper bound of random values for an integer input."""
     if not np.issubdtype(dtype, np.integer):

@@ -77,7 +77,8 @@ def test_a_broken_result_is_never_written_and_exits_3(corrupt, reason, tmp_path,
     code = main(["reduce", source, str(out), "--threshold", "0.9999"])
     assert code == 3
     line = one_line(capsys.readouterr().err)
-    assert "internal error (a bug in condense-graph" in line and reason in line and "nothing was written" in line
+    assert "internal error (a bug in condense-graph" in line and reason in line
+    assert "nothing was written" in line
     assert not out.exists() and open(source, "rb").read() == before
     from condense_graph.errors import InternalError
     with pytest.raises(InternalError, match="a bug in condense-graph"):  # API users are protected too
@@ -148,7 +149,8 @@ def test_verify_fails_by_default(kind, breach, tmp_path, capsys):
     for key, value in want.items():
         assert out[key] == pytest.approx(value, rel=1e-5), key
     if kind == "scaled":
-        assert out["cosine"] == pytest.approx(1.0, abs=1e-7) and out["max_rel_err"] == pytest.approx(0.9, abs=1e-6)
+        assert out["cosine"] == pytest.approx(1.0, abs=1e-7)
+        assert out["max_rel_err"] == pytest.approx(0.9, abs=1e-6)
     else:
         assert 0.3 < out["cosine"] < 0.45
     assert breach in printed and "tolerances: rtol 0.001 (default), min-cosine 0.9999 (default)" in printed
@@ -253,8 +255,8 @@ def lookup_model(extra_use=False):
     if extra_use:
         nodes.append(helper.make_node("Cast", ["ids"], ["ids_f"], to=TensorProto.FLOAT))
         outputs.append(helper.make_tensor_value_info("ids_f", TensorProto.FLOAT, ["N", 5]))
-    graph = helper.make_graph(nodes, "lookup", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])],
-                              outputs, inits)
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])
+    graph = helper.make_graph(nodes, "lookup", [ids], outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
 
 
