@@ -492,7 +492,7 @@ def plan_depthwise_layer(layer: Layer, store: WeightStore, grouping: Grouping, v
                             neuron_similarity(alpha[candidates].astype(np.float32)))
         local_groups, threshold = grouping(np.minimum(cosine, middle_agreement(layer, store, candidates)))
     groups = keep_one([candidates[g] for g in local_groups] + [np.array([m]) for m in alone], silent)
-    cmap, rows = block_merge(dw, alpha, outgoing, groups, a, c)
+    cmap, rows = block_merge(dw, alpha, outgoing, groups, a, c, layer.homogeneous)
     s, t = pre_affine(layer, store, versions)
     apply_map(layer, store, cmap)
     write_producer_rows(layer, store, rows, s[cmap.keep], t[cmap.keep])
@@ -500,21 +500,23 @@ def plan_depthwise_layer(layer: Layer, store: WeightStore, grouping: Grouping, v
                      min_group_cosine(cosine, local_groups), vectors=dw, groups=groups)
 
 
-def block_merge(dw, alpha, outgoing, groups, a, c) -> tuple[ChannelMap, np.ndarray]:
-    """The map and the merged producer rows of a depthwise block.
+def block_merge(dw, alpha, outgoing, groups, a, c, homogeneous: bool) -> tuple[ChannelMap, np.ndarray]:
+    """The map and the merged producer rows of a depthwise block (eq. 47-48, least squares).
 
-    Channel k ~ lambda_k mu_k times its main channel, with lambda_k = ||v_k|| / ||v_main|| (the
-    depthwise vectors, eq. 48) and mu_k = ||alpha_k|| / ||alpha_main|| (the producer rows, eq. 10):
-    exact for parallel pairs through positively homogeneous activations. The least squares of
-    eq. 47-48 then runs on the rows rescaled to the main row's norm, alpha_k / mu_k; with equal
-    row norms (mu = 1) it is the paper's rule unchanged."""
+    Through positively homogeneous activations channel k is lambda_k mu_k times its main channel,
+    lambda_k = ||v_k|| / ||v_main|| (the depthwise vectors, eq. 48) and mu_k = ||alpha_k|| /
+    ||alpha_main|| (the producer rows, eq. 10), so the least squares runs on the rows rescaled to the
+    main row's norm, alpha_k / mu_k, with factors lambda_k mu_k: exact for exact multiples. Other
+    activations (ReLU6, a BN between activations) do not commute with the scale: there mu = 1, the
+    paper's rule unchanged (measured: with rows 4x apart through ReLU6, 0.34 against 1.4)."""
     lam = np.ones(len(dw))
     mu = np.ones(len(dw))
     dw_norms = np.linalg.norm(dw.astype(np.float64), axis=1)
     alpha_norms = np.linalg.norm(alpha.astype(np.float64), axis=1)
     for group in groups:
         lam[group] = norm_ratios(dw_norms, group, int(group[0]))
-        mu[group] = norm_ratios(alpha_norms, group, int(group[0]))
+        if homogeneous:
+            mu[group] = norm_ratios(alpha_norms, group, int(group[0]))
     mu = np.where(mu > 0, mu, 1.0)  # a zero row is alone: nothing to rescale
     cmap = channel_map(dw, groups, a, c, {}, factors=lam * mu)
     return cmap, least_squares_rows(alpha / mu[:, None], outgoing, cmap)

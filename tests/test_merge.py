@@ -43,3 +43,22 @@ def test_post_affine_and_constant_channels_fold_into_bias(rng):
     actual = (a[kept] * relu(x @ v[kept].T) + c[kept]) @ merged_u + bias_delta
     assert cmap.width_after == 2
     np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_zero_main_neuron_maps_onto_itself_and_nothing_is_ever_non_finite(rng):
+    """A zero vector is alone in its group: factor 1, not 0/0 (issue 10, item 2)."""
+    v = rng.normal(size=(4, 3))
+    v[2] = 0.0
+    v[3] = 2.0 * v[0]
+    groups = greedy_groups(cosine_similarity(v), 0.9999)
+    cmap = channel_map(v, groups, np.ones(4), np.zeros(4), {})
+    assert cmap.width_after == 3 and np.all(np.isfinite(cmap.factor)) and cmap.factor[2] == 1.0
+    np.testing.assert_allclose(cmap.factor[3], 2.0, rtol=1e-12)
+
+
+def test_a_non_finite_factor_is_an_internal_error(rng):
+    import pytest
+    from condense_graph.errors import InternalError
+    v = rng.normal(size=(2, 3))
+    with pytest.raises(InternalError, match="non-finite"):
+        channel_map(v, [np.array([0, 1])], np.ones(2), np.zeros(2), {}, factors=np.array([1.0, np.nan]))

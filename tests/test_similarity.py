@@ -52,3 +52,27 @@ def test_round_up_splits_the_least_similar_members(rng):
     members = [(cos[g[0], k], int(k)) for g in groups for k in g[1:]]
     assert sorted(split) == sorted(k for _, k in sorted(members)[:5])
     assert len(round_up_groups(cos, [np.array([i]) for i in range(15)], 8)) == 15  # nothing to split
+
+
+def test_the_weight_part_must_agree_too(rng):
+    """Small unrelated weights under one large bias: the [w, b] cosine is ~1, the weight cosine is
+    not, and neuron_similarity takes the smaller (issue 10, item 3). Zero weight parts agree."""
+    from condense_graph.similarity import neuron_similarity, weight_cosine
+    v = np.c_[0.01 * rng.normal(size=(3, 9)), np.full(3, 3.0)]
+    v = np.r_[v, [[0.0] * 9 + [1.0], [0.0] * 9 + [2.0]]]
+    full, weights = cosine_similarity(v), weight_cosine(v)
+    assert full[0, 1] > 0.999 and abs(weights[0, 1]) < 0.9
+    assert np.array_equal(neuron_similarity(v), np.minimum(full, weights))
+    assert weights[3, 4] == 1.0 and weights[0, 3] == 0.0
+    assert len(greedy_groups(neuron_similarity(v), 0.999)) == 4  # only the two constants merge
+
+
+def test_constant_agreement_is_one_minus_the_relative_difference():
+    from condense_graph.similarity import constant_agreement
+    slopes = np.array([0.2, 0.2, 0.2002, -0.2, 0.0])
+    agree = constant_agreement([slopes], 5)
+    assert agree[0, 1] == 1.0
+    assert np.isclose(agree[0, 2], 1 - 0.0002 / 0.2002)
+    assert agree[0, 3] < 0  # opposite signs never group, whatever the threshold
+    assert agree[0, 4] == 0.0 and agree[4, 4] == 1.0
+    assert len(greedy_groups(agree, -1.0)) == 3
