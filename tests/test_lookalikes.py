@@ -162,10 +162,23 @@ def check_written_model(case: Exported, out: Path) -> list[tuple[float, float]]:
     return measured_errors(case, out)
 
 
-def check_report(report_path: Path) -> dict:
+def count_params(path: Path) -> int:
+    """Elements of every initializer and Constant tensor, in the main graph and in subgraphs."""
+    model = onnx.load(str(path))
+    return sum(int(np.prod(tensor.dims)) for graph in all_graphs(model.graph)
+               for tensor in list(graph.initializer) + [a.t for n in graph.node if n.op_type == "Constant"
+                                                         for a in n.attribute if a.name == "value"])
+
+
+def check_report(report_path: Path, case: Exported, out: Path) -> dict:
+    """params_after <= params_before, and both are the models' real counts (written model only)."""
     report = json.loads(report_path.read_text())
-    assert report["params_after"] <= report["params_before"], \
-        f"params grew: {report['params_before']} -> {report['params_after']}"
+    before, after = report["params_before"], report["params_after"]
+    assert after <= before, f"params grew: {before} -> {after}"
+    if out.exists():
+        counted = (count_params(case.path), count_params(out))
+        assert (before, after) == counted, \
+            f"report says params {before} -> {after}, the models hold {counted}"
     return report
 
 
@@ -183,7 +196,7 @@ def test_reduce_with_verify_ends_in_a_verified_model_or_a_reason(name, exporter,
         assert not out.exists(), context
         assert len(stderr.strip().splitlines()) == 1 and "error:" in stderr, context
         return
-    check_report(report_path)
+    check_report(report_path, case, out)
     if code == 1:
         assert not out.exists(), context
         assert "Verify: FAIL (" in stdout and "output not written" in stdout, context
@@ -219,7 +232,7 @@ def test_threshold_one_merges_the_planted_copies_exactly(name, exporter, exporte
     code, stdout, stderr = run_cli(case, out, report_path, 1.0, capsys, verify=False)
     context = f"exit {code}\n{stdout}\n{stderr}"
     assert code == 0, context
-    report = check_report(report_path)
+    report = check_report(report_path, case, out)
     planted = {p.weight_shape: p for p in case.lookalike.planted}
     removed = {}
     for layer in report["layers"]:
