@@ -87,14 +87,18 @@ def runtime_failure(model: onnx.ModelProto) -> str | None:
 
 def nonfinite_tensors(model: onnx.ModelProto, original: onnx.ModelProto) -> list[str]:
     """Names of float tensors holding NaN/Inf that are not byte-identical to an input tensor."""
-    inherited = {fingerprint(t) for t in all_tensors(original.graph) if t.data_type in FLOAT_TYPES}
+    inherited = None  # fingerprints of the input's tensors, computed only when needed
     broken = []
     for tensor in all_tensors(model.graph):
         if tensor.data_type not in FLOAT_TYPES:
             continue
         values = numpy_helper.to_array(tensor).astype(np.float64)
         bad = int(np.sum(~np.isfinite(values)))
-        if bad and fingerprint(tensor) not in inherited:
+        if not bad:
+            continue
+        if inherited is None:
+            inherited = {fingerprint(t) for t in all_tensors(original.graph) if t.data_type in FLOAT_TYPES}
+        if fingerprint(tensor) not in inherited:
             broken.append(f"'{tensor.name or 'unnamed'}': {bad} of {values.size} values")
     return broken
 

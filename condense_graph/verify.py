@@ -110,7 +110,9 @@ def integer_high(name: str, dtype, bounds: dict[str, int | None], strict: bool) 
     """Exclusive upper bound of random values for an integer input."""
     if not np.issubdtype(dtype, np.integer):
         return 0
-    bound = bounds.get(name)
+    if name not in bounds:  # read by no node: any value will do
+        return 10
+    bound = bounds[name]
     if bound is not None:
         return bound
     if strict:

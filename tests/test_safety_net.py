@@ -85,6 +85,15 @@ def test_a_broken_result_is_never_written_and_exits_3(corrupt, reason, tmp_path,
         api.condense(source, threshold=0.9999)
 
 
+def test_an_input_that_fails_the_full_check_is_refused_not_written(tmp_path, capsys):
+    model = planted_mlp([5, 12, 3], [4])
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 7  # it computes 3 columns
+    onnx.checker.check_model(model)  # the plain checker passes, strict shape inference does not
+    source, out = save(model, tmp_path / "m.onnx"), tmp_path / "o.onnx"
+    assert main(["reduce", source, str(out), "--threshold", "0.9999"]) == 2
+    assert "onnx.checker" in one_line(capsys.readouterr().err) and not out.exists()
+
+
 def test_an_inf_tensor_copied_from_the_input_is_allowed():
     from condense_graph.errors import InternalError
     from condense_graph.safety import check_output
