@@ -70,13 +70,8 @@ def condense(model: ModelLike, threshold: float = 0.95,
     original = load_model(model)
     if verify and all_class_scores:
         check_agreement_applies(original)
-    data = _calibration(calibration, original, similarity)
-    held = None
-    if verify and data is not None:
-        calibrate, held = split_holdout(data.data, holdout, fixed_batch(original) or 1)
-        data = Calibration(calibrate, data.batch_size)
-    elif verify:
-        check_random_draws(original)
+    data, held = _split_for_verification(_calibration(calibration, original, similarity), original,
+                                         verify, holdout)
     if similarity == "magnitude" and not layer_widths and target_params is None:
         raise CondenseError("magnitude pruning needs layer widths or target_params")
     _check_widths(dict(layer_widths or {}), target_params)
@@ -96,6 +91,21 @@ def condense(model: ModelLike, threshold: float = 0.95,
         if held is not None:
             report["verify"] |= {"inputs": "held-out data", "calibration_rows": data.samples}
     return CondenseResult(result.model, report, plans)
+
+
+def _split_for_verification(data: Calibration | None, model: onnx.ModelProto, verify: bool,
+                            holdout: float) -> tuple[Calibration | None, dict | None]:
+    """(what calibrates, what verifies): with data and verify, the last `holdout` rows verify and
+    do not calibrate (verifying on calibration rows would flatter the refit). Without data,
+    verification draws random inputs: an input they cannot serve is refused now, not after the
+    reduction."""
+    if not verify:
+        return data, None
+    if data is None:
+        check_random_draws(model)
+        return None, None
+    calibrate, held = split_holdout(data.data, holdout, fixed_batch(model) or 1)
+    return Calibration(calibrate, data.batch_size), held
 
 
 def inspect(model: ModelLike, thresholds=INSPECT_THRESHOLDS) -> dict:
