@@ -159,7 +159,8 @@ def as_producer(node: gs.Node, outputs: set[str], subgraph_tensors: set[str]) ->
     if node.op == "MatMul":
         return Producer(node, weight, 1, 1.0, _new_bias_key(node), 1.0)
     if node.op == "Conv":
-        return Producer(node, weight, 0, 1.0, *_conv_bias(node))
+        bias = _conv_bias(node)
+        return bias if isinstance(bias, str) else Producer(node, weight, 0, 1.0, *bias)
     if node.attrs.get("transA", 0):
         return f"Gemm '{node.name}' has transA=1"
     axis = 0 if node.attrs.get("transB", 0) else 1
@@ -182,7 +183,8 @@ def as_consumer(node: gs.Node, tensor: gs.Tensor) -> Consumer | str:
     if node.op == "MatMul":
         return Consumer(node, weight, 0, 1.0, _new_bias_key(node), 1.0)
     if node.op == "Conv":
-        return Consumer(node, weight, 1, 1.0, *_conv_bias(node))
+        bias = _conv_bias(node)
+        return bias if isinstance(bias, str) else Consumer(node, weight, 1, 1.0, *bias)
     if node.attrs.get("transA", 0):
         return f"Gemm '{node.name}' reads the channels transposed (transA=1)"
     axis = 1 if node.attrs.get("transB", 0) else 0
@@ -206,6 +208,15 @@ def _weight_reason(node: gs.Node, weight: gs.Tensor) -> str | None:
         return f"{node.op} '{_name(node)}' weight '{weight.name}' has dtype {values.dtype}"
     if len(weight.outputs) > 1:
         return f"weight '{weight.name}' is shared by {len(weight.outputs)} nodes (weight tying)"
+    return nonfinite_reason(weight)
+
+
+def nonfinite_reason(tensor: gs.Constant) -> str | None:
+    """NaN or Inf in an array the merge reads or writes would spread through the merged weights.
+    Only such arrays are checked: elsewhere (an Inf Clip bound) non-finite values are legitimate."""
+    values = np.asarray(tensor.values)
+    if values.dtype in _FLOAT_DTYPES and not np.all(np.isfinite(values.astype(np.float64))):
+        return f"'{tensor.name}' contains NaN or Inf values: the layer is left alone"
     return None
 
 
@@ -227,6 +238,8 @@ def _gemm_bias(node: gs.Node, width: int) -> tuple[str, float] | str:
         return f"Gemm '{node.name}' bias '{bias.name}' is not a constant"
     if len(bias.outputs) > 1:
         return f"bias '{bias.name}' is shared by {len(bias.outputs)} nodes"
+    if nonfinite_reason(bias):
+        return nonfinite_reason(bias)
     if beta == 0.0:
         return f"Gemm '{node.name}' has beta=0"
     if float(node.attrs.get("alpha", 1.0)) == 0.0:
@@ -237,10 +250,17 @@ def _gemm_bias(node: gs.Node, width: int) -> tuple[str, float] | str:
     return bias.name, beta
 
 
-def _conv_bias(node: gs.Node) -> tuple[str, float]:
+def _conv_bias(node: gs.Node) -> tuple[str, float] | str:
+    """The bias key, or why the bias cannot be read and written (it is sliced or rewritten in
+    place, so another node reading it would change too)."""
     if len(node.inputs) < 3 or not node.inputs[2].name:
         return _new_bias_key(node), 1.0
-    return node.inputs[2].name, 1.0
+    bias = node.inputs[2]
+    if not isinstance(bias, gs.Constant):
+        return f"Conv '{_name(node)}' bias '{bias.name}' is not a constant"
+    if len(bias.outputs) > 1:
+        return f"bias '{bias.name}' is shared by {len(bias.outputs)} nodes"
+    return nonfinite_reason(bias) or (bias.name, 1.0)
 
 
 def _new_bias_key(node: gs.Node) -> str:
@@ -327,7 +347,8 @@ def _finish_layer(name, producer, start, nodes, consumers, region) -> Layer | Sk
     layer = Layer(name, producer, consumers, start, end)
     _split_region(layer, nodes, region)
     layer.block = int(np.prod([ops.flattened_block(n) for n in nodes if n.op in ops.LAYOUT]))
-    reason = _block_reason(layer) or _collect_constants(layer, nodes, producer.width)
+    reason = _block_reason(layer) or _collect_constants(layer, nodes, producer.width) or \
+        _nonfinite_constants_reason(layer)
     if reason:
         return Skipped(name, reason)
     layer.homogeneous = all(ops.is_homogeneous(n, region) for n in layer.middle)
@@ -402,6 +423,14 @@ def _collect_constants(layer: Layer, nodes: list[gs.Node], width: int) -> str | 
                 return f"Reshape shape '{node.inputs[1].name}' is shared with other nodes"
             layer.reshape_shapes.append(node.inputs[1])
     return None
+
+
+def _nonfinite_constants_reason(layer: Layer) -> str | None:
+    """The per-channel constants (sliced with the channels) and the constants of the affine ops
+    around the activation (folded into the merged weights) must be finite."""
+    read = [c.tensor for c in layer.channel_constants]
+    read += [t for n in layer.pre + layer.post for t in n.inputs if isinstance(t, gs.Constant)]
+    return next((reason for reason in map(nonfinite_reason, read) if reason), None)
 
 
 def _per_channel_inputs(node: gs.Node, width: int):

@@ -25,15 +25,34 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 
 
 def export_like(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
-    """`graph` as a model that keeps every model-level field of `original`."""
+    """`graph` as a model that keeps every model-level field of `original`.
+
+    Shapes are inferred again (widths changed), but only the tensors `original` declared keep a
+    `value_info`: one per intermediate tensor can outweigh what a small reduction saves, and the
+    written model must never be larger than its input for nothing. Who needs shapes infers them."""
     model = onnx.ModelProto()
     model.CopyFrom(original)
     model.graph.CopyFrom(gs.export_onnx(graph, do_type_check=False).graph)
     _restore_node_docs(model.graph, original.graph)
     try:
-        return onnx.shape_inference.infer_shapes(model)
+        model = onnx.shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 - a model onnx cannot infer is still a valid model
-        return model
+        pass
+    declared = {v.name for g in _all_graphs(original.graph) for v in g.value_info}
+    for g in _all_graphs(model.graph):
+        kept = [v for v in g.value_info if v.name in declared]
+        del g.value_info[:]
+        g.value_info.extend(kept)
+    return model
+
+
+def _all_graphs(graph: onnx.GraphProto):
+    """`graph` and every If/Loop/Scan body in it, at any depth."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _all_graphs(sub)
 
 
 def _restore_node_docs(graph: onnx.GraphProto, original: onnx.GraphProto) -> None:

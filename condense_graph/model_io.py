@@ -3,8 +3,13 @@
 Loading accepts a path or an `onnx.ModelProto` and never modifies the caller's object. It refuses,
 with one line naming the problem: a missing or unreadable file, a truncated protobuf, an empty
 graph, a model that fails onnx.checker, an opset older than 7 or newer than the installed onnx
-knows, NaN/Inf weights, and external data whose location leaves the model's directory (`../`,
-absolute paths, symbolic links): nothing outside the directories the user named is ever read.
+knows, and external data whose location leaves the model's directory (`../`, absolute paths,
+symbolic links): nothing outside the directories the user named is ever read.
+
+Non-finite values are not refused at load: an Inf Clip bound (`torch.clamp(min=...)`) is
+legitimate, and NaN or Inf in other tensors is the user's model, left as it is. A layer whose
+weights the merge would read or write hold NaN or Inf is skipped by the analysis, which names the
+tensor (`condense_graph.analysis.nonfinite_reason`).
 
 Saving writes to temporary files in the destination directory and renames them into place, so an
 interrupted run leaves the old file or the new one, never half of one. Models over the 2 GB
@@ -18,17 +23,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import numpy_helper
 
 from condense_graph.errors import CondenseError
 
 MIN_OPSET = 7
 PROTOBUF_LIMIT = 2**31 - 1  # bytes one protobuf message can hold
-_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-           onnx.TensorProto.BFLOAT16}
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
@@ -87,8 +88,9 @@ def _all_tensors(model: onnx.ModelProto):
 
 
 def validate(model: onnx.ModelProto, external_path: Path | None = None) -> None:
-    """Refuse empty graphs, unsupported opsets, checker failures and non-finite weights.
-    A model read with external data is checked from its path (which handles > 2 GB)."""
+    """Refuse empty graphs, unsupported opsets and checker failures (non-finite values are
+    judged per layer by the analysis). A model read with external data is checked from its path
+    (which handles > 2 GB)."""
     if not model.graph.node:
         raise CondenseError("the model's graph is empty (no nodes)")
     _check_opset(model)
@@ -100,7 +102,6 @@ def validate(model: onnx.ModelProto, external_path: Path | None = None) -> None:
     except (onnx.checker.ValidationError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else "invalid model"
         raise CondenseError(f"model fails onnx.checker: {first}") from None
-    check_finite(model)
 
 
 def _check_opset(model: onnx.ModelProto) -> None:
@@ -113,15 +114,6 @@ def _check_opset(model: onnx.ModelProto) -> None:
     if versions[0] > newest:
         raise CondenseError(f"opset {versions[0]} is newer than the installed onnx knows ({newest}); "
                             "upgrade onnx")
-
-
-def check_finite(model: onnx.ModelProto) -> None:
-    """NaN or Inf in a float weight is an error naming the initializer."""
-    for tensor in _all_tensors(model):
-        if tensor.data_type in _FLOATS:
-            values = numpy_helper.to_array(tensor)
-            if values.size and not np.all(np.isfinite(values.astype(np.float32))):
-                raise CondenseError(f"initializer '{tensor.name}' contains NaN or Inf values")
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool = False) -> int:

@@ -112,11 +112,21 @@ def check_node(node: gs.Node, region: set[str], channels: Channels, rank: int | 
         return _structural_reason(node, channels, rank)
     if is_depthwise_conv(node):
         return _depthwise_reason(node, channels)
+    shape_reason = _batchnorm_shape_reason if node.op == "BatchNormalization" else per_channel_shape_reason
     for param in params:
-        reason = per_channel_shape_reason(param.values, channels, rank)
+        reason = shape_reason(param.values, channels, rank)
         if reason:
             return f"{node.op} '{node.name}': {reason}"
     return _elementwise_reason(node, channels, rank)
+
+
+def _batchnorm_shape_reason(values: np.ndarray, channels: Channels, rank: int | None) -> str | None:
+    """BatchNormalization's scale, B, mean and var are [C] and always index axis 1 of the data
+    (unlike Add/Mul, they do not broadcast from the right); `_elementwise_reason` checks that axis 1
+    is the channel axis."""
+    if values.ndim == 1 and values.size == channels.width:
+        return None
+    return f"parameter of shape {list(values.shape)} is not [{channels.width}]"
 
 
 def _elementwise_reason(node: gs.Node, channels: Channels, rank: int | None) -> str | None:

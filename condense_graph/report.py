@@ -11,11 +11,19 @@ import onnx
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Elements of every initializer and Constant node of the main graph."""
-    total = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
-    for node in model.graph.node:
+    """Elements of every initializer and Constant node, inside If/Loop/Scan bodies too, so the
+    count before and after is the truth whichever graph holds the weights."""
+    return _graph_params(model.graph)
+
+
+def _graph_params(graph: onnx.GraphProto) -> int:
+    total = sum(int(np.prod(t.dims)) for t in graph.initializer)
+    for node in graph.node:
         if node.op_type == "Constant":
             total += sum(int(np.prod(a.t.dims)) for a in node.attribute if a.name == "value")
+        for attr in node.attribute:
+            bodies = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+            total += sum(_graph_params(g) for g in bodies)
     return total
 
 

@@ -3,6 +3,7 @@
 Every bad input gets one line on stderr naming the problem, exit code 2, and leaves the input
 file's bytes unchanged."""
 
+import json
 import os
 
 import ml_dtypes
@@ -77,12 +78,18 @@ def test_opset_out_of_range(opset, message, tmp_path, capsys):
     assert message in reduce_fails(write(tmp_path, model), tmp_path, capsys)
 
 
-def test_nan_weights_name_the_initializer(tmp_path, capsys):
+def test_nan_weights_skip_the_layers_that_read_them_and_name_the_initializer(tmp_path, capsys):
+    """Not refused at load (issue 10, item 9): the layers whose merge would read the NaN are skipped."""
     model = planted_mlp([5, 12, 3], [4])
     weight = numpy_helper.to_array(model.graph.initializer[2]).copy()
     weight[0, 0] = np.nan
     model.graph.initializer[2].CopyFrom(numpy_helper.from_array(weight, "fc2.weight"))
-    assert "'fc2.weight' contains NaN or Inf" in reduce_fails(write(tmp_path, model), tmp_path, capsys)
+    path, out = write(tmp_path, model), tmp_path / "out.onnx"
+    assert main(["reduce", str(path), str(out), "--report", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["layers"] == [] and report["params_after"] == report["params_before"]
+    assert "'fc2.weight' contains NaN or Inf" in report["skipped"][0]["reason"]
+    assert onnx.load(str(out)).graph == model.graph  # nothing reduced: the model as it came
 
 
 # ---- external data ---------------------------------------------------------------------------
