@@ -4,8 +4,11 @@ Every model is built in code with onnx.helper and holds planted exact copies, so
 known and the reduced model must compute the original's outputs to float rounding (ONNX Runtime).
 """
 
+import warnings
+
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import condense_graph as cg
@@ -248,3 +251,38 @@ def test_nothing_reducible_with_identity_sharing_does_not_grow(rng):
     assert result.report["params_after"] <= result.report["params_before"]
     assert result.report["file_size_after"] <= result.report["file_size_before"]
     assert_equal_to_rounding(model, result.model, feeds_xz(rng))
+
+
+# ---- 7 + 8 as exported: unfolded BN (TorchScript, no constant folding; dynamo, no optimizer) ------
+
+def test_torch_exports_with_unfolded_batchnorm_reduce_exactly(tmp_path):
+    torch = pytest.importorskip("torch")
+    from test_mobilenet import copy_channel
+    from torch_models import randomize_batchnorm
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
+                              torch.nn.ReLU6(), torch.nn.Conv2d(8, 4, 1))
+    randomize_batchnorm(net, torch.Generator().manual_seed(1))
+    for p, q in ((0, 5), (1, 6), (1, 7)):  # 8 channels, 5 distinct
+        copy_channel(p, q, net[0], net[1])
+    x = torch.randn(2, 3, 6, 6)
+    feeds = {"x": x.numpy()}
+    for dynamo in (False, True):
+        path = tmp_path / f"net_{dynamo}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kwargs = {"optimize": False} if dynamo else {"do_constant_folding": False}
+            torch.onnx.export(net.eval(), (x,), str(path), input_names=["x"], output_names=["y"],
+                              dynamo=dynamo, **kwargs)
+        model = onnx.load(str(path))
+        assert "BatchNormalization" in [n.op_type for n in model.graph.node]
+        result = cg.condense(model, threshold=1.0)
+        assert [l["width_after"] for l in result.report["layers"]] == [5], (dynamo, result.report["skipped"])
+        check_full(result.model)
+        assert_same_outputs(model, result.model, feeds)
+        # conv 8*27 -> 5*27, BN 4*8 -> 4*5, head 4*8 -> 4*5 (+ the exporters' scalars)
+        # conv 8*27 -> 5*27, BN 4*8 -> 4*5, head 4*8 -> 4*5: 105 fewer; the dynamo export's
+        # bias Expand(CastLike(0, x), [8]) folds into an initializer of 8 zeros, sliced to 5
+        params = result.report["params_before"], result.report["params_after"]
+        assert params == ((285, 186) if dynamo else (286, 181))
+        assert_sizes_are_the_truth(model, result)
