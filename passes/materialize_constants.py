@@ -8,7 +8,7 @@ optimizer casts every scalar with `CastLike(constant, x)` (Clip bounds, conv bia
 every constant subexpression with onnx-graphsurgeon's `fold_constants` (which evaluates them with
 ONNX Runtime) and drops the dead nodes. Lossless: the graph computes exactly the same thing.
 
-Four normalizations around the folder keep it honest:
+Normalizations around the folder keep it honest:
 - `Identity` of a constant is that constant: its users read the constant itself. Folding would
   give each Identity output its own copy, so a weight the graph shares would look untied (and be
   sliced in one place while its copy stays, growing the model) and the written file would hold
@@ -16,6 +16,7 @@ Four normalizations around the folder keep it honest:
 - `CastLike(constant, x)` with x's dtype known is `Cast(constant, to=dtype(x))`, which the folder
   evaluates; folding runs again so what depended on it (an Expand of the cast) folds too.
 - `Constant(value_floats=...)` is float32, which onnx-graphsurgeon would fold into float64.
+- A Conv bias the graph computed that folds into zeros is dropped (a Conv without bias).
 - `If` nodes whose condition folds to a constant are not flattened: onnx-graphsurgeon 0.6.1 rebinds
   only the first output of the chosen branch and writes an invalid model for two or more.
 
@@ -44,9 +45,12 @@ def materialize_constants(graph: gs.Graph) -> bool:
     for g in all_graphs(graph):
         float_constants_as_tensors(g)
         bypass_identities_of_constants(g)
+    computed_biases = [n for g in all_graphs(graph) for n in g.nodes if _has_computed_bias(n)]
     fold(graph)
     if sum(castlike_to_cast(g) for g in all_graphs(graph)):
         fold(graph)
+    drop_zero_biases(computed_biases)
+    graph.cleanup()
     return len(graph.nodes) != before
 
 
@@ -94,6 +98,23 @@ def bypass_identities_of_constants(graph: gs.Graph) -> int:
                 if tensor is out:  # item assignment keeps graphsurgeon's producer/user links
                     user.inputs[i] = node.inputs[0]
         count += 1
+    return count
+
+
+def _has_computed_bias(node: gs.Node) -> bool:
+    return node.op == "Conv" and len(node.inputs) == 3 and not isinstance(node.inputs[2], gs.Constant)
+
+
+def drop_zero_biases(convs: list[gs.Node]) -> int:
+    """A Conv bias the graph computed (the dynamo exporter writes `Expand(CastLike(0, x), [C])` for
+    a bias-less conv) that folded into zeros is dropped: the same function, and C parameters the
+    input model never stored. Returns how many went."""
+    count = 0
+    for node in convs:
+        bias = node.inputs[2] if len(node.inputs) == 3 else None
+        if isinstance(bias, gs.Constant) and not np.any(bias.values):
+            node.inputs.pop()
+            count += 1
     return count
 
 
