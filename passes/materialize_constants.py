@@ -83,7 +83,7 @@ def _is_constant(tensor: gs.Tensor) -> bool:
 
 
 def bypass_identities_of_constants(graph: gs.Graph) -> int:
-    """Users of `Identity(c)`, c a constant, read c itself; the Identity is left dead (cleanup
+    """Users of `Identity(c)`, c a constant, read c itself; the Identity is detached (cleanup
     removes it). An Identity that produces an output of `graph` stays. Returns how many went."""
     outputs = {id(t) for t in graph.outputs}
     count = 0
@@ -97,6 +97,8 @@ def bypass_identities_of_constants(graph: gs.Graph) -> int:
             for i, tensor in enumerate(user.inputs):
                 if tensor is out:  # item assignment keeps graphsurgeon's producer/user links
                     user.inputs[i] = node.inputs[0]
+        node.inputs.clear()  # detached now: the folder must not see it (it would fold a copy)
+        node.outputs.clear()
         count += 1
     return count
 

@@ -12,9 +12,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import condense_graph as cg
-from builders import IR_VERSION, OPSET, planted_rows
+from builders import IR_VERSION, OPSET, planted_rows, run
+from condense_graph.graph import export_like, import_graph
 from condense_graph.report import count_params
 from conftest import assert_equal_to_rounding, assert_same_outputs, check_full
+from passes.materialize_constants import materialize_constants
 
 
 def f32(name, values):
@@ -289,3 +291,36 @@ def test_torch_exports_with_unfolded_batchnorm_reduce_exactly(tmp_path):
         params = result.report["params_before"], result.report["params_after"]
         assert params == ((285, 181) if dynamo else (286, 181))
         assert_sizes_are_the_truth(model, result)
+
+
+def test_identity_of_a_constant_read_inside_if_branches_is_folded_validly(rng):
+    """The Identity's users inside both branches (and an Identity inside a branch) read the outer
+    initializer; an Identity that is a graph output stays an output."""
+    then = helper.make_graph([helper.make_node("Mul", ["x", "wI"], ["t"]),
+                              helper.make_node("Identity", ["wI"], ["wII"]),
+                              helper.make_node("Add", ["t", "wII"], ["t2"])], "then", [], [value("t2", None)])
+    other = helper.make_graph([helper.make_node("Add", ["x", "wI"], ["e"])], "else", [], [value("e", None)])
+    nodes = [helper.make_node("Identity", ["w"], ["wI"]),
+             helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other),
+             helper.make_node("Identity", ["w"], ["y2"])]
+    model = make_model(nodes, [f32("w", rng.normal(size=4)), f32("zero", 0.0)], [value("x", [2, 4])],
+                       [value("y", [2, 4]), value("y2", [4])])
+    graph = import_graph(model)
+    materialize_constants(graph)
+    folded = export_like(graph, model)
+    check_full(folded)
+    assert "Identity" not in [n.op_type for g in _graphs(folded.graph) for n in g.node]
+    x = rng.normal(size=(2, 4)).astype(np.float32)
+    for feeds in ({"x": np.abs(x)}, {"x": -np.abs(x)}):  # both branches
+        for expected, actual in zip(run(model, feeds), run(folded, feeds)):
+            np.testing.assert_array_equal(actual, expected)
+
+
+def _graphs(graph):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _graphs(attr.g)
