@@ -283,7 +283,7 @@ def zero_channels(layer: Layer, store: WeightStore, vectors: np.ndarray, version
     them changes nothing, also at the borders of a padded conv consumer (which pads with zeros)."""
     zero = ~np.any(vectors != 0, axis=1)
     if not zero.any() or layer.channels.axis == -1:
-        return zero & False  # dense layers fold every constant channel (`constant_channels`)
+        return np.zeros_like(zero)  # dense layers fold every constant channel (`constant_channels`)
     nodes = layer.middle + layer.post
     shape = data_shape(layer.middle_input, store, len(vectors), False, nodes, layer.producer.rank or 4)
     x = np.zeros(shape, dtype=store[layer.producer.weight.name].dtype)
@@ -478,7 +478,6 @@ def plan_depthwise_layer(layer: Layer, store: WeightStore, grouping: Grouping, v
     alone say nothing about the rows that feed them (think of 5x5 kernels with one non-zero tap)."""
     dw = depthwise_vectors(layer, store, versions)
     alpha = neuron_vectors(layer, store, versions)
-    width = len(dw)
     a, c = post_affine(layer, store, versions)
     outgoing = np.concatenate([consumer_rows(k, store, layer) for k in layer.consumers], axis=1)
     silent = np.all(outgoing == 0, axis=1)
