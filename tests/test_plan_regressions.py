@@ -106,7 +106,8 @@ def test_chained_separable_blocks_report_the_error_each_block_really_makes():
     for i, layer in enumerate(layers):
         fan_in = initializers(steps[i])[f"pw{i}.w"].shape[1]
         x = probe(2, fan_in, 8, 8)
-        measured = block_output_error(steps[i], steps[i + 1], "x" if i == 0 else f"s{i - 1}", f"e{i + 1}", x)
+        source, sink = "x" if i == 0 else f"s{i - 1}", f"e{i + 1}" if i + 1 < BLOCKS else "y"
+        measured = block_output_error(steps[i], steps[i + 1], source, sink, x)
         assert_same_block_error(layer["block_error"], measured)
         assert 0 < measured["max_rel_err"] < np.sqrt(2 * (1 - threshold))
 
