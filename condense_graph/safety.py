@@ -5,8 +5,10 @@ anything). The model must
 1. pass `onnx.checker.check_model(full_check=True)` (the checker plus strict shape inference);
 2. load in an ONNX Runtime CPU session;
 3. hold only finite float weights: initializers and tensor attributes (Constant nodes) of the main
-   graph and of every If/Loop/Scan body, except tensors byte-identical to one of the input model
-   (an input may legitimately hold an Inf Clip bound; we did not make it).
+   graph and of every If/Loop/Scan body, except tensors whose values equal those of a tensor of the
+   input model (an input may legitimately hold an Inf Clip bound; we did not make it). Values are
+   compared in float64, whatever the dtype: folding `CastLike(Constant(inf, double), x)` turns the
+   input's double Inf into a float32 one.
 A failure is a bug of condense-graph and raises `InternalError` with one line naming the reason.
 When the input model itself fails the same check, the failure is not ours: an input that fails
 check 1 cannot give a valid output (`CondenseError`, exit 2); check 2 is waived when the input does
@@ -86,7 +88,7 @@ def runtime_failure(model: onnx.ModelProto) -> str | None:
 
 
 def nonfinite_tensors(model: onnx.ModelProto, original: onnx.ModelProto) -> list[str]:
-    """Names of float tensors holding NaN/Inf that are not byte-identical to an input tensor."""
+    """Names of float tensors holding NaN/Inf whose values are not those of an input tensor."""
     inherited = None  # fingerprints of the input's tensors, computed only when needed
     broken = []
     for tensor in all_tensors(model.graph):
@@ -104,9 +106,10 @@ def nonfinite_tensors(model: onnx.ModelProto, original: onnx.ModelProto) -> list
 
 
 def fingerprint(tensor: onnx.TensorProto) -> tuple:
-    """Type, shape and a digest of the values: equal for byte-identical tensors whatever their name."""
-    values = numpy_helper.to_array(tensor)
-    return tensor.data_type, tuple(tensor.dims), hashlib.sha256(values.tobytes()).hexdigest()
+    """Size and a digest of the values in float64: equal for tensors holding the same numbers,
+    whatever their name, dtype or (broadcast-equivalent) shape."""
+    values = numpy_helper.to_array(tensor).astype(np.float64).reshape(-1)
+    return values.size, hashlib.sha256(values.tobytes()).hexdigest()
 
 
 def all_tensors(graph: onnx.GraphProto):

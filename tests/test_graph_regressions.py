@@ -324,3 +324,20 @@ def _graphs(graph):
         for attr in node.attribute:
             if attr.HasField("g"):
                 yield from _graphs(attr.g)
+
+
+def test_an_inf_bound_folded_from_a_double_constant_is_not_called_ours(rng):
+    """Clip(x, 0, CastLike(Constant(inf, double), x)) (dynamo without optimizer) folds into a float32
+    Inf: the same value as the input's, so the safety net must not refuse the reduced model."""
+    model = gemm_clip_gemm(rng)
+    kept = [t for t in model.graph.initializer if t.name != "hi"]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["hi64"],
+                                                value=numpy_helper.from_array(np.array(np.inf))))
+    model.graph.node.insert(2, helper.make_node("CastLike", ["hi64", "h"], ["hi"]))
+    model.opset_import[0].version = 18
+    result = cg.condense(model, threshold=0.9999)
+    assert [(l["name"], l["width_after"]) for l in result.report["layers"]] == [("fc1", 4)]
+    check_full(result.model)
+    assert_equal_to_rounding(model, result.model, {"x": rng.normal(size=(5, 6)).astype(np.float32)})
