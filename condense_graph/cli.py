@@ -331,10 +331,22 @@ def _as_width(value: float, spec: str) -> int:
 
 
 def _write_json(data: dict, path: str) -> None:
+    """Strict JSON (RFC 8259 has no NaN or Infinity): a non-finite number is written as the string
+    "nan", "inf" or "-inf", which every JSON parser reads."""
     try:
-        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+        Path(path).write_text(json.dumps(_finite_json(data), indent=2, allow_nan=False) + "\n")
     except OSError as err:
         raise CondenseError(f"cannot write {path}: {err.strerror}") from None
+
+
+def _finite_json(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # 'nan', 'inf', '-inf'
+    if isinstance(value, dict):
+        return {key: _finite_json(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
 
 
 if __name__ == "__main__":
