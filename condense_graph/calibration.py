@@ -16,7 +16,7 @@ import onnx
 from condense_graph.analysis import Consumer, Layer
 from condense_graph.errors import CondenseError
 from condense_graph.refit import Gram, Normal, channel_rows, im2col
-from condense_graph.verify import check_lengths, data_batches, graph_inputs, load_data, run_session, session
+from condense_graph.verify import data_batches, graph_inputs, load_data, run_session, session
 
 MAX_FEATURES = 6144  # a consumer with more input features is not refit (its Gram would be huge)
 

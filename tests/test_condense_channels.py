@@ -1,7 +1,6 @@
 """The dense condensation pass on models built with onnx.helper, checked in ONNX Runtime."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 

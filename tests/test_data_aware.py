@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import condense_graph as cg
-from builders import IR_VERSION, OPSET, planted_cnn, planted_mlp, run
+from builders import IR_VERSION, planted_cnn, planted_mlp, run
 from condense_graph.cli import main
 from conftest import assert_equal_to_rounding
 

@@ -3,7 +3,6 @@ parts of a graph the pass must leave alone (graph outputs; weight tying and cont
 test_robustness.py)."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 

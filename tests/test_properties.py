@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import condense_graph as cg
 from builders import IR_VERSION, OPSET, planted_cnn, planted_mlp, run
-from conftest import assert_equal_to_rounding, assert_same_outputs, check_full
+from conftest import assert_equal_to_rounding, check_full
 
 settings.register_profile("ci", max_examples=50, derandomize=True, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])

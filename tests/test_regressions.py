@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import condense_graph as cg
-from builders import IR_VERSION, OPSET, planted_mlp, run
+from builders import IR_VERSION, OPSET, planted_mlp
 from condense_graph.cli import main
 from conftest import assert_same_outputs, check_full
 

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from builders import IR_VERSION, OPSET, planted_mlp
+from builders import planted_mlp
 from condense_graph.cli import main
 from condense_graph.verify import compare_models
 

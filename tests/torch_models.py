@@ -7,8 +7,13 @@ Adds; `resnet50_like` builds a ResNet-50-sized CNN (about 25M parameters) from b
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    import onnx
 
 
 def conv_bn_relu6(inp, out, kernel=3, stride=1, groups=1):
