@@ -8,20 +8,25 @@ and the speedup of each model over the first one (ratio of medians).
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from condense_graph import runtime
 from condense_graph.progress import Progress, silent
 from condense_graph.report import count_params
-from condense_graph.verify import random_feeds, session
+from condense_graph.verify import random_feeds
+
+logger = logging.getLogger(__name__)
 
 
-def count_macs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int:
-    """Multiply-accumulates of Gemm, MatMul, Conv and ConvTranspose for inputs shaped like `feeds`."""
-    shapes = inferred_shapes(model, {name: list(v.shape) for name, v in feeds.items()})
+def count_macs(model: onnx.ModelProto, feeds: dict[str, np.ndarray], warnings: list | None = None) -> int:
+    """Multiply-accumulates of Gemm, MatMul, Conv and ConvTranspose for inputs shaped like `feeds`
+    (0 when onnx cannot infer the shapes: logged and added to `warnings`)."""
+    shapes = inferred_shapes(model, {name: list(v.shape) for name, v in feeds.items()}, warnings)
     total = 0
     for node in model.graph.node:
         total += _node_macs(node, shapes)
@@ -50,8 +55,10 @@ def _attr(node: onnx.NodeProto, name: str, default: int = 0) -> int:
     return default
 
 
-def inferred_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> dict[str, list[int]]:
-    """Static shapes of every tensor onnx can infer once the inputs have concrete shapes."""
+def inferred_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]],
+                    warnings: list | None = None) -> dict[str, list[int]]:
+    """Static shapes of every tensor onnx can infer once the inputs have concrete shapes (none when
+    inference fails: logged and added to `warnings`)."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     for value in fixed.graph.input:
@@ -60,9 +67,9 @@ def inferred_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) 
             for dim, size in zip(dims, input_shapes[value.name]):
                 dim.Clear()
                 dim.dim_value = size
-    try:
-        fixed = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
-    except Exception:  # noqa: BLE001 - a model onnx cannot infer still runs; MACs become 0
+    fixed, error = runtime.infer_shapes(fixed, data_prop=True)
+    if error is not None:  # a model onnx cannot infer still runs; its MACs become 0
+        runtime.degraded(logger, warnings, f"shape inference failed ({error}): MACs counted as 0")
         return {}
     shapes = {}
     for value in list(fixed.graph.value_info) + list(fixed.graph.input) + list(fixed.graph.output):
@@ -83,7 +90,7 @@ def bench_feeds(model: onnx.ModelProto, batch: int, input_shapes: dict[str, list
 
 
 def make_session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    return session(model, threads)
+    return runtime.session(model, threads)
 
 
 def interleaved_times(sessions: list, feeds: dict, runs: int, warmup: int,
@@ -134,12 +141,14 @@ def benchmark(models: list[tuple[str, onnx.ModelProto, int]], batch: int = 1, th
     feeds = bench_feeds(models[0][1], batch, input_shapes or {})
     sessions = [make_session(model, threads) for _, model, _ in models]
     times = interleaved_times(sessions, feeds, runs, warmup, progress)
-    entries = []
+    entries, warnings = [], []
     for (label, model, size), seconds in zip(models, times):
-        entries.append({"model": label, "params": count_params(model), "macs": count_macs(model, feeds),
-                        "file_size": size, **latency_summary(seconds)})
+        entries.append({"model": label, "params": count_params(model),
+                        "macs": count_macs(model, feeds, warnings), "file_size": size,
+                        **latency_summary(seconds)})
     for entry in entries:
         entry["speedup"] = speedup(entries[0]["median_ms"], entry["median_ms"])
         entry["ideal_speedup"] = entries[0]["macs"] / entry["macs"] if entry["macs"] else None
         entry["efficiency"] = efficiency(entry["speedup"], entries[0]["macs"], entry["macs"])
-    return {"batch": batch, "threads": threads, "runs": runs, "warmup": warmup, "models": entries}
+    return {"batch": batch, "threads": threads, "runs": runs, "warmup": warmup, "models": entries,
+            "warnings": warnings}

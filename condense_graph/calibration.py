@@ -8,23 +8,32 @@ one batch of one layer's activations is in memory at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
+from condense_graph import runtime
 from condense_graph.analysis import Consumer, Layer
 from condense_graph.errors import CondenseError
 from condense_graph.refit import Gram, Normal, channel_rows, im2col
-from condense_graph.verify import data_batches, graph_inputs, load_data, run_session, session
+from condense_graph.verify import data_batches, graph_inputs, load_data
 
 MAX_FEATURES = 6144  # a consumer with more input features is not refit (its Gram would be huge)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Calibration:
+    """Calibration rows and how to batch them. `warnings` collects the fallbacks taken while
+    capturing activations: the object travels from `condense` through the pass to `capture`, so
+    the report gets them without any state outside this call."""
+
     data: dict[str, np.ndarray]
     batch_size: int = 64
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def samples(self) -> int:
@@ -44,17 +53,21 @@ def capture(model: onnx.ModelProto, names: list[str], calibration: Calibration):
 
     Only the part of the model that computes them runs: it is cut out with onnx.utils.Extractor
     (the whole model, with the tensors as extra outputs, when that fails)."""
-    sess = session(prefix(model, names))
+    sess = runtime.session(prefix(model, names, calibration.warnings))
     for feeds in data_batches(model, calibration.data, calibration.batch_size):
-        yield [np.asarray(v) for v in run_session(sess, feeds, names)]
+        yield [np.asarray(v) for v in runtime.run(sess, feeds, names)]
 
 
-def prefix(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """The subgraph of `model` from its inputs to the tensors `names`."""
+def prefix(model: onnx.ModelProto, names: list[str], warnings: list | None = None) -> onnx.ModelProto:
+    """The subgraph of `model` from its inputs to the tensors `names` (the whole model with them
+    as extra outputs when it cannot be cut out: logged and added to `warnings`)."""
     inputs = [i.name for i in graph_inputs(model)]
     try:
         return onnx.utils.Extractor(model).extract_model(inputs, names)
-    except Exception:  # noqa: BLE001 - subgraphs, missing shapes: run the whole model instead
+    except Exception as err:  # noqa: BLE001 - subgraphs, missing shapes: run the whole model instead
+        why = runtime.one_line(err, last=False)
+        runtime.degraded(logger, warnings, "calibration runs the whole model: the part computing the "
+                                           f"captured tensors cannot be cut out ({why})")
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         present = {o.name for o in copy.graph.output}

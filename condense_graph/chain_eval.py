@@ -16,7 +16,9 @@ from typing import Mapping
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
+
+from condense_graph import runtime
+from condense_graph.errors import InternalError
 
 
 _HALF = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
@@ -42,11 +44,11 @@ def evaluate_chain(nodes: list[gs.Node], source: gs.Tensor, sink: gs.Tensor,
     graph = gs.Graph(nodes=copies, inputs=[tensors[source.name]], outputs=[tensors[sink.name]],
                      opset=versions[0], ir_version=versions[1])
     tensors[sink.name].dtype = x.dtype
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(gs.export_onnx(graph).SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    try:
+        session = runtime.session(gs.export_onnx(graph), threads=1)
+    except runtime.SessionError as err:  # we cut the chain out: a chain ORT refuses is our bug
+        raise InternalError(f"internal error (a bug in condense-graph, please report it): ONNX Runtime "
+                            f"cannot run the chain {source.name} -> {sink.name}: {err.reason}") from None
     (out,) = session.run(None, {source.name: x})
     return np.asarray(out).reshape(x.shape[0], -1)  # constants of rank 3 add leading 1s
 

@@ -7,37 +7,45 @@ strings survive a rewrite.
 
 from __future__ import annotations
 
+import logging
+
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from condense_graph import runtime
+
 # graphsurgeon warns on stdout about bfloat16 and missing colour support; our CLI owns stdout
 G_LOGGER.severity = G_LOGGER.ERROR
 
-
-def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """A graphsurgeon graph of `model` with shapes inferred where onnx can (ranks matter)."""
-    try:
-        model = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - custom ops or huge models: analyze without shapes
-        pass
-    return gs.import_onnx(model)
+logger = logging.getLogger(__name__)
 
 
-def export_like(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+def import_graph(model: onnx.ModelProto, warnings: list | None = None) -> gs.Graph:
+    """A graphsurgeon graph of `model` with shapes inferred where onnx can (ranks matter).
+    A failed inference is logged and added to `warnings`: the graph is imported without shapes."""
+    inferred, error = runtime.infer_shapes(model)
+    if error is not None:
+        runtime.degraded(logger, warnings, f"shape inference failed ({error}): the graph was "
+                                           "analyzed without inferred shapes")
+    return gs.import_onnx(inferred)
+
+
+def export_like(graph: gs.Graph, original: onnx.ModelProto, warnings: list | None = None) -> onnx.ModelProto:
     """`graph` as a model that keeps every model-level field of `original`.
 
     Shapes are inferred again (widths changed), but only the tensors `original` declared keep a
     `value_info`: one per intermediate tensor can outweigh what a small reduction saves, and the
-    written model must never be larger than its input for nothing. Who needs shapes infers them."""
+    written model must never be larger than its input for nothing. Who needs shapes infers them.
+    A failed inference (the model is still valid) is logged and added to `warnings`."""
     model = onnx.ModelProto()
     model.CopyFrom(original)
     model.graph.CopyFrom(gs.export_onnx(graph, do_type_check=False).graph)
     _restore_node_docs(model.graph, original.graph)
-    try:
-        model = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - a model onnx cannot infer is still a valid model
-        pass
+    model, error = runtime.infer_shapes(model)
+    if error is not None:
+        runtime.degraded(logger, warnings, f"shape inference failed on the rewritten graph ({error}): "
+                                           "it keeps only the shapes the graph declared")
     declared = {v.name for g in _all_graphs(original.graph) for v in g.value_info}
     for g in _all_graphs(model.graph):
         kept = [v for v in g.value_info if v.name in declared]

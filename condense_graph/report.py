@@ -52,7 +52,7 @@ def format_reduce_table(report: dict) -> str:
     rows.append(("File size", "", _change(report["file_size_before"], report["file_size_after"],
                                           _bytes), "", "", ""))
     text = _table(rows, footer_from=len(rows) - 2)
-    return text + _skipped_lines(report["skipped"])
+    return text + _skipped_lines(report["skipped"]) + _warning_lines(report.get("warnings", []))
 
 
 def _width_change(before: int, after: int) -> str:
@@ -75,6 +75,13 @@ def _skipped_lines(skipped: list[dict]) -> str:
         return ""
     lines = [f"\nSkipped ({len(skipped)}):"] + [f"  {s['name']}: {s['reason']}" for s in skipped]
     return "\n".join(lines)
+
+
+def _warning_lines(warnings: list[str]) -> str:
+    """Degraded paths taken (shape inference failed, a fallback): numbers may be less complete."""
+    if not warnings:
+        return ""
+    return "\n".join([f"\nWarnings ({len(warnings)}):"] + [f"  {w}" for w in warnings])
 
 
 def _change(before: int, after: int, fmt=lambda n: f"{n:,}") -> str:

@@ -19,26 +19,26 @@ dict says so.
 from __future__ import annotations
 
 import hashlib
-import tempfile
-from pathlib import Path
+import logging
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 
-from condense_graph import model_io
+from condense_graph import runtime
 from condense_graph.errors import CondenseError, InternalError
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                onnx.TensorProto.BFLOAT16}
 BUG = "internal error (a bug in condense-graph, please report it)"
 
+logger = logging.getLogger(__name__)
 
-def check_output(model: onnx.ModelProto, original: onnx.ModelProto) -> dict:
+
+def check_output(model: onnx.ModelProto, original: onnx.ModelProto, warnings: list | None = None) -> dict:
     """Raise unless `model` is valid, loads in ONNX Runtime and has finite weights (module doc).
     Returns what was checked: {"checker": "full", "onnxruntime": "loads" | "waived: ...",
-    "finite_weights": True}."""
+    "finite_weights": True}. A waived check is logged and added to `warnings`."""
     checker_error = checker_failure(model)
     if checker_error is not None:
         if checker_failure(original) is not None:
@@ -46,12 +46,14 @@ def check_output(model: onnx.ModelProto, original: onnx.ModelProto) -> dict:
                                 f"can be written: {checker_error}")
         raise InternalError(f"{BUG}: the reduced model fails onnx.checker (full check): {checker_error}; "
                             "nothing was written")
-    runtime = runtime_status(model, original)
+    loads = runtime_status(model, original)
+    if loads != "loads":
+        runtime.degraded(logger, warnings, f"ONNX Runtime check {loads}")
     broken = nonfinite_tensors(model, original)
     if broken:
         raise InternalError(f"{BUG}: the reduced model has NaN/Inf weights ({', '.join(broken)}); "
                             "nothing was written")
-    return {"checker": "full", "onnxruntime": runtime, "finite_weights": True}
+    return {"checker": "full", "onnxruntime": loads, "finite_weights": True}
 
 
 def runtime_status(model: onnx.ModelProto, original: onnx.ModelProto) -> str:
@@ -66,24 +68,19 @@ def runtime_status(model: onnx.ModelProto, original: onnx.ModelProto) -> str:
 def checker_failure(model: onnx.ModelProto) -> str | None:
     """The first line of onnx.checker's full-check complaint, or None when the model passes."""
     try:
-        with _as_path_if_large(model) as path:
+        with runtime.path_if_large(model) as path:
             onnx.checker.check_model(str(path) if path else model, full_check=True)
     except Exception as err:  # noqa: BLE001 - ValidationError, InferenceError, ValueError (size)...
-        return _first_line(err)
+        return runtime.one_line(err, last=False)
     return None
 
 
 def runtime_failure(model: onnx.ModelProto) -> str | None:
     """Why ONNX Runtime cannot create a CPU session for the model, or None when it can."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
     try:
-        with _as_path_if_large(model) as path:
-            source = str(path) if path else model.SerializeToString()
-            ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # noqa: BLE001 - ORT raises its own exception classes
-        return _last_line(err)
+        runtime.session(model, threads=1)
+    except runtime.SessionError as err:
+        return err.reason
     return None
 
 
@@ -124,37 +121,3 @@ def all_tensors(graph: onnx.GraphProto):
                 yield from all_tensors(attr.g)
             for sub in attr.graphs:
                 yield from all_tensors(sub)
-
-
-class _as_path_if_large:
-    """Context: None for a model that fits a protobuf message, else the path of a temporary copy
-    saved with external data (the checker and ONNX Runtime read such models from files)."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
-        self.directory = None
-
-    def __enter__(self) -> Path | None:
-        if self.model.ByteSize() < model_io.PROTOBUF_LIMIT:
-            return None
-        self.directory = tempfile.TemporaryDirectory(prefix="condense-check-")
-        path = Path(self.directory.name) / "model.onnx"
-        copy = onnx.ModelProto()
-        copy.CopyFrom(self.model)  # onnx.save rewrites the tensors it externalizes
-        onnx.save(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location="model.onnx.data", size_threshold=1024)
-        return path
-
-    def __exit__(self, *exc) -> None:
-        if self.directory is not None:
-            self.directory.cleanup()
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
-def _last_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[-1] if text else type(err).__name__

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
+from condense_graph import runtime
 from condense_graph.errors import CondenseError
 from condense_graph.progress import Progress, silent
 
@@ -182,24 +182,6 @@ def _random_array(rng, shape, dtype, high: int) -> np.ndarray:
     return rng.integers(0, high, shape).astype(dtype)
 
 
-def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session (`threads` intra-op threads, 0: all cores)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as err:  # noqa: BLE001 - ORT raises its own exception classes
-        raise CondenseError(f"ONNX Runtime cannot load the model: {_last_line(err)}") from None
-
-
-def _last_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[-1] if text else type(err).__name__
-
-
 def compare_models(original: onnx.ModelProto, reduced: onnx.ModelProto,
                    input_shapes: dict[str, list[int]] | None = None, runs: int = 4,
                    seed: int = 0, data: dict[str, np.ndarray] | None = None,
@@ -212,7 +194,7 @@ def compare_models(original: onnx.ModelProto, reduced: onnx.ModelProto,
     unknown = set(input_shapes) - {v.name for v in graph_inputs(original)}
     if unknown:
         raise CondenseError(f"--input-shape names no graph input: {', '.join(sorted(unknown))}")
-    reference, candidate = session(original), session(reduced)
+    reference, candidate = runtime.session(original), runtime.session(reduced)
     names = [o.name for o in reference.get_outputs()]
     every = labels is not None or all_class_scores
     classes = set(names) if every else class_score_outputs(original)
@@ -226,8 +208,8 @@ def compare_models(original: onnx.ModelProto, reduced: onnx.ModelProto,
     progress = progress or silent()
     progress.total, start = max(len(batches), 1), 0
     for feeds in batches:
-        expected = run_session(reference, feeds, None, hint)
-        actual = run_session(candidate, feeds, names, hint)
+        expected = runtime.run(reference, feeds, None, hint)
+        actual = runtime.run(candidate, feeds, names, hint)
         rows = len(next(iter(feeds.values()))) if feeds else 1
         batch_labels = labels[start:start + rows] if labels is not None else None
         for name, e, a in zip(names, expected, actual):
@@ -254,14 +236,6 @@ def worst(values) -> float:
     if any(math.isnan(v) for v in values):
         return float("nan")
     return max(values, default=0.0)
-
-
-def run_session(sess: ort.InferenceSession, feeds: dict, names, hint: str = "") -> list:
-    """Run a session; ONNX Runtime's failures become one-line user errors."""
-    try:
-        return sess.run(names, feeds)
-    except Exception as err:  # noqa: BLE001 - ORT raises its own exception classes
-        raise CondenseError(f"ONNX Runtime failed to run the model: {_last_line(err)}{hint}") from None
 
 
 class OutputStats:
