@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -16,7 +15,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from condense_graph import runtime
 from condense_graph.calibration import Calibration, load_calibration
 from condense_graph.errors import CondenseError
 from condense_graph.model_io import load_model
@@ -30,8 +28,6 @@ from passes.condense_channels import CondenseChannelsPass
 INSPECT_THRESHOLDS = (0.8, 0.9, 0.95, 0.99, 0.999)
 HOLDOUT_FRACTION = 0.2     # with calibration data and verify: the last 20% of the rows verify
 MIN_WIDTH_FRACTION = 0.1   # target_params never cuts a layer below 10% of its width
-
-logger = logging.getLogger(__name__)
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 
@@ -83,10 +79,9 @@ def condense(model: ModelLike, threshold: float = 0.95,
     _check_widths(dict(layer_widths or {}), target_params)
     widths, target = planned_widths(original, dict(layer_widths or {}), target_params, round_to,
                                     similarity, min_width_fraction)
-    warnings = shape_warnings(original)
     result = CondenseChannelsPass(threshold, layer_thresholds, progress, round_to, data, widths,
                                   similarity)(original)
-    warnings += data.warnings if data is not None else []
+    warnings = list(result.details["warnings"]) + (data.warnings if data is not None else [])
     checks = check_output(result.model, original, warnings)
     plans = result.details["plans"]
     report = build_report(original, result.model, plans, result.details["skipped"])
@@ -100,17 +95,6 @@ def condense(model: ModelLike, threshold: float = 0.95,
         if held is not None:
             report["verify"] |= {"inputs": "held-out data", "calibration_rows": data.samples}
     return CondenseResult(result.model, report, plans)
-
-
-def shape_warnings(model: onnx.ModelProto) -> list[str]:
-    """The warning of a failed shape inference on the input, which the pass then analyzes
-    without shapes. The pass logs that failure but returns no warnings, so it is asked here."""
-    _, error = runtime.infer_shapes(model)
-    warnings: list[str] = []
-    if error is not None:
-        runtime.degraded(logger, warnings, f"shape inference failed on the input model ({error}): "
-                                           "its layers were analyzed without inferred shapes")
-    return warnings
 
 
 def _split_for_verification(data: Calibration | None, model: onnx.ModelProto, verify: bool,

@@ -46,19 +46,21 @@ class CondenseChannelsPass:
         self.progress = progress or silent()
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
-        graph, analysis = self.analyze(model)
+        warnings: list[str] = []  # degraded paths (a failed shape inference), for the report
+        graph, analysis = self.analyze(model, warnings)
         plans, store = self.plan(graph, analysis, model)
         modified = any(p.cmap.width_after < p.cmap.width_before for p in plans)
         if modified:
             rewrite(graph, plans, store)
-            model = export_like(graph, model)
-        return PassResult(model, modified, {"plans": plans, "skipped": analysis.skipped})
+            model = export_like(graph, model, warnings)
+        return PassResult(model, modified, {"plans": plans, "skipped": analysis.skipped,
+                                            "warnings": warnings})
 
     @staticmethod
-    def analyze(model: onnx.ModelProto) -> tuple[gs.Graph, Analysis]:
-        graph = import_graph(model)
+    def analyze(model: onnx.ModelProto, warnings: list | None = None) -> tuple[gs.Graph, Analysis]:
+        graph = import_graph(model, warnings)
         if materialize_constants(graph):  # folded Pad/Reshape parameters give shapes: infer again
-            graph = import_graph(export_like(graph, model))
+            graph = import_graph(export_like(graph, model, warnings), warnings)
         return graph, analyze(graph, subgraph_tensor_names(model))
 
     def plan(self, graph: gs.Graph, analysis: Analysis,
