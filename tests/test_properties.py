@@ -8,13 +8,14 @@ import os
 
 import numpy as np
 import onnx
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import condense_graph as cg
 from builders import IR_VERSION, OPSET, planted_cnn, planted_mlp, run
-from conftest import assert_equal_to_rounding, check_full
+from conftest import assert_equal_to_rounding, assert_same_outputs, check_full
 
 settings.register_profile("ci", max_examples=50, derandomize=True, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -82,21 +83,27 @@ def test_planted_conv_graphs_reduce_exactly(case):
 
 
 ANY_OPS = ["Relu", "Sigmoid", "Tanh", "LeakyRelu", "Softplus", "HardSwish", "Identity", "BN",
-           "Dropout", "Residual", "Concat", "SiLU", "Clip6", "Neg"]
+           "Dropout", "Residual", "Concat", "SiLU", "Clip6", "Neg", "Elu", "Selu", "Softsign",
+           "HardSigmoid", "GELU", "PRelu"]
 
 
 @st.composite
-def random_graph(draw):
-    """A dense graph of random layers, each a Gemm or MatMul+Add followed by a random op."""
+def random_graph(draw, copies=False):
+    """A dense graph of random layers, each a Gemm or MatMul+Add followed by a random op. With
+    `copies`, every layer has exact copies (lambda = 1) of a few distinct neurons, threshold 1.0."""
     width = draw(st.integers(2, 8))
-    layers = [(draw(st.sampled_from(["gemm", "matmul"])), draw(st.integers(2, 10)), draw(st.sampled_from(ANY_OPS)))
-              for _ in range(draw(st.integers(1, 4)))]
+    layers = [(draw(st.sampled_from(["gemm", "matmul"])), draw(st.integers(3 if copies else 2, 10)),
+               draw(st.sampled_from(ANY_OPS))) for _ in range(draw(st.integers(1, 4)))]
+    distinct = [draw(st.integers(2, out - 1)) for _, out, _ in layers] if copies else None
     return dict(width=width, layers=layers, seed=draw(st.integers(0, 2**16)),
-                threshold=draw(st.sampled_from([0.0, 0.5, 0.9, 0.99, 1.0])),
-                duplicates=draw(st.booleans()))
+                threshold=1.0 if copies else draw(st.sampled_from([0.0, 0.5, 0.9, 0.99, 1.0])),
+                duplicates=False if copies else draw(st.booleans()), distinct=distinct)
 
 
-def build_random(width, layers, seed, duplicates, **_):
+def build_random(width, layers, seed, duplicates, distinct=None, **_):
+    """`duplicates`: the second half of each layer's neurons are positive multiples of the first
+    half's weights (not biases); `distinct[i]`: layer i's neurons (weights, bias and per-channel
+    constants) are exact copies of distinct[i] neurons, each used at least once."""
     rng = np.random.default_rng(seed)
     nodes, inits, cur, cur_width = [], [], "x", width
     history = {width: ["x"]}
@@ -110,13 +117,19 @@ def build_random(width, layers, seed, duplicates, **_):
         if duplicates and out > 1:
             w[out // 2:] = w[: out - out // 2] * rng.uniform(0.5, 2, (out - out // 2, 1))
         b = rng.normal(size=out)
+        which = np.arange(out)
+        if distinct is not None:  # row k is an exact copy of row which[k]
+            which = np.concatenate([np.arange(distinct[i]), rng.integers(0, distinct[i], out - distinct[i])])
+            rng.shuffle(which)
+            w, b = w[which], b[which]
         if form == "gemm":
-            nodes.append(helper.make_node("Gemm", [cur, const(f"w{i}", w), const(f"b{i}", b)], [f"h{i}"], transB=1))
+            nodes.append(helper.make_node("Gemm", [cur, const(f"w{i}", w), const(f"b{i}", b)], [f"h{i}"],
+                                          name=f"fc{i}", transB=1))
         else:
-            nodes.append(helper.make_node("MatMul", [cur, const(f"w{i}", w.T)], [f"m{i}"]))
+            nodes.append(helper.make_node("MatMul", [cur, const(f"w{i}", w.T)], [f"m{i}"], name=f"fc{i}"))
             nodes.append(helper.make_node("Add", [f"m{i}", const(f"b{i}", b)], [f"h{i}"]))
         cur, cur_width = f"h{i}", out
-        cur = _random_op(op, i, cur, cur_width, nodes, const, rng, history)
+        cur = _random_op(op, i, cur, cur_width, nodes, const, rng, history, which)
         cur_width = out * (2 if op == "Concat" else 1)
         history.setdefault(cur_width, []).append(cur)
     w = rng.normal(size=(2, cur_width))
@@ -126,12 +139,23 @@ def build_random(width, layers, seed, duplicates, **_):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
 
 
-def _random_op(op, i, cur, width, nodes, const, rng, history):
+def _random_op(op, i, cur, width, nodes, const, rng, history, which):
+    """`op` after layer i's producer; per-channel constants follow `which` (channel k's original)."""
     out = f"o{i}"
     if op == "BN":
-        names = [const(f"bn{i}.{k}", v) for k, v in (("s", rng.uniform(0.5, 2, width)), ("t", rng.normal(size=width)),
-                                                      ("m", rng.normal(size=width)), ("v", rng.uniform(0.5, 2, width)))]
+        params = (("s", rng.uniform(0.5, 2, width)), ("t", rng.normal(size=width)),
+                  ("m", rng.normal(size=width)), ("v", rng.uniform(0.5, 2, width)))
+        names = [const(f"bn{i}.{k}", v[which]) for k, v in params]
         nodes.append(helper.make_node("BatchNormalization", [cur] + names, [out]))
+    elif op == "PRelu":
+        slope = const(f"slope{i}", rng.uniform(0.05, 0.5, width)[which])
+        nodes.append(helper.make_node("PRelu", [cur, slope], [out]))
+    elif op == "GELU":  # as the TorchScript exporter writes it
+        nodes += [helper.make_node("Div", [cur, const(f"sqrt2_{i}", np.sqrt(2.0))], [f"d{i}"]),
+                  helper.make_node("Erf", [f"d{i}"], [f"e{i}"]),
+                  helper.make_node("Add", [f"e{i}", const(f"one{i}", 1.0)], [f"p{i}"]),
+                  helper.make_node("Mul", [cur, f"p{i}"], [f"q{i}"]),
+                  helper.make_node("Mul", [f"q{i}", const(f"half{i}", 0.5)], [out])]
     elif op == "Residual" and history.get(width):
         nodes.append(helper.make_node("Add", [cur, history[width][-1]], [out]))
     elif op == "Concat":
@@ -161,3 +185,22 @@ def test_random_graphs_stay_valid_and_run(case):
     if case["threshold"] == 1.0 and all(op in ("Relu", "LeakyRelu", "Identity", "Dropout")
                                         for _, _, op in case["layers"]):
         assert_equal_to_rounding(model, result.model, {"x": x})
+
+
+@pytest.mark.parametrize("first", ANY_OPS)
+@settings(max_examples=max(5, settings().max_examples // 10))  # per op: 5 in "ci", 40 in "dev"
+@given(random_graph(copies=True))
+def test_random_graphs_with_exact_copies_keep_their_numbers(first, case):
+    """Exact copies (lambda = 1) merge exactly through every op, homogeneous or not: each reduced
+    layer lands on its planted width and the outputs equal the original's to float rounding. The
+    first layer's op is every op in turn, the others are drawn."""
+    (form, out, _), *rest = case["layers"]
+    case = case | {"layers": [(form, out, first), *rest]}
+    model = build_random(**case)
+    onnx.checker.check_model(model, full_check=True)
+    result = cg.condense(model, threshold=1.0)
+    check_full(result.model)
+    for layer in result.report["layers"]:
+        assert layer["width_after"] == case["distinct"][int(layer["name"][2:])], (layer, case)
+    x = np.random.default_rng(0).normal(size=(5, case["width"])).astype(np.float32)
+    assert_same_outputs(model, result.model, {"x": x}, rtol=1e-5)

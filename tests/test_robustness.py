@@ -16,7 +16,7 @@ import condense_graph as cg
 from builders import IR_VERSION, planted_mlp, run
 from condense_graph import model_io
 from condense_graph.cli import main
-from conftest import assert_same_outputs, check_full
+from conftest import assert_same_outputs, check_full, rounding_scale
 
 
 def cli_error(argv, capsys) -> str:
@@ -197,6 +197,16 @@ def test_bfloat16_model_is_written_back_in_bfloat16():
     assert [l["width_after"] for l in result.report["layers"]] == [5, 4]
     assert {t.data_type for t in result.model.graph.initializer} == {TensorProto.BFLOAT16}
     check_full(result.model)
+    # ONNX Runtime has no bfloat16 Relu on CPU: both models run upcast to float32 (the weights'
+    # bfloat16 values exactly), on bfloat16-representable inputs, and the errors are taken in float32
+    x = np.random.default_rng(5).normal(size=(64, 6)).astype(ml_dtypes.bfloat16).astype(np.float32)
+    upcast = [as_dtype(onnx.load_from_string(m.SerializeToString()), TensorProto.FLOAT, np.float32)
+              for m in (model, result.model)]
+    assert {t.data_type for m in upcast for t in m.graph.initializer} == {TensorProto.FLOAT}
+    expected, actual = (run(m, {"x": x})[0] for m in upcast)
+    scale = rounding_scale(upcast[0], {"x": x})[0]
+    # bfloat16 keeps 8 significant bits: the merge may cost about one unit in the last place
+    assert np.all(np.abs(actual - expected) <= 2.0 ** -8 * scale), np.abs(actual - expected).max()
 
 
 def quantized_model():
