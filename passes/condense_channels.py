@@ -15,7 +15,6 @@ untouched and reported.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -68,8 +67,6 @@ class CondenseChannelsPass:
         """Plan every layer in graph order; with calibration data each layer is judged and refit on
         the activations of the network reduced so far (`model` is the pass's input)."""
         self.check_layer_names(analysis)
-        zero_biased = [layer for layer in analysis.layers  # the least-squares rows need a bias
-                       if layer.depthwise is not None and give_zero_bias(layer.producer)]
         tensors = graph.tensors()
         constants = {name: t for name, t in tensors.items() if isinstance(t, gs.Constant)}
         # shapes as analyzed: calibration rewrites forget them, block-error probes need them
@@ -84,9 +81,6 @@ class CondenseChannelsPass:
                 plans.append(self.plan_with_data(graph, layer, plans, store, model))
             self.progress.advance()
         self.progress.close()
-        for layer in zero_biased:  # a bias nobody wrote into goes away again
-            if layer.producer.bias not in store.changed:
-                layer.producer.node.inputs.pop()
         return plans, store
 
     def plan_with_data(self, graph, layer, plans, store, model) -> LayerPlan:
@@ -156,20 +150,6 @@ def rewrite(graph: gs.Graph, plans: list[LayerPlan], store: WeightStore) -> None
             for out in node.outputs:
                 out.shape = None  # shape inference fills in the new widths
     graph.cleanup().toposort()
-
-
-def give_zero_bias(producer) -> bool:
-    """A zero bias for a bias-less producer: the same function, and a bias array to plan with.
-    Returns whether one was added."""
-    node = producer.node
-    if len(node.inputs) > 2 and node.inputs[2].name:
-        return False
-    bias = gs.Constant(producer.bias, np.zeros(producer.width, dtype=producer.weight.values.dtype))
-    if len(node.inputs) > 2:
-        node.inputs[2] = bias
-    else:
-        node.inputs.append(bias)
-    return True
 
 
 def add_bias(graph: gs.Graph, node: gs.Node, bias: gs.Constant) -> None:

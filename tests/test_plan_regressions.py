@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import condense_graph as cg
-from builders import IR_VERSION, OPSET, run
+from builders import IR_VERSION, OPSET, planted_rows, run
 from conftest import assert_equal_to_rounding, check_full
 
 
@@ -252,3 +252,35 @@ def test_a_block_merge_that_breaks_the_budget_is_rolled_back(rng):
     assert result.report["params_after"] == result.report["params_before"]
     feeds = {"x": rng.normal(size=(2, 4, 6, 6)).astype(np.float32)}
     np.testing.assert_array_equal(run(result.model, feeds)[0], run(m, feeds)[0])
+
+
+def test_an_unreduced_depthwise_block_gains_no_bias_when_another_layer_is_reduced():
+    """Issue 11: expand 4->8 (no bias) -> Relu -> depthwise 8 -> Relu -> project 6 (3 planted
+    directions) -> Relu -> head. Only the project layer reduces (6 -> 3); planning must not leave
+    an all-zero bias on the untouched expand conv (170 -> 137 parameters, not 145)."""
+    rng = np.random.default_rng(7)
+    project = planted_rows(rng, 6, 3, 8)
+    inits = {"expand.w": rng.normal(size=(8, 4, 1, 1)), "dw.w": rng.normal(size=(8, 1, 3, 3)),
+             "project.w": project[:, :-1].reshape(6, 8, 1, 1), "project.b": project[:, -1],
+             "head.w": rng.normal(size=(2, 6, 1, 1))}
+    nodes = [helper.make_node("Conv", ["x", "expand.w"], ["e"], name="expand"),
+             helper.make_node("Relu", ["e"], ["e_act"]),
+             helper.make_node("Conv", ["e_act", "dw.w"], ["d"], name="dw", group=8, pads=[1, 1, 1, 1],
+                              kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["d"], ["d_act"]),
+             helper.make_node("Conv", ["d_act", "project.w", "project.b"], ["p"], name="project"),
+             helper.make_node("Relu", ["p"], ["p_act"]),
+             helper.make_node("Conv", ["p_act", "head.w"], ["y"], name="head")]
+    graph = helper.make_graph(
+        nodes, "dw_no_bias", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 6, 6])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    result = cg.condense(model, threshold=0.9999)
+    widths = {l["name"]: (l["width_before"], l["width_after"]) for l in result.report["layers"]}
+    assert widths == {"expand": (8, 8), "project": (6, 3)}, widths
+    assert (result.report["params_before"], result.report["params_after"]) == (170, 137)
+    expand = next(n for n in result.model.graph.node if n.name == "expand")
+    assert len(expand.input) == 2  # still no bias
+    x = rng.normal(size=(1, 4, 6, 6)).astype(np.float32)
+    assert_equal_to_rounding(model, result.model, {"x": x})
