@@ -82,7 +82,7 @@ def condense(model: ModelLike, threshold: float = 0.95,
     result = CondenseChannelsPass(threshold, layer_thresholds, progress, round_to, data, widths,
                                   similarity)(original)
     warnings = list(result.details["warnings"]) + (data.warnings if data is not None else [])
-    checks = check_output(result.model, original, warnings)
+    checks = check_output(result.model, original, warnings, result.details["written"])
     plans = result.details["plans"]
     report = build_report(original, result.model, plans, result.details["skipped"])
     report["output_checks"] = checks

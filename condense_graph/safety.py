@@ -5,10 +5,11 @@ anything). The model must
 1. pass `onnx.checker.check_model(full_check=True)` (the checker plus strict shape inference);
 2. load in an ONNX Runtime CPU session;
 3. hold only finite float weights: initializers and tensor attributes (Constant nodes) of the main
-   graph and of every If/Loop/Scan body, except tensors whose values equal those of a tensor of the
-   input model (an input may legitimately hold an Inf Clip bound; we did not make it). Values are
-   compared in float64, whatever the dtype: folding `CastLike(Constant(inf, double), x)` turns the
-   input's double Inf into a float32 one.
+   graph and of every If/Loop/Scan body. Non-finite values the input itself holds or computes are
+   the input's (an Inf Clip bound, a causal mask of -inf): a tensor passes when its values equal
+   those of a tensor of the input (compared in float64, whatever the dtype: folding
+   `CastLike(Constant(inf, double), x)` makes a float32 Inf), or when it is the folded value of a
+   node output of the input. An array the pass wrote (`written`) never passes non-finite.
 A failure is a bug of condense-graph and raises `InternalError` with one line naming the reason.
 When the input model itself fails the same check, the failure is not ours: an input that fails
 check 1 cannot give a valid output (`CondenseError`, exit 2); check 2 is waived when the input does
@@ -35,8 +36,10 @@ BUG = "internal error (a bug in condense-graph, please report it)"
 logger = logging.getLogger(__name__)
 
 
-def check_output(model: onnx.ModelProto, original: onnx.ModelProto, warnings: list | None = None) -> dict:
-    """Raise unless `model` is valid, loads in ONNX Runtime and has finite weights (module doc).
+def check_output(model: onnx.ModelProto, original: onnx.ModelProto, warnings: list | None = None,
+                 written: set[str] = frozenset()) -> dict:
+    """Raise unless `model` is valid, loads in ONNX Runtime and has finite weights (module doc);
+    `written` names the arrays the pass computed.
     Returns what was checked: {"checker": "full", "onnxruntime": "loads" | "waived: ...",
     "finite_weights": True}. A waived check is logged and added to `warnings`."""
     checker_error = checker_failure(model)
@@ -49,7 +52,7 @@ def check_output(model: onnx.ModelProto, original: onnx.ModelProto, warnings: li
     loads = runtime_status(model, original)
     if loads != "loads":
         runtime.degraded(logger, warnings, f"ONNX Runtime check {loads}")
-    broken = nonfinite_tensors(model, original)
+    broken = nonfinite_tensors(model, original, written)
     if broken:
         raise InternalError(f"{BUG}: the reduced model has NaN/Inf weights ({', '.join(broken)}); "
                             "nothing was written")
@@ -84,9 +87,10 @@ def runtime_failure(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def nonfinite_tensors(model: onnx.ModelProto, original: onnx.ModelProto) -> list[str]:
-    """Names of float tensors holding NaN/Inf whose values are not those of an input tensor."""
-    inherited = None  # fingerprints of the input's tensors, computed only when needed
+def nonfinite_tensors(model: onnx.ModelProto, original: onnx.ModelProto,
+                      written: set[str] = frozenset()) -> list[str]:
+    """Names of float tensors holding NaN/Inf that are not the input's (module doc, check 3)."""
+    inherited = None  # what the input holds and computes, gathered only when needed
     broken = []
     for tensor in all_tensors(model.graph):
         if tensor.data_type not in FLOAT_TYPES:
@@ -96,10 +100,35 @@ def nonfinite_tensors(model: onnx.ModelProto, original: onnx.ModelProto) -> list
         if not bad:
             continue
         if inherited is None:
-            inherited = {fingerprint(t) for t in all_tensors(original.graph) if t.data_type in FLOAT_TYPES}
-        if fingerprint(tensor) not in inherited:
+            inherited = inherited_values(original)
+        prints, computed = inherited
+        ours = tensor.name in written
+        if ours or (fingerprint(tensor) not in prints and tensor.name not in computed):
             broken.append(f"'{tensor.name or 'unnamed'}': {bad} of {values.size} values")
     return broken
+
+
+def inherited_values(original: onnx.ModelProto) -> tuple[set, set[str]]:
+    """Fingerprints of the input's float tensors and scalar float attributes (`value_float(s)` of
+    Constant nodes), and the names of its node outputs, whose folded values the input computes."""
+    prints = {fingerprint(t) for t in all_tensors(original.graph) if t.data_type in FLOAT_TYPES}
+    computed = set()
+    for graph in _graphs(original.graph):
+        for node in graph.node:
+            computed.update(node.output)
+            for attr in node.attribute:
+                if attr.type in (onnx.AttributeProto.FLOAT, onnx.AttributeProto.FLOATS):
+                    values = [attr.f] if attr.type == onnx.AttributeProto.FLOAT else list(attr.floats)
+                    prints.add(fingerprint(numpy_helper.from_array(np.array(values, np.float64))))
+    return prints, computed
+
+
+def _graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _graphs(sub)
 
 
 def fingerprint(tensor: onnx.TensorProto) -> tuple:

@@ -53,7 +53,7 @@ class CondenseChannelsPass:
             rewrite(graph, plans, store)
             model = export_like(graph, model, warnings)
         return PassResult(model, modified, {"plans": plans, "skipped": analysis.skipped,
-                                            "warnings": warnings})
+                                            "warnings": warnings, "written": set(store.changed)})
 
     @staticmethod
     def analyze(model: onnx.ModelProto, warnings: list | None = None) -> tuple[gs.Graph, Analysis]:

@@ -401,3 +401,54 @@ def test_a_closed_stdout_ends_quietly(tmp_path):
     proc.stdout.close()  # the reader is gone before anything is printed (`| head -0`)
     stderr = proc.stderr.read().decode()
     assert proc.wait() == 0 and stderr == ""
+
+
+# ---- 11 (review): non-finite values the input computes are the input's, not ours ---------------
+
+def _with_extra_output(model, nodes, inits, name, shape):
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(inits)
+    model.graph.input.append(helper.make_tensor_value_info("s", onnx.TensorProto.FLOAT, shape))
+    model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("pattern", ["causal_mask", "value_float_bound"])
+def test_non_finite_values_the_input_computes_pass_the_safety_net(pattern, tmp_path):
+    """A causal mask ConstantOfShape(-inf) -> Trilu (folded into a new -inf tensor) and a Clip
+    bound Constant(value_float=inf) next to a reducible layer: exit 0, not 'a bug'."""
+    model = planted_mlp([6, 16, 4], [3])
+    if pattern == "causal_mask":
+        fill = helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [-np.inf])
+        model = _with_extra_output(model, [
+            helper.make_node("ConstantOfShape", ["mask_shape"], ["full"], value=fill),
+            helper.make_node("Trilu", ["full", "one"], ["mask"], upper=1),
+            helper.make_node("Add", ["s", "mask"], ["masked"])],
+            [numpy_helper.from_array(np.array([4, 4], np.int64), "mask_shape"),
+             numpy_helper.from_array(np.array(1, np.int64), "one")], "masked", [4, 4])
+        feeds = {"s": np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)}
+    else:
+        model = _with_extra_output(model, [
+            helper.make_node("Constant", [], ["hi"], value_float=float("inf")),
+            helper.make_node("Constant", [], ["lo"], value_float=0.0),
+            helper.make_node("Clip", ["s", "lo", "hi"], ["clipped"])], [], "clipped", [3])
+        feeds = {"s": np.array([-1.0, 0.5, 7.0], np.float32)}
+    source, out = save(model, tmp_path / "m.onnx"), tmp_path / "o.onnx"
+    assert main(["reduce", source, str(out), "--threshold", "1.0", "--quiet"]) == 0
+    reduced = onnx.load(out)
+    assert len(reduced.graph.node) <= len(model.graph.node)
+    feeds["x"] = np.random.default_rng(1).normal(size=(3, 6)).astype(np.float32)
+    for expected, actual in zip(run(model, feeds), run(reduced, feeds)):
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * np.abs(expected[np.isfinite(expected)]).max())
+
+
+def test_a_non_finite_weight_the_pass_wrote_is_refused_even_if_the_input_had_one():
+    from condense_graph.errors import InternalError
+    from condense_graph.safety import check_output
+    model = planted_mlp([5, 12, 3], [4])
+    made = onnx.ModelProto()
+    made.CopyFrom(model)
+    replace_initializer(made, "fc1.bias", np.full(12, np.nan, np.float32))
+    with pytest.raises(InternalError, match="'fc1.bias'"):
+        check_output(made, made, written={"fc1.bias"})  # the same NaN as the input: still ours
