@@ -18,7 +18,7 @@ from condense_graph import runtime
 from condense_graph.analysis import Consumer, Layer
 from condense_graph.errors import CondenseError
 from condense_graph.refit import Gram, Normal, channel_rows, im2col
-from condense_graph.verify import data_batches, graph_inputs, load_data
+from condense_graph.verify import data_batches, graph_inputs, load_data, row_count
 
 MAX_FEATURES = 6144  # a consumer with more input features is not refit (its Gram would be huge)
 
@@ -37,7 +37,7 @@ class Calibration:
 
     @property
     def samples(self) -> int:
-        return len(next(iter(self.data.values())))
+        return row_count(self.data)
 
 
 def load_calibration(path: str, model: onnx.ModelProto, **options) -> Calibration:

@@ -210,7 +210,7 @@ def compare_models(original: onnx.ModelProto, reduced: onnx.ModelProto,
     for feeds in batches:
         expected = runtime.run(reference, feeds, None, hint)
         actual = runtime.run(candidate, feeds, names, hint)
-        rows = len(next(iter(feeds.values()))) if feeds else 1
+        rows = row_count(feeds)
         batch_labels = labels[start:start + rows] if labels is not None else None
         for name, e, a in zip(names, expected, actual):
             stats[name].add(np.asarray(e), np.asarray(a), batch_labels)
@@ -375,8 +375,21 @@ def load_data(path: str, model: onnx.ModelProto, labels_key: str | None = None):
     return data, labels
 
 
+def batched(values: np.ndarray) -> bool:
+    """Arrays of rank >= 1 hold one row per sample; a 0-d input (a temperature, a flag) is not
+    batched: every batch gets it whole."""
+    return np.ndim(values) >= 1
+
+
+def row_count(arrays: dict[str, np.ndarray]) -> int:
+    """Rows of the batched arrays (1 when every input is 0-d, 0 when there are none)."""
+    if not arrays:
+        return 0
+    return next((len(v) for v in arrays.values() if batched(v)), 1)
+
+
 def check_lengths(path, data, labels) -> None:
-    lengths = {len(a) for a in data.values()} | ({len(labels)} if labels is not None else set())
+    lengths = {len(a) for a in data.values() if batched(a)} | ({len(labels)} if labels is not None else set())
     if len(lengths) > 1:
         raise CondenseError(f"arrays in {path} have different lengths: {sorted(lengths)}")
 
@@ -392,17 +405,18 @@ def data_batches(model: onnx.ModelProto, data: dict[str, np.ndarray], batch_size
     """Consecutive batches; a model whose batch dimension is fixed gets batches of that size."""
     fixed = fixed_batch(model)
     size = fixed or batch_size
-    total = len(next(iter(data.values()))) if data else 0
+    total = row_count(data)
     if fixed and total % size:
         raise CondenseError(f"the model takes batches of {size}; the data has {total} rows")
     for start in range(0, total, size):
-        yield {name: values[start:start + size] for name, values in data.items()}
+        yield {name: values[start:start + size] if batched(values) else values
+               for name, values in data.items()}
 
 
 def split_holdout(data: dict[str, np.ndarray], fraction: float, multiple: int = 1):
     """(calibration rows, held-out rows): the last max(1, round(fraction * rows)) rows are held out
     (a multiple of `multiple`, the model's fixed batch size, so both parts run)."""
-    total = len(next(iter(data.values()))) if data else 0
+    total = row_count(data)
     held = max(1, round(fraction * total))
     held = max(multiple, round(held / multiple) * multiple)
     if total - held < multiple:
@@ -410,7 +424,8 @@ def split_holdout(data: dict[str, np.ndarray], fraction: float, multiple: int = 
                             f"verification: the data has {total} row(s), at least {2 * multiple} "
                             "are needed (or verify afterwards with `condense-graph verify`)")
     cut = total - held
-    return ({k: v[:cut] for k, v in data.items()}, {k: v[cut:] for k, v in data.items()})
+    return ({k: v[:cut] if batched(v) else v for k, v in data.items()},
+            {k: v[cut:] if batched(v) else v for k, v in data.items()})
 
 
 @dataclass

@@ -452,3 +452,26 @@ def test_a_non_finite_weight_the_pass_wrote_is_refused_even_if_the_input_had_one
     replace_initializer(made, "fc1.bias", np.full(12, np.nan, np.float32))
     with pytest.raises(InternalError, match="'fc1.bias'"):
         check_output(made, made, written={"fc1.bias"})  # the same NaN as the input: still ours
+
+
+def test_a_scalar_graph_input_verifies_with_random_draws_and_data(tmp_path):
+    """A 0-d input (a softmax temperature) is not batched: it is fed whole to every batch."""
+    model = planted_mlp([6, 16, 4], [3])
+    out = model.graph.output[0].name
+    model.graph.node[-1].output[0] = "raw"
+    model.graph.node.append(helper.make_node("Div", ["raw", "temperature"], [out]))
+    model.graph.input.insert(0, helper.make_tensor_value_info("temperature", TensorProto.FLOAT, []))
+    source, data = save(model, tmp_path / "m.onnx"), tmp_path / "d.npz"
+    assert main(["reduce", source, str(tmp_path / "o.onnx"), "--threshold", "1.0", "--verify"]) == 0
+    x = np.random.default_rng(2).normal(size=(20, 6)).astype(np.float32)
+    np.savez(data, x=x, temperature=np.float32(2.0))
+    report = tmp_path / "v.json"
+    assert main(["verify", source, str(tmp_path / "o.onnx"), "--data", str(data), "--batch-size", "8",
+                 "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["rows"] == 20
+    feeds = {"x": x, "temperature": np.array(2.0, np.float32)}
+    expected = run(model, feeds)[0]
+    actual = run(onnx.load(tmp_path / "o.onnx"), feeds)[0]
+    assert np.abs(actual - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert main(["reduce", source, str(tmp_path / "o2.onnx"), "--threshold", "1.0", "--data", str(data),
+                 "--verify"]) == 0
