@@ -165,8 +165,9 @@ def _report_error(err: Exception) -> int:
     if isinstance(err, CondenseError):
         print(f"condense-graph: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    if isinstance(err, InternalError):
-        print(f"condense-graph: {err}", file=sys.stderr)
+    if isinstance(err, InternalError):  # the safety net's messages already say it is a bug
+        text = str(err) if str(err).startswith(BUG) else f"{BUG}: {err}"
+        print(f"condense-graph: {text}; rerun with --debug for the traceback", file=sys.stderr)
     else:
         message = " ".join(str(err).split())
         print(f"condense-graph: {BUG}: {type(err).__name__}: {message}; rerun with --debug for the "

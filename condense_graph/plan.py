@@ -27,7 +27,7 @@ from condense_graph.similarity import (COSINE_TOLERANCE, constant_agreement, gre
 
 PROBE_ROWS = 2          # batch of the block-error probe when the model's batch size is dynamic
 PROBE_MIN_SIDE = 8      # a dynamic spatial size is at least this, and large enough for the kernels
-EXACT_BUDGET = 1e-4     # relative block error allowed for merges of exact multiples (float rounding)
+EXACT_BUDGET = 1e-4     # the smallest relative block error budget (float rounding): threshold 1.0
 
 
 class WeightStore:
@@ -197,7 +197,7 @@ def plan_layer(layer: Layer, store: WeightStore, grouping: Grouping, versions: t
     if not error <= budget:  # NaN breaks it too
         store.restore(snapshot)
         reason = f"block error {error:.3g} > budget {budget:.3g} at threshold {grouping.threshold:g}"
-        return unreduced_plan(layer, plan.threshold, reason)
+        return unreduced_plan(layer, store, plan.threshold, reason)
     return plan
 
 
@@ -241,12 +241,17 @@ def plan_dense_or_conv_layer(layer: Layer, store: WeightStore, grouping: Groupin
         and activations is None
     apply_map(layer, store, cmap)
     return LayerPlan(layer, cmap, threshold, exact, int(constant.sum()),
-                     int((silent & ~constant).sum()), min_cosine, vectors=vectors, groups=groups)
+                     removed_silent(silent & ~constant, cmap), min_cosine, vectors=vectors, groups=groups)
 
 
-def unreduced_plan(layer: Layer, threshold: float | None, reason: str) -> LayerPlan:
+def removed_silent(silent: np.ndarray, cmap: ChannelMap) -> int:
+    """Channels dropped for their zero outgoing weights (one may be kept: `keep_one`)."""
+    return int((silent & (cmap.target < 0)).sum())
+
+
+def unreduced_plan(layer: Layer, store: WeightStore, threshold: float | None, reason: str) -> LayerPlan:
     """The plan of a layer left as it is (a merge was measured and rejected)."""
-    width = layer.producer.width
+    width = current_width(layer, store)
     identity = ChannelMap(keep=np.arange(width), target=np.arange(width), factor=np.ones(width),
                           offset=np.zeros(width))
     return LayerPlan(layer, identity, threshold, False, 0, 0, None, rejected=reason)
@@ -255,11 +260,9 @@ def unreduced_plan(layer: Layer, threshold: float | None, reason: str) -> LayerP
 def error_budget(plan: LayerPlan, grouping: Grouping) -> float | None:
     """The relative block error a merge at this threshold may make: the distance between two
     unit vectors at cosine = threshold, sqrt(2 (1 - t)), for approximate merges; float rounding
-    (EXACT_BUDGET) for exact ones. None for width targets and pruning: the user asked for a width."""
+    (EXACT_BUDGET, the floor). None for width targets and pruning: the user asked for a width."""
     if grouping.width is not None or grouping.magnitude or plan.threshold is None:
         return None
-    if plan.exact:
-        return EXACT_BUDGET
     return max(float(np.sqrt(2.0 * max(1.0 - grouping.threshold, 0.0))), EXACT_BUDGET)
 
 
@@ -396,9 +399,11 @@ def is_exact(layer: Layer, store: WeightStore, groups, cmap: ChannelMap, min_cos
     """Exact: every merged neuron a positive multiple of its main one to float rounding (both
     cosines >= 1 - COSINE_TOLERANCE), homogeneous g, equal per-channel constants of g in each
     group, and no constant offsets that a padded Conv consumer would see differently at its borders."""
-    if not layer.homogeneous or (min_cosine is not None and min_cosine < 1.0 - COSINE_TOLERANCE):
-        return False
     if np.any(cmap.offset) and any(k.pads_borders for k in layer.consumers):
+        return False
+    if all(len(group) == 1 for group in groups):
+        return True  # nothing merged: dead channels dropped or folded, whatever the activation
+    if not layer.homogeneous or (min_cosine is not None and min_cosine < 1.0 - COSINE_TOLERANCE):
         return False
     main_of = np.arange(cmap.width_before)
     for group in groups:
@@ -495,7 +500,7 @@ def plan_depthwise_layer(layer: Layer, store: WeightStore, grouping: Grouping, v
     s, t = pre_affine(layer, store, versions)
     apply_map(layer, store, cmap)
     write_producer_rows(layer, store, rows, s[cmap.keep], t[cmap.keep])
-    return LayerPlan(layer, cmap, threshold, False, 0, int(silent.sum()),
+    return LayerPlan(layer, cmap, threshold, False, 0, removed_silent(silent, cmap),
                      min_group_cosine(cosine, local_groups), vectors=dw, groups=groups)
 
 

@@ -284,3 +284,39 @@ def test_an_unreduced_depthwise_block_gains_no_bias_when_another_layer_is_reduce
     assert len(expand.input) == 2  # still no bias
     x = rng.normal(size=(1, 4, 6, 6)).astype(np.float32)
     assert_equal_to_rounding(model, result.model, {"x": x})
+
+
+def test_a_layer_whose_outgoing_weights_are_all_zero_counts_the_kept_channel():
+    """Review: every channel has zero outgoing weights; one is kept, 7 (not 8) are removed."""
+    from onnx import numpy_helper as nh
+    from builders import planted_mlp
+    model = planted_mlp([5, 8, 3], [8])
+    weight = next(t for t in model.graph.initializer if t.name == "fc2.weight")
+    weight.CopyFrom(nh.from_array(np.zeros((3, 8), np.float32), "fc2.weight"))
+    layer = cg.condense(model, threshold=0.95).report["layers"][0]
+    assert (layer["width_after"], layer["constant_removed"], layer["zero_output_removed"]) == (1, 0, 7)
+
+
+@pytest.mark.parametrize("activation", ["Tanh", "Elu"])
+def test_dropping_identically_zero_conv_channels_is_exact_for_any_activation(activation):
+    """Review: a BN with scale 0 and shift 0 zeroes channels 2 and 3; dropping them changes
+    nothing, so the layer is exact although Tanh/Elu are not homogeneous (Tanh(0) = Elu(0) = 0)."""
+    rng = np.random.default_rng(0)
+    gamma, beta = np.ones(6), rng.normal(size=6)
+    gamma[2:4] = beta[2:4] = 0
+    inits = {"W": rng.normal(size=(6, 3, 3, 3)), "g": gamma, "be": beta, "mu": np.zeros(6), "var": np.ones(6),
+             "W2": rng.normal(size=(4, 6, 3, 3))}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv1", pads=[1] * 4),
+             helper.make_node("BatchNormalization", ["c", "g", "be", "mu", "var"], ["bn"]),
+             helper.make_node(activation, ["bn"], ["a"]),
+             helper.make_node("Conv", ["a", "W2"], ["y"], name="conv2", pads=[1] * 4)]
+    graph = helper.make_graph(
+        nodes, "zero_bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    result = cg.condense(model, threshold=0.9999)
+    layer = result.report["layers"][0]
+    assert (layer["width_after"], layer["constant_removed"], layer["exact"]) == (4, 2, True)
+    x = rng.normal(size=(2, 3, 6, 6)).astype(np.float32)
+    assert_equal_to_rounding(model, result.model, {"x": x})

@@ -370,6 +370,21 @@ def test_an_unexpected_exception_exits_3_in_one_line(tmp_path, monkeypatch, caps
         main(["reduce", source, str(tmp_path / "o.onnx"), "--debug"])
 
 
+def test_an_internal_error_from_the_math_says_it_is_a_bug(tmp_path, monkeypatch, capsys):
+    from condense_graph.errors import InternalError
+
+    def crash(self, model):
+        raise InternalError("non-finite merge factor or offset for channel(s) [3]")
+
+    monkeypatch.setattr(CondenseChannelsPass, "__call__", crash)
+    source = save(planted_mlp([5, 12, 3], [4]), tmp_path / "m.onnx")
+    assert main(["reduce", source, str(tmp_path / "o.onnx")]) == 3
+    assert one_line(capsys.readouterr().err) == (
+        "condense-graph: internal error (a bug in condense-graph, please report it): non-finite merge "
+        "factor or offset for channel(s) [3]; rerun with --debug for the traceback")
+    assert not (tmp_path / "o.onnx").exists()
+
+
 CRASHING = ("import sys; from condense_graph.cli import main\n"
             "from passes.condense_channels import CondenseChannelsPass as P\n"
             "P.__call__ = lambda self, model: 1 / 0\n"
