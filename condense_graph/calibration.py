@@ -62,8 +62,10 @@ def prefix(model: onnx.ModelProto, names: list[str], warnings: list | None = Non
     """The subgraph of `model` from its inputs to the tensors `names` (the whole model with them
     as extra outputs when it cannot be cut out: logged and added to `warnings`)."""
     inputs = [i.name for i in graph_inputs(model)]
+    # the Extractor finds the cut tensors' types in value_info, which written models do not keep
+    inferred, _ = runtime.infer_shapes(model)
     try:
-        return onnx.utils.Extractor(model).extract_model(inputs, names)
+        return onnx.utils.Extractor(inferred).extract_model(inputs, names)
     except Exception as err:  # noqa: BLE001 - subgraphs, missing shapes: run the whole model instead
         why = runtime.one_line(err, last=False)
         runtime.degraded(logger, warnings, "calibration runs the whole model: the part computing the "
