@@ -46,21 +46,21 @@ def export_like(graph: gs.Graph, original: onnx.ModelProto, warnings: list | Non
     if error is not None:
         runtime.degraded(logger, warnings, f"shape inference failed on the rewritten graph ({error}): "
                                            "it keeps only the shapes the graph declared")
-    declared = {v.name for g in _all_graphs(original.graph) for v in g.value_info}
-    for g in _all_graphs(model.graph):
+    declared = {v.name for g in all_graphs(original.graph) for v in g.value_info}
+    for g in all_graphs(model.graph):
         kept = [v for v in g.value_info if v.name in declared]
         del g.value_info[:]
         g.value_info.extend(kept)
     return model
 
 
-def _all_graphs(graph: onnx.GraphProto):
-    """`graph` and every If/Loop/Scan body in it, at any depth."""
+def all_graphs(graph: onnx.GraphProto):
+    """`graph` and every If/Loop/Scan body in it, at any depth (the one walk over ONNX protos)."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _all_graphs(sub)
+            for body in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from all_graphs(body)
 
 
 def _restore_node_docs(graph: onnx.GraphProto, original: onnx.GraphProto) -> None:

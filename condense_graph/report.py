@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from condense_graph.graph import all_graphs
+
 
 def count_params(model: onnx.ModelProto) -> int:
     """Elements of every initializer and Constant node, inside If/Loop/Scan bodies too, so the
@@ -17,13 +19,11 @@ def count_params(model: onnx.ModelProto) -> int:
 
 
 def _graph_params(graph: onnx.GraphProto) -> int:
-    total = sum(int(np.prod(t.dims)) for t in graph.initializer)
-    for node in graph.node:
-        if node.op_type == "Constant":
-            total += sum(int(np.prod(a.t.dims)) for a in node.attribute if a.name == "value")
-        for attr in node.attribute:
-            bodies = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
-            total += sum(_graph_params(g) for g in bodies)
+    total = 0
+    for g in all_graphs(graph):
+        total += sum(int(np.prod(t.dims)) for t in g.initializer)
+        total += sum(int(np.prod(a.t.dims)) for node in g.node if node.op_type == "Constant"
+                     for a in node.attribute if a.name == "value")
     return total
 
 

@@ -28,6 +28,7 @@ from onnx import numpy_helper
 
 from condense_graph import runtime
 from condense_graph.errors import CondenseError, InternalError
+from condense_graph.graph import all_graphs
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                onnx.TensorProto.BFLOAT16}
@@ -113,7 +114,7 @@ def inherited_values(original: onnx.ModelProto) -> tuple[set, set[str]]:
     Constant nodes), and the names of its node outputs, whose folded values the input computes."""
     prints = {fingerprint(t) for t in all_tensors(original.graph) if t.data_type in FLOAT_TYPES}
     computed = set()
-    for graph in _graphs(original.graph):
+    for graph in all_graphs(original.graph):
         for node in graph.node:
             computed.update(node.output)
             for attr in node.attribute:
@@ -121,14 +122,6 @@ def inherited_values(original: onnx.ModelProto) -> tuple[set, set[str]]:
                     values = [attr.f] if attr.type == onnx.AttributeProto.FLOAT else list(attr.floats)
                     prints.add(fingerprint(numpy_helper.from_array(np.array(values, np.float64))))
     return prints, computed
-
-
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _graphs(sub)
 
 
 def fingerprint(tensor: onnx.TensorProto) -> tuple:
@@ -140,13 +133,10 @@ def fingerprint(tensor: onnx.TensorProto) -> tuple:
 
 def all_tensors(graph: onnx.GraphProto):
     """Initializers and tensor attributes of `graph` and of every subgraph in it."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from all_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from all_tensors(sub)
+    for g in all_graphs(graph):
+        yield from g.initializer
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors

@@ -37,6 +37,7 @@ import onnx
 
 from condense_graph import runtime
 from condense_graph.errors import CondenseError
+from condense_graph.graph import all_graphs
 from condense_graph.progress import Progress, silent
 
 DEFAULT_RTOL = 1e-3          # largest max_rel_err (scale-relative) accepted by default
@@ -162,16 +163,8 @@ def constant_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
 
 def _read_by_subgraphs(model: onnx.ModelProto) -> set[str]:
     """Names read inside If/Loop/Scan bodies (outer-scope reads are not lookups we understand)."""
-    names = set()
-    stack = [attr.g for node in model.graph.node for attr in node.attribute if attr.HasField("g")]
-    stack += [g for node in model.graph.node for attr in node.attribute for g in attr.graphs]
-    while stack:
-        graph = stack.pop()
-        for node in graph.node:
-            names.update(node.input)
-            stack += [attr.g for attr in node.attribute if attr.HasField("g")]
-            stack += [g for attr in node.attribute for g in attr.graphs]
-    return names
+    bodies = list(all_graphs(model.graph))[1:]  # the main graph comes first
+    return {name for g in bodies for node in g.node for name in node.input}
 
 
 def _random_array(rng, shape, dtype, high: int) -> np.ndarray:
