@@ -19,22 +19,31 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from results import write_section
 
 import condense_graph as cg
-from results import write_section
 
 
 def resnet50_onnx(size: int) -> onnx.ModelProto:
     import torch
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from torch_models import randomize_batchnorm, resnet50_like
+
     torch.manual_seed(0)
     net = resnet50_like(num_classes=10).eval()
     randomize_batchnorm(net, torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "r50.onnx"
-        torch.onnx.export(net, (torch.randn(1, 3, size, size),), str(path), dynamo=False, opset_version=17,
-                          input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+        torch.onnx.export(
+            net,
+            (torch.randn(1, 3, size, size),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "batch"}},
+        )
         return onnx.load(str(path))
 
 
@@ -56,15 +65,20 @@ def main() -> None:
     result = cg.condense(model, target_params=args.target_params, calibration={"x": images})
     seconds = time.perf_counter() - start
     peak = peak_rss_gb()
-    refits = sum(1 for l in result.report["layers"] for c in l.get("refit", []) if c["refit"])
-    line = (f"| {params / 1e6:.1f}M | {args.images} x 3x{args.size}x{args.size} | {args.target_params} | "
-            f"{result.report['params_after'] / 1e6:.1f}M | {refits} | {peak:.2f} GB (model + data loaded: "
-            f"{before:.2f} GB) | {seconds:.0f} s |")
+    refits = sum(1 for layer in result.report["layers"] for c in layer.get("refit", []) if c["refit"])
+    line = (
+        f"| {params / 1e6:.1f}M | {args.images} x 3x{args.size}x{args.size} | {args.target_params} | "
+        f"{result.report['params_after'] / 1e6:.1f}M | {refits} | {peak:.2f} GB (model + data loaded: "
+        f"{before:.2f} GB) | {seconds:.0f} s |"
+    )
     print(line)
-    write_section("memory", "Memory of a data-aware reduction (ResNet-50-sized CNN)",
-                  "Rerun: `python benchmarks/bench_memory.py`. Peak RSS of the whole process, target < 4 GB.\n\n"
-                  "| params | calibration images | target params | params after | consumers refit | peak RSS | time |\n"
-                  "|---|---|---|---|---|---|---|\n" + line)
+    write_section(
+        "memory",
+        "Memory of a data-aware reduction (ResNet-50-sized CNN)",
+        "Rerun: `python benchmarks/bench_memory.py`. Peak RSS of the whole process, target < 4 GB.\n\n"
+        "| params | calibration images | target params | params after | consumers refit | peak RSS | time |\n"
+        "|---|---|---|---|---|---|---|\n" + line,
+    )
 
 
 if __name__ == "__main__":

@@ -24,10 +24,9 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
-import time  # noqa: E402
-
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -58,32 +57,49 @@ def mlp(widths: list[int], seed: int = 0, noise=0.02) -> onnx.ModelProto:
         rows = base[which] * rng.uniform(0.5, 2.0, (width, 1))
         level = np.exp(rng.uniform(*np.log(noise), len(base)))[which, None] if np.ndim(noise) else noise
         rows += level * np.sqrt(var) * rng.normal(size=rows.shape)
-        inits += [numpy_helper.from_array(rows[:, :-1].astype(np.float32), f"fc{i}.weight"),
-                  numpy_helper.from_array(rows[:, -1].astype(np.float32), f"fc{i}.bias")]
-        nodes.append(helper.make_node("Gemm", [cur, f"fc{i}.weight", f"fc{i}.bias"], [f"h{i}"],
-                                      name=f"fc{i}", transB=1))
+        inits += [
+            numpy_helper.from_array(rows[:, :-1].astype(np.float32), f"fc{i}.weight"),
+            numpy_helper.from_array(rows[:, -1].astype(np.float32), f"fc{i}.bias"),
+        ]
+        nodes.append(
+            helper.make_node(
+                "Gemm", [cur, f"fc{i}.weight", f"fc{i}.bias"], [f"h{i}"], name=f"fc{i}", transB=1
+            )
+        )
         cur = f"h{i}"
         if i < len(widths) - 1:
             nodes.append(helper.make_node("Relu", [cur], [f"a{i}"], name=f"relu{i}"))
             cur = f"a{i}"
-    graph = helper.make_graph(nodes, "paper_mlp",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", widths[0]])],
-                              [helper.make_tensor_value_info(cur, TensorProto.FLOAT, ["N", widths[-1]])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "paper_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", widths[0]])],
+        [helper.make_tensor_value_info(cur, TensorProto.FLOAT, ["N", widths[-1]])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def torch_model(name: str) -> onnx.ModelProto:
     """Export a tests/torch_models.py architecture with random weights (needs torch)."""
     import torch
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from torch_models import MobileNetV2, randomize_batchnorm, resnet50_like
+
     torch.manual_seed(0)
     net, size = (MobileNetV2(), 32) if name == "mobilenet" else (resnet50_like(), 224)
     randomize_batchnorm(net.eval(), torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        torch.onnx.export(net, (torch.randn(1, 3, size, size),), str(path), dynamo=False,
-                          opset_version=17, input_names=["x"])
+        torch.onnx.export(
+            net,
+            (torch.randn(1, 3, size, size),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+        )
         return onnx.load(str(path))
 
 
@@ -110,14 +126,19 @@ def bench(name: str, repeat: int, threshold: float, target: float) -> None:
     print(f"\n{name}: {params:,} params, built in {time.perf_counter() - t0:.2f} s")
     runs = [run_once(model, threshold) for _ in range(repeat)]
     widths = runs[0]["widths"]
-    print(f"threshold {threshold}: {len(widths)} layers analyzed, total width "
-          f"{sum(p[0] for p in widths)} -> {sum(p[1] for p in widths)}")
+    print(
+        f"threshold {threshold}: {len(widths)} layers analyzed, total width "
+        f"{sum(p[0] for p in widths)} -> {sum(p[1] for p in widths)}"
+    )
     for r in runs:
         r.pop("widths")
     for stage in runs[0]:
         values = [r[stage] for r in runs]
-        print(f"  {stage:<38} median {statistics.median(values):7.3f} s  (runs: "
-              + ", ".join(f"{v:.3f}" for v in values) + ")")
+        print(
+            f"  {stage:<38} median {statistics.median(values):7.3f} s  (runs: "
+            + ", ".join(f"{v:.3f}" for v in values)
+            + ")"
+        )
     total = [r["analyze"] + r["plan (similarity, grouping, merge)"] + r["rewrite + export"] for r in runs]
     label = f"analysis + rewrite (target < {target:g} s)"
     print(f"  {label:<38} median {statistics.median(total):7.3f} s")

@@ -19,9 +19,9 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-
 from bench_pass import mlp  # noqa: E402
 from results import write_section  # noqa: E402
+
 from condense_graph.graph import export_like  # noqa: E402
 from passes.condense_channels import CondenseChannelsPass, rewrite  # noqa: E402
 
@@ -51,13 +51,18 @@ def main() -> None:
         model = mlp(widths)
         params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
         times = [pass_seconds(model, args.threshold) for _ in range(args.repeat)]
-        line = (f"| {'-'.join(map(str, widths[1:-1]))} | {params / 1e6:.2f}M | "
-                f"{statistics.median(times):.3f} s | {', '.join(f'{t:.3f}' for t in times)} |")
+        line = (
+            f"| {'-'.join(map(str, widths[1:-1]))} | {params / 1e6:.2f}M | "
+            f"{statistics.median(times):.3f} s | {', '.join(f'{t:.3f}' for t in times)} |"
+        )
         print(line, flush=True)
         rows.append(line)
-    write_section("scaling", "Pass time against model size (one core)",
-                  f"MLPs with planted condensation, threshold {args.threshold}; analysis + plan + "
-                  "rewrite.\nRerun: `python benchmarks/bench_scaling.py`\n\n" + "\n".join(rows))
+    write_section(
+        "scaling",
+        "Pass time against model size (one core)",
+        f"MLPs with planted condensation, threshold {args.threshold}; analysis + plan + "
+        "rewrite.\nRerun: `python benchmarks/bench_scaling.py`\n\n" + "\n".join(rows),
+    )
 
 
 if __name__ == "__main__":

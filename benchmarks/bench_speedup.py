@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from bench_pass import WIDTHS, mlp
+from results import write_section
 
 import condense_graph as cg
-from bench_pass import WIDTHS, mlp
 from condense_graph.bench import benchmark
-from results import write_section
 
 THRESHOLDS = {"mlp": [0.999, 0.99, 0.97, 0.95, 0.9], "mobilenet": [0.999, 0.99, 0.97, 0.95]}
 
@@ -31,8 +31,10 @@ THRESHOLDS = {"mlp": [0.999, 0.99, 0.97, 0.95, 0.9], "mobilenet": [0.999, 0.99, 
 def condensed_mobilenet(seed: int = 0) -> onnx.ModelProto:
     """MobileNetV2 whose expand/depthwise channels cluster in groups of ~3 with noise of varying size."""
     import torch
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from torch_models import MobileNetV2, randomize_batchnorm
+
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = MobileNetV2().eval()
@@ -50,8 +52,15 @@ def condensed_mobilenet(seed: int = 0) -> onnx.ModelProto:
                     t[k] = t[m]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mnv2.onnx"
-        torch.onnx.export(net, (torch.randn(1, 3, 32, 32),), str(path), dynamo=False, opset_version=17,
-                          input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+        torch.onnx.export(
+            net,
+            (torch.randn(1, 3, 32, 32),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "batch"}},
+        )
         return onnx.load(str(path))
 
 
@@ -61,15 +70,30 @@ def sweep(name: str, model: onnx.ModelProto, runs: int, round_to: int) -> list[d
         reduced = cg.condense(model, threshold=threshold, round_to=round_to).model
         for batch in (1, 256):
             n = runs if batch == 1 or name == "mlp" else max(3, runs // 4)
-            result = benchmark([("original", model, model.ByteSize()), ("reduced", reduced, reduced.ByteSize())],
-                               batch=batch, threads=1, runs=n, warmup=2)
+            result = benchmark(
+                [("original", model, model.ByteSize()), ("reduced", reduced, reduced.ByteSize())],
+                batch=batch,
+                threads=1,
+                runs=n,
+                warmup=2,
+            )
             base, red = result["models"]
-            row = {"model": name, "threshold": threshold, "batch": batch, "params": red["params"],
-                   "ideal": red["ideal_speedup"], "speedup": red["speedup"],
-                   "efficiency": red["efficiency"],
-                   "median_ms": (base["median_ms"], red["median_ms"]), "runs": n}
-            print(f"{name} t={threshold} batch={batch}: ideal {row['ideal']:.2f}x measured "
-                  f"{row['speedup']:.2f}x ({row['efficiency']:.2f})", flush=True)
+            row = {
+                "model": name,
+                "threshold": threshold,
+                "batch": batch,
+                "params": red["params"],
+                "ideal": red["ideal_speedup"],
+                "speedup": red["speedup"],
+                "efficiency": red["efficiency"],
+                "median_ms": (base["median_ms"], red["median_ms"]),
+                "runs": n,
+            }
+            print(
+                f"{name} t={threshold} batch={batch}: ideal {row['ideal']:.2f}x measured "
+                f"{row['speedup']:.2f}x ({row['efficiency']:.2f})",
+                flush=True,
+            )
             rows.append(row)
     return rows
 
@@ -77,6 +101,7 @@ def sweep(name: str, model: onnx.ModelProto, runs: int, round_to: int) -> list[d
 def plot(rows: list[dict], path: Path) -> None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -105,17 +130,24 @@ def main() -> None:
     rows = sweep("mlp", mlp(WIDTHS, noise=(0.003, 1.0)), args.runs, args.round_to)
     rows += sweep("mobilenet", condensed_mobilenet(), args.runs, args.round_to)
     plot(rows, Path(__file__).resolve().parent / "speedup.png")
-    table = ["| model | threshold | batch | params after | ideal (MAC ratio) | measured | efficiency | median ms before / after | runs |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    table = [
+        "| model | threshold | batch | params after | ideal (MAC ratio) | measured | efficiency "
+        "| median ms before / after | runs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        table.append(f"| {r['model']} | {r['threshold']} | {r['batch']} | {r['params']:,} | {r['ideal']:.2f}x | "
-                     f"{r['speedup']:.2f}x | {r['efficiency']:.2f} | {r['median_ms'][0]:.3f} / "
-                     f"{r['median_ms'][1]:.3f} | {r['runs']} |")
-    write_section(f"speedup-round{args.round_to}",
-                  f"ONNX Runtime speedup against MAC reduction (round-to {args.round_to})",
-                  "One intra-op thread, interleaved runs, medians. Rerun: "
-                  f"`python benchmarks/bench_speedup.py --round-to {args.round_to}`. Plot: `speedup.png`.\n\n"
-                  + "\n".join(table))
+        table.append(
+            f"| {r['model']} | {r['threshold']} | {r['batch']} | {r['params']:,} | {r['ideal']:.2f}x | "
+            f"{r['speedup']:.2f}x | {r['efficiency']:.2f} | {r['median_ms'][0]:.3f} / "
+            f"{r['median_ms'][1]:.3f} | {r['runs']} |"
+        )
+    write_section(
+        f"speedup-round{args.round_to}",
+        f"ONNX Runtime speedup against MAC reduction (round-to {args.round_to})",
+        "One intra-op thread, interleaved runs, medians. Rerun: "
+        f"`python benchmarks/bench_speedup.py --round-to {args.round_to}`. Plot: `speedup.png`.\n\n"
+        + "\n".join(table),
+    )
 
 
 if __name__ == "__main__":

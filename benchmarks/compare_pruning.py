@@ -32,10 +32,10 @@ import onnx
 import onnxruntime as ort
 import torch
 import torch_pruning as tp
+from results import write_section
 from torch import nn
 
 import condense_graph as cg
-from results import write_section
 
 HERE = Path(__file__).resolve().parent
 SIZES = [0.9, 0.7, 0.5, 0.3]
@@ -51,33 +51,66 @@ def export(module: nn.Module, example: torch.Tensor, name: str) -> onnx.ModelPro
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(tmp) / "m.onnx"
-        torch.onnx.export(module.eval(), (example,), str(path), dynamo=False, opset_version=17,
-                          input_names=[name], dynamic_axes={name: {0: "batch"}})
+        torch.onnx.export(
+            module.eval(),
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=[name],
+            dynamic_axes={name: {0: "batch"}},
+        )
         return onnx.load(str(path))
 
 
 # ---- the two tasks ---------------------------------------------------------------------------
 
+
 def mlp_task():
     model = onnx.load(str(HERE.parent / "examples/drm19_mlp.onnx"))
     data = np.load(HERE.parent / "examples/drm19_states.npz")
-    weights = {t.name: torch.from_numpy(onnx.numpy_helper.to_array(t).copy()) for t in model.graph.initializer}
-    torch_model = nn.Sequential(nn.Linear(23, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
-                                nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 23))
+    weights = {
+        t.name: torch.from_numpy(onnx.numpy_helper.to_array(t).copy()) for t in model.graph.initializer
+    }
+    torch_model = nn.Sequential(
+        nn.Linear(23, 256),
+        nn.ReLU(),
+        nn.Linear(256, 128),
+        nn.ReLU(),
+        nn.Linear(128, 64),
+        nn.ReLU(),
+        nn.Linear(64, 23),
+    )
     torch_model.load_state_dict(weights)
     x, y = data["state"], data["rate"]
     metric = ("held-out MSE", lambda out: float(np.mean((out - y[1000:]) ** 2)))
-    return dict(name="state", onnx=model, torch=torch_model, calib=x[:1000], eval=x[1000:], metric=metric,
-                prunable=[torch_model[0], torch_model[2], torch_model[4]], example=torch.from_numpy(x[:2]))
+    return dict(
+        name="state",
+        onnx=model,
+        torch=torch_model,
+        calib=x[:1000],
+        eval=x[1000:],
+        metric=metric,
+        prunable=[torch_model[0], torch_model[2], torch_model[4]],
+        example=torch.from_numpy(x[:2]),
+    )
 
 
 class DigitsCNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU())
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(64, 10)
 
     def forward(self, x):
@@ -86,6 +119,7 @@ class DigitsCNN(nn.Module):
 
 def cnn_task():
     from sklearn.datasets import load_digits
+
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)[:, None]
     labels = digits.target
@@ -104,18 +138,31 @@ def cnn_task():
     example = torch.from_numpy(images[:2])
     metric = ("accuracy", lambda out: float(np.mean(out.argmax(1) == labels[test])))
     features = net.features
-    return dict(name="x", onnx=export(net, example, "x"), torch=net, calib=images[train[:300]],
-                eval=images[test], metric=metric, prunable=[features[0], features[3], features[7]], example=example)
+    return dict(
+        name="x",
+        onnx=export(net, example, "x"),
+        torch=net,
+        calib=images[train[:300]],
+        eval=images[test],
+        metric=metric,
+        prunable=[features[0], features[3], features[7]],
+        example=example,
+    )
 
 
 # ---- the four methods ------------------------------------------------------------------------
 
+
 def torch_pruning_magnitude(task, widths: list[int]) -> onnx.ModelProto:
     """Torch-Pruning's DependencyGraph + MagnitudeImportance(p=2), each layer to the given width."""
     import copy
+
     net = copy.deepcopy(task["torch"]).eval()
-    layers = [dict(net.named_modules())[n] for n, m in task["torch"].named_modules()
-              if any(m is p for p in task["prunable"])]
+    layers = [
+        dict(net.named_modules())[n]
+        for n, m in task["torch"].named_modules()
+        if any(m is p for p in task["prunable"])
+    ]
     graph = tp.DependencyGraph().build_dependency(net, example_inputs=task["example"])
     importance = tp.importance.MagnitudeImportance(p=2)
     for layer, width in zip(layers, widths):
@@ -131,14 +178,15 @@ def torch_pruning_magnitude(task, widths: list[int]) -> onnx.ModelProto:
 
 def methods(task, size: float) -> dict[str, onnx.ModelProto]:
     paper = cg.condense(task["onnx"], target_params=size)
-    widths = {l["name"]: l["width_after"] for l in paper.report["layers"]}
+    widths = {layer["name"]: layer["width_after"] for layer in paper.report["layers"]}
     calib = {task["name"]: task["calib"]}
     return {
         "paper": paper.model,
         "data-aware": cg.condense(task["onnx"], layer_widths=widths, calibration=calib).model,
         "magnitude": torch_pruning_magnitude(task, list(widths.values())),
-        "magnitude+refit": cg.condense(task["onnx"], layer_widths=widths, similarity="magnitude",
-                                       calibration=calib).model,
+        "magnitude+refit": cg.condense(
+            task["onnx"], layer_widths=widths, similarity="magnitude", calibration=calib
+        ).model,
     }
 
 
@@ -150,17 +198,23 @@ def evaluate(task) -> list[dict]:
     for size in SIZES:
         for method, model in methods(task, size).items():
             out = run(model, task["name"], task["eval"])
-            error = float(np.sqrt(np.mean((out - reference) ** 2)) / np.sqrt(np.mean(reference ** 2)))
+            error = float(np.sqrt(np.mean((out - reference) ** 2)) / np.sqrt(np.mean(reference**2)))
             params = cg.condense(model, threshold=1.0).report["params_before"]
-            rows.append({"size": size, "method": method, "params": params, "error": error, "metric": metric(out)})
-            print(f"{size:.0%} {method:<16} params {params:>7,} output error {error:.4f} {metric_name} {metric(out):.4f}",
-                  flush=True)
+            rows.append(
+                {"size": size, "method": method, "params": params, "error": error, "metric": metric(out)}
+            )
+            print(
+                f"{size:.0%} {method:<16} params {params:>7,} output error {error:.4f} "
+                f"{metric_name} {metric(out):.4f}",
+                flush=True,
+            )
     return rows
 
 
 def plot(results: dict[str, list[dict]], path: Path) -> None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -180,10 +234,16 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 
 
 def table(name: str, rows: list[dict], metric_name: str) -> str:
-    lines = [f"**{name}** ({metric_name} of the original: {rows[0]['metric']:.4f})", "",
-             "| size | method | params | output error | " + metric_name + " |", "|---|---|---|---|---|"]
+    lines = [
+        f"**{name}** ({metric_name} of the original: {rows[0]['metric']:.4f})",
+        "",
+        "| size | method | params | output error | " + metric_name + " |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows[1:]:
-        lines.append(f"| {r['size']:.0%} | {r['method']} | {r['params']:,} | {r['error']:.4f} | {r['metric']:.4f} |")
+        lines.append(
+            f"| {r['size']:.0%} | {r['method']} | {r['params']:,} | {r['error']:.4f} | {r['metric']:.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -195,9 +255,12 @@ def main() -> None:
         results[name] = evaluate(task)
         sections.append(table(name, results[name], task["metric"][0]))
     plot(results, HERE / "compare.png")
-    write_section("compare", "Condensation against magnitude pruning at equal size (no retraining)",
-                  "Rerun: `python benchmarks/compare_pruning.py` (needs torch-pruning, scikit-learn). "
-                  "Plot: `compare.png`.\n\n" + "\n\n".join(sections))
+    write_section(
+        "compare",
+        "Condensation against magnitude pruning at equal size (no retraining)",
+        "Rerun: `python benchmarks/compare_pruning.py` (needs torch-pruning, scikit-learn). "
+        "Plot: `compare.png`.\n\n" + "\n\n".join(sections),
+    )
 
 
 if __name__ == "__main__":

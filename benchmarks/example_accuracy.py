@@ -34,8 +34,10 @@ def main() -> None:
         out = predict(result.model, states)
         widths = "-".join(str(layer["width_after"]) for layer in result.report["layers"])
         mse = float(np.mean((out - target) ** 2))
-        print(f"{threshold:>9} {result.report['params_after']:>8,} {widths:>16} {mse:>13.4f}"
-              f" {float(np.abs(out - reference).max()):>9.3g}")
+        print(
+            f"{threshold:>9} {result.report['params_after']:>8,} {widths:>16} {mse:>13.4f}"
+            f" {float(np.abs(out - reference).max()):>9.3g}"
+        )
 
 
 if __name__ == "__main__":

@@ -143,8 +143,11 @@ def generate_states(mechanism: Path):
             a, b = trajectory_pairs(gas, temperature, phi, SAMPLES_PER_TRAJECTORY)
             now.append(a)
             later.append(b)
-        print(f"  T0={temperature:6.1f} K: {len(EQUIVALENCE_RATIOS)} trajectories "
-              f"in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(
+            f"  T0={temperature:6.1f} K: {len(EQUIVALENCE_RATIOS)} trajectories "
+            f"in {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
     names = ["T", "P", *gas.species_names]
     return np.concatenate(now), np.concatenate(later), names
 
@@ -176,7 +179,7 @@ def split(n: int, rng: np.random.Generator):
     """Random held-out / validation / training index sets."""
     perm = rng.permutation(n)
     n_val = int(VALIDATION_FRACTION * n)
-    return perm[:N_HELD_OUT], perm[N_HELD_OUT:N_HELD_OUT + n_val], perm[N_HELD_OUT + n_val:]
+    return perm[:N_HELD_OUT], perm[N_HELD_OUT : N_HELD_OUT + n_val], perm[N_HELD_OUT + n_val :]
 
 
 # ----------------------------------------------------------------------------- model
@@ -219,9 +222,12 @@ def train(model, x_train, y_train, x_val, y_val, steps: int, lr: float, seed: in
         optimizer.step()
         scheduler.step()
         if step % report_every == 0 or step == steps:
-            print(f"  step {step:6d}  lr {scheduler.get_last_lr()[0]:.2e}  "
-                  f"train MSE {mse(model, x_train, y_train):.4f}  "
-                  f"val MSE {mse(model, x_val, y_val):.4f}", flush=True)
+            print(
+                f"  step {step:6d}  lr {scheduler.get_last_lr()[0]:.2e}  "
+                f"train MSE {mse(model, x_train, y_train):.4f}  "
+                f"val MSE {mse(model, x_val, y_val):.4f}",
+                flush=True,
+            )
 
 
 # ----------------------------------------------------------------------------- export
@@ -232,10 +238,16 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     # condense-graph works on.
     with warnings.catch_warnings():  # the legacy exporter is chosen on purpose: don't nag
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                          dynamo=False, opset_version=17)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            dynamo=False,
+            opset_version=17,
+        )
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 
@@ -306,13 +318,16 @@ def main() -> None:
     y_mean, y_std = fit_standardizer(y_raw[tr])
     x = ((x_raw - x_mean) / x_std).astype(np.float32)
     y = ((y_raw - y_mean) / y_std).astype(np.float32)
-    print(f"{len(x)} samples: {len(tr)} train, {len(val)} validation, {len(held)} held out "
-          f"({time.perf_counter() - start:.0f} s)", flush=True)
+    print(
+        f"{len(x)} samples: {len(tr)} train, {len(val)} validation, {len(held)} held out "
+        f"({time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
 
     model = build_model(x.shape[1])
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"training {model_shape(model)} ({n_params} parameters) for {args.steps} steps",
-          flush=True)
+    print(f"training {model_shape(model)} ({n_params} parameters) for {args.steps} steps", flush=True)
+
     def t(idx):
         return torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
 
@@ -323,10 +338,17 @@ def main() -> None:
     npz_path = args.out_dir / "drm19_states.npz"
     export_onnx(model, torch.from_numpy(x[held[:8]]), onnx_path)
     err = check_onnx_matches(model, onnx_path, torch.from_numpy(x[held]))
-    np.savez_compressed(npz_path, **{INPUT_NAME: x[held], OUTPUT_NAME: y[held]},
-                        input_mean=x_mean, input_std=x_std, target_mean=y_mean, target_std=y_std,
-                        feature_names=np.array(names), dt=np.float64(DT),
-                        boxcox_lambda=np.float64(BOXCOX_LAMBDA))
+    np.savez_compressed(
+        npz_path,
+        **{INPUT_NAME: x[held], OUTPUT_NAME: y[held]},
+        input_mean=x_mean,
+        input_std=x_std,
+        target_mean=y_mean,
+        target_std=y_std,
+        feature_names=np.array(names),
+        dt=np.float64(DT),
+        boxcox_lambda=np.float64(BOXCOX_LAMBDA),
+    )
 
     print(f"held-out MSE {mse(model, *t(held)):.4f}; onnxruntime max |diff| vs torch {err:.1e}")
     print("condensation (greedy cosine groups of [W | b] rows):")

@@ -24,16 +24,27 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, numpy {np.__version__}, onnx {onnx.__version__}, "
-            f"onnxruntime {onnxruntime.__version__}; measured {date.today().isoformat()}")
+    return (
+        f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, numpy {np.__version__}, onnx {onnx.__version__}, "
+        f"onnxruntime {onnxruntime.__version__}; measured {date.today().isoformat()}"
+    )
 
 
 def write_section(key: str, title: str, body: str) -> None:
     """Replace (or append) the section `key` of RESULTS.md."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in this folder; rerun them to refresh a section.\n"
+    text = (
+        RESULTS.read_text()
+        if RESULTS.exists()
+        else "# Benchmark results\n\nWritten by the scripts in this folder; "
+        "rerun them to refresh a section.\n"
+    )
     begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
     section = f"{begin}\n## {title}\n\nMachine: {machine_description()}\n\n{body.strip()}\n{end}"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.DOTALL)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    text = (
+        pattern.sub(lambda _: section, text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + section + "\n"
+    )
     RESULTS.write_text(text)

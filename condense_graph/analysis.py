@@ -38,10 +38,10 @@ class Skipped:
 class Producer:
     node: gs.Node
     weight: gs.Constant
-    axis: int            # axis of `weight` that indexes output channels
-    scale: float         # Gemm alpha
-    bias: str            # key of the bias array (an initializer name, or a new one to create)
-    bias_scale: float    # Gemm beta
+    axis: int  # axis of `weight` that indexes output channels
+    scale: float  # Gemm alpha
+    bias: str  # key of the bias array (an initializer name, or a new one to create)
+    bias_scale: float  # Gemm beta
 
     @property
     def width(self) -> int:
@@ -61,7 +61,7 @@ class Producer:
 class Consumer:
     node: gs.Node
     weight: gs.Constant
-    axis: int            # axis of `weight` that indexes the input channels we reduce
+    axis: int  # axis of `weight` that indexes the input channels we reduce
     scale: float
     bias: str
     bias_scale: float
@@ -74,14 +74,16 @@ class Consumer:
     def pads_borders(self) -> bool:
         """A padded Conv sees a constant input as constant only away from the borders."""
         attrs = self.node.attrs
-        return self.node.op == "Conv" and (any(attrs.get("pads", [])) or
-                                           attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", "VALID", b"VALID"))
+        return self.node.op == "Conv" and (
+            any(attrs.get("pads", []))
+            or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", "VALID", b"VALID")
+        )
 
 
 @dataclass
 class ChannelConstant:
     tensor: gs.Constant
-    axis: int            # the axis of the constant that indexes channels
+    axis: int  # the axis of the constant that indexes channels
 
 
 @dataclass
@@ -89,17 +91,17 @@ class Layer:
     name: str
     producer: Producer
     consumers: list[Consumer]
-    start: gs.Tensor                       # producer output
-    end: gs.Tensor                         # the tensor the consumers read
+    start: gs.Tensor  # producer output
+    end: gs.Tensor  # the tensor the consumers read
     pre: list[gs.Node] = field(default_factory=list)
     middle: list[gs.Node] = field(default_factory=list)
     post: list[gs.Node] = field(default_factory=list)
     channel_constants: list[ChannelConstant] = field(default_factory=list)  # sliced with channels
-    middle_constants: list[gs.Constant] = field(default_factory=list)       # per-channel, in g_k
-    reshape_shapes: list[gs.Constant] = field(default_factory=list)         # hold C*H*W literally
-    block: int = 1                          # consumer features per channel (H*W after Flatten)
+    middle_constants: list[gs.Constant] = field(default_factory=list)  # per-channel, in g_k
+    reshape_shapes: list[gs.Constant] = field(default_factory=list)  # hold C*H*W literally
+    block: int = 1  # consumer features per channel (H*W after Flatten)
     homogeneous: bool = True
-    depthwise: gs.Node | None = None        # a depthwise Conv inside the region (paper A.3)
+    depthwise: gs.Node | None = None  # a depthwise Conv inside the region (paper A.3)
     depthwise_affine: list[gs.Node] = field(default_factory=list)  # its BN, right after it
 
     @property
@@ -275,8 +277,9 @@ def _rank(tensor: gs.Tensor) -> int | None:
     return len(tensor.shape) if tensor.shape is not None else None
 
 
-def trace_layer(producer: Producer, order: dict[int, int], outputs: set[str],
-                subgraph_tensors: set[str]) -> Layer | Skipped:
+def trace_layer(
+    producer: Producer, order: dict[int, int], outputs: set[str], subgraph_tensors: set[str]
+) -> Layer | Skipped:
     """Follow the producer's channels through per-channel ops to their consumers."""
     name = _name(producer.node)
     start = producer.node.outputs[0]
@@ -347,8 +350,11 @@ def _finish_layer(name, producer, start, nodes, consumers, region) -> Layer | Sk
     layer = Layer(name, producer, consumers, start, end)
     _split_region(layer, nodes, region)
     layer.block = int(np.prod([ops.flattened_block(n) for n in nodes if n.op in ops.LAYOUT]))
-    reason = _block_reason(layer) or _collect_constants(layer, nodes, producer.width) or \
-        _nonfinite_constants_reason(layer)
+    reason = (
+        _block_reason(layer)
+        or _collect_constants(layer, nodes, producer.width)
+        or _nonfinite_constants_reason(layer)
+    )
     if reason:
         return Skipped(name, reason)
     layer.homogeneous = all(ops.is_homogeneous(n, region) for n in layer.middle)
@@ -379,20 +385,29 @@ def _block_reason(layer: Layer) -> str | None:
             return f"{consumer.node.op} '{_name(consumer.node)}' does not read the channels as its last axis"
         rows = consumer.weight.values.shape[consumer.axis]
         if rows != layer.producer.width * layer.block:
-            return f"consumer '{_name(consumer.node)}' reads {rows} features, not {layer.producer.width} x {layer.block}"
+            wanted = f"{layer.producer.width} x {layer.block}"
+            return f"consumer '{_name(consumer.node)}' reads {rows} features, not {wanted}"
     return None
 
 
 def _split_region(layer: Layer, nodes: list[gs.Node], region: set[str]) -> None:
     """pre: affine ops right after the producer; post: affine ops right before the consumers."""
     pre, cur = [], layer.start
-    while cur is not layer.end and len(cur.outputs) == 1 and cur.outputs[0] in nodes \
-            and ops.is_affine(cur.outputs[0], region):
+    while (
+        cur is not layer.end
+        and len(cur.outputs) == 1
+        and cur.outputs[0] in nodes
+        and ops.is_affine(cur.outputs[0], region)
+    ):
         pre.append(cur.outputs[0])
         cur = cur.outputs[0].outputs[0]
     post, cur = [], layer.end
-    while cur.inputs and cur.inputs[0] in nodes and cur.inputs[0] not in pre \
-            and ops.is_affine(cur.inputs[0], region):
+    while (
+        cur.inputs
+        and cur.inputs[0] in nodes
+        and cur.inputs[0] not in pre
+        and ops.is_affine(cur.inputs[0], region)
+    ):
         node = cur.inputs[0]
         source = node.inputs[_data_index(node, region)]
         if len(source.outputs) != 1 or any(n.op in ops.LAYOUT for n in nodes):

@@ -1,8 +1,8 @@
 """The Python API: one straight line, load -> analyze -> plan -> rewrite -> check -> verify.
 
-    result = condense_graph.condense("model.onnx", threshold=0.95)
-    result.model   # onnx.ModelProto, smaller
-    result.report  # dict, the same data as `condense-graph reduce --report`
+result = condense_graph.condense("model.onnx", threshold=0.95)
+result.model   # onnx.ModelProto, smaller
+result.report  # dict, the same data as `condense-graph reduce --report`
 """
 
 from __future__ import annotations
@@ -21,13 +21,18 @@ from condense_graph.model_io import load_model
 from condense_graph.progress import Progress
 from condense_graph.report import build_report, count_params
 from condense_graph.safety import check_output
-from condense_graph.verify import (check_agreement_applies, check_random_draws, compare_models, fixed_batch,
-                                   split_holdout)
+from condense_graph.verify import (
+    check_agreement_applies,
+    check_random_draws,
+    compare_models,
+    fixed_batch,
+    split_holdout,
+)
 from passes.condense_channels import CondenseChannelsPass
 
 INSPECT_THRESHOLDS = (0.8, 0.9, 0.95, 0.99, 0.999)
-HOLDOUT_FRACTION = 0.2     # with calibration data and verify: the last 20% of the rows verify
-MIN_WIDTH_FRACTION = 0.1   # target_params never cuts a layer below 10% of its width
+HOLDOUT_FRACTION = 0.2  # with calibration data and verify: the last 20% of the rows verify
+MIN_WIDTH_FRACTION = 0.1  # target_params never cuts a layer below 10% of its width
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 
@@ -39,14 +44,22 @@ class CondenseResult:
     plans: list = field(default_factory=list, repr=False)  # per-layer plans (groups, for plots)
 
 
-def condense(model: ModelLike, threshold: float = 0.95,
-             layer_thresholds: dict[str, float] | None = None, verify: bool = False,
-             input_shapes: dict[str, list[int]] | None = None,
-             progress: Progress | None = None, round_to: int = 1,
-             calibration: str | os.PathLike | dict | None = None, similarity: str = "weights",
-             layer_widths: dict[str, int] | None = None, target_params: float | None = None,
-             holdout: float = HOLDOUT_FRACTION, min_width_fraction: float = MIN_WIDTH_FRACTION,
-             all_class_scores: bool = False) -> CondenseResult:
+def condense(
+    model: ModelLike,
+    threshold: float = 0.95,
+    layer_thresholds: dict[str, float] | None = None,
+    verify: bool = False,
+    input_shapes: dict[str, list[int]] | None = None,
+    progress: Progress | None = None,
+    round_to: int = 1,
+    calibration: str | os.PathLike | dict | None = None,
+    similarity: str = "weights",
+    layer_widths: dict[str, int] | None = None,
+    target_params: float | None = None,
+    holdout: float = HOLDOUT_FRACTION,
+    min_width_fraction: float = MIN_WIDTH_FRACTION,
+    all_class_scores: bool = False,
+) -> CondenseResult:
     """Merge condensed neurons of every reducible layer; the input model is never modified.
 
     `layer_thresholds` maps a layer (its producer node name or weight name) to its own threshold.
@@ -72,15 +85,18 @@ def condense(model: ModelLike, threshold: float = 0.95,
     original = load_model(model)
     if verify and all_class_scores:
         check_agreement_applies(original)
-    data, held = _split_for_verification(_calibration(calibration, original, similarity), original,
-                                         verify, holdout)
+    data, held = _split_for_verification(
+        _calibration(calibration, original, similarity), original, verify, holdout
+    )
     if similarity == "magnitude" and not layer_widths and target_params is None:
         raise CondenseError("magnitude pruning needs layer widths or target_params")
     _check_widths(dict(layer_widths or {}), target_params)
-    widths, target = planned_widths(original, dict(layer_widths or {}), target_params, round_to,
-                                    similarity, min_width_fraction)
-    result = CondenseChannelsPass(threshold, layer_thresholds, progress, round_to, data, widths,
-                                  similarity)(original)
+    widths, target = planned_widths(
+        original, dict(layer_widths or {}), target_params, round_to, similarity, min_width_fraction
+    )
+    result = CondenseChannelsPass(threshold, layer_thresholds, progress, round_to, data, widths, similarity)(
+        original
+    )
     warnings = list(result.details["warnings"]) + (data.warnings if data is not None else [])
     checks = check_output(result.model, original, warnings, result.details["written"])
     plans = result.details["plans"]
@@ -90,15 +106,17 @@ def condense(model: ModelLike, threshold: float = 0.95,
     if target is not None:
         report["target_params"] = target | {"achieved": report["params_after"] / report["params_before"]}
     if verify:
-        report["verify"] = compare_models(original, result.model, input_shapes, data=held,
-                                          all_class_scores=all_class_scores)
+        report["verify"] = compare_models(
+            original, result.model, input_shapes, data=held, all_class_scores=all_class_scores
+        )
         if held is not None:
             report["verify"] |= {"inputs": "held-out data", "calibration_rows": data.samples}
     return CondenseResult(result.model, report, plans)
 
 
-def _split_for_verification(data: Calibration | None, model: onnx.ModelProto, verify: bool,
-                            holdout: float) -> tuple[Calibration | None, dict | None]:
+def _split_for_verification(
+    data: Calibration | None, model: onnx.ModelProto, verify: bool, holdout: float
+) -> tuple[Calibration | None, dict | None]:
     """(what calibrates, what verifies): with data and verify, the last `holdout` rows verify and
     do not calibrate (verifying on calibration rows would flatter the refit). Without data,
     verification draws random inputs: an input they cannot serve is refused now, not after the
@@ -123,31 +141,66 @@ def inspect(model: ModelLike, thresholds=INSPECT_THRESHOLDS) -> dict:
         plans, _ = CondenseChannelsPass(t).plan(graph, analysis)
         for plan in plans:
             widths.setdefault(plan.layer.name, {})[str(t)] = plan.cmap.width_after
-    layers = [{"name": layer.name, "op": layer.producer.node.op, "activation": layer.activation,
-               "width": layer.producer.width, "exact": layer.homogeneous,
-               "widths": widths[layer.name]} for layer in analysis.layers]
-    return {"params": count_params(original), "thresholds": list(thresholds), "layers": layers,
-            "skipped": [{"name": s.name, "reason": s.reason} for s in analysis.skipped]}
+    layers = [
+        {
+            "name": layer.name,
+            "op": layer.producer.node.op,
+            "activation": layer.activation,
+            "width": layer.producer.width,
+            "exact": layer.homogeneous,
+            "widths": widths[layer.name],
+        }
+        for layer in analysis.layers
+    ]
+    return {
+        "params": count_params(original),
+        "thresholds": list(thresholds),
+        "layers": layers,
+        "skipped": [{"name": s.name, "reason": s.reason} for s in analysis.skipped],
+    }
 
 
-def planned_widths(model: onnx.ModelProto, layer_widths: dict[str, int], target: float | None,
-                   round_to: int, similarity: str, min_fraction: float) -> tuple[dict[str, int], dict | None]:
+def planned_widths(
+    model: onnx.ModelProto,
+    layer_widths: dict[str, int],
+    target: float | None,
+    round_to: int,
+    similarity: str,
+    min_fraction: float,
+) -> tuple[dict[str, int], dict | None]:
     """The width of every layer that gets one: the requested ones rounded up to `round_to`, and
     for `target` the widths of `widths_for_params`. Also the target's report entry."""
     if target is None and (round_to == 1 or not layer_widths):
         return layer_widths, None
     graph, analysis = CondenseChannelsPass.analyze(model)
-    sizes = {key: layer.producer.width for layer in analysis.layers
-             for key in (layer.name, layer.producer.weight.name)}
+    sizes = {
+        key: layer.producer.width
+        for layer in analysis.layers
+        for key in (layer.name, layer.producer.weight.name)
+    }
     fixed = {name: round_width(width, sizes.get(name), round_to) for name, width in layer_widths.items()}
     if target is None:
         return fixed, None
-    fraction, free = widths_for_params(model, target, fixed, similarity, round_to=round_to,
-                                       min_fraction=min_fraction, analyzed=(graph, analysis))
-    floors = {layer.name: width_floor(layer.producer.width, min_fraction, round_to)
-              for layer in analysis.layers if layer.name in free}
-    entry = {"requested": target, "width_fraction": fraction, "min_width_fraction": min_fraction,
-             "at_floor": sorted(name for name, width in free.items() if width == floors[name])}
+    fraction, free = widths_for_params(
+        model,
+        target,
+        fixed,
+        similarity,
+        round_to=round_to,
+        min_fraction=min_fraction,
+        analyzed=(graph, analysis),
+    )
+    floors = {
+        layer.name: width_floor(layer.producer.width, min_fraction, round_to)
+        for layer in analysis.layers
+        if layer.name in free
+    }
+    entry = {
+        "requested": target,
+        "width_fraction": fraction,
+        "min_width_fraction": min_fraction,
+        "at_floor": sorted(name for name, width in free.items() if width == floors[name]),
+    }
     return free | fixed, entry
 
 
@@ -162,10 +215,16 @@ def width_floor(layer_width: int, min_fraction: float, round_to: int = 1) -> int
     return round_width(max(1, math.ceil(min_fraction * layer_width - 1e-9)), layer_width, round_to)
 
 
-def widths_for_params(model: onnx.ModelProto, target: float, fixed: dict[str, int],
-                      similarity: str = "weights", steps: int = 14, round_to: int = 1,
-                      min_fraction: float = MIN_WIDTH_FRACTION,
-                      analyzed: tuple | None = None) -> tuple[float, dict[str, int]]:
+def widths_for_params(
+    model: onnx.ModelProto,
+    target: float,
+    fixed: dict[str, int],
+    similarity: str = "weights",
+    steps: int = 14,
+    round_to: int = 1,
+    min_fraction: float = MIN_WIDTH_FRACTION,
+    analyzed: tuple | None = None,
+) -> tuple[float, dict[str, int]]:
     """Widths round(r * width) for every layer (rounded up to `round_to`, never below
     `width_floor`), with r found by bisection so that the reduced model keeps about `target` of the
     parameters (layers in `fixed` keep their requested width). Each step plans the reduction on one
@@ -176,13 +235,20 @@ def widths_for_params(model: onnx.ModelProto, target: float, fixed: dict[str, in
     # sizes from the analyzed graph, where Constant nodes have become initializers
     sizes = {name: int(t.values.size) for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
     selection = "magnitude" if similarity == "magnitude" else "weights"
-    free = [layer for layer in analysis.layers
-            if layer.name not in fixed and layer.producer.weight.name not in fixed]
+    free = [
+        layer
+        for layer in analysis.layers
+        if layer.name not in fixed and layer.producer.weight.name not in fixed
+    ]
 
     def widths_at(r: float) -> dict[str, int]:
-        return {layer.name: max(width_floor(layer.producer.width, min_fraction, round_to),
-                                round_width(max(1, round(r * layer.producer.width)), layer.producer.width,
-                                            round_to)) for layer in free}
+        return {
+            layer.name: max(
+                width_floor(layer.producer.width, min_fraction, round_to),
+                round_width(max(1, round(r * layer.producer.width)), layer.producer.width, round_to),
+            )
+            for layer in free
+        }
 
     def fraction_at(r: float) -> float:
         condense = CondenseChannelsPass(1.0, layer_widths=widths_at(r) | fixed, similarity=selection)
@@ -192,9 +258,11 @@ def widths_for_params(model: onnx.ModelProto, target: float, fixed: dict[str, in
 
     smallest = fraction_at(0.0)
     if smallest > target:
-        raise CondenseError(f"target_params {target:g} cannot be reached without cutting a layer below "
-                            f"{min_fraction:g} of its width (--min-width-fraction): the smallest reachable "
-                            f"is {smallest:.3f} of the parameters")
+        raise CondenseError(
+            f"target_params {target:g} cannot be reached without cutting a layer below "
+            f"{min_fraction:g} of its width (--min-width-fraction): the smallest reachable "
+            f"is {smallest:.3f} of the parameters"
+        )
     low, high = 0.0, 1.0
     for _ in range(steps):
         mid = (low + high) / 2
@@ -219,11 +287,14 @@ def _calibration(source, model: onnx.ModelProto, similarity: str) -> Calibration
         return None
     if isinstance(source, dict):
         from condense_graph.verify import check_lengths, graph_inputs
+
         missing = {v.name for v in graph_inputs(model)} - set(source)
         if missing:
             raise CondenseError(f"calibration data has no array for input(s): {', '.join(sorted(missing))}")
-        dtypes = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
-                  for v in graph_inputs(model)}
+        dtypes = {
+            v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+            for v in graph_inputs(model)
+        }
         data = {k: np.asarray(v).astype(dtypes[k]) for k, v in source.items() if k in dtypes}
         check_lengths("the calibration data", data, None)
         return Calibration(data)

@@ -55,8 +55,9 @@ def _attr(node: onnx.NodeProto, name: str, default: int = 0) -> int:
     return default
 
 
-def inferred_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]],
-                    warnings: list | None = None) -> dict[str, list[int]]:
+def inferred_shapes(
+    model: onnx.ModelProto, input_shapes: dict[str, list[int]], warnings: list | None = None
+) -> dict[str, list[int]]:
     """Static shapes of every tensor onnx can infer once the inputs have concrete shapes (none when
     inference fails: logged and added to `warnings`)."""
     fixed = onnx.ModelProto()
@@ -81,8 +82,9 @@ def inferred_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]],
     return shapes
 
 
-def bench_feeds(model: onnx.ModelProto, batch: int, input_shapes: dict[str, list[int]],
-                seed: int = 0) -> dict[str, np.ndarray]:
+def bench_feeds(
+    model: onnx.ModelProto, batch: int, input_shapes: dict[str, list[int]], seed: int = 0
+) -> dict[str, np.ndarray]:
     """Random inputs; a dynamic first dimension becomes `batch`, other dynamic dimensions get
     verification's default size. Integer inputs that index constant tables get valid indices, other
     integer inputs [0, 10) (latency does not depend on their meaning)."""
@@ -93,8 +95,9 @@ def make_session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
     return runtime.session(model, threads)
 
 
-def interleaved_times(sessions: list, feeds: dict, runs: int, warmup: int,
-                      progress: Progress | None = None) -> list[list[float]]:
+def interleaved_times(
+    sessions: list, feeds: dict, runs: int, warmup: int, progress: Progress | None = None
+) -> list[list[float]]:
     """Seconds per run for each session; each round runs all sessions, alternating the order."""
     for sess in sessions:
         for _ in range(warmup):
@@ -116,8 +119,13 @@ def interleaved_times(sessions: list, feeds: dict, runs: int, warmup: int,
 def latency_summary(seconds: list[float]) -> dict:
     ms = np.asarray(seconds) * 1e3
     q25, median, q75 = np.percentile(ms, [25, 50, 75])
-    return {"median_ms": float(median), "iqr_ms": float(q75 - q25), "p25_ms": float(q25),
-            "p75_ms": float(q75), "runs": len(ms)}
+    return {
+        "median_ms": float(median),
+        "iqr_ms": float(q75 - q25),
+        "p25_ms": float(q25),
+        "p75_ms": float(q75),
+        "runs": len(ms),
+    }
 
 
 def speedup(baseline_median: float, median: float) -> float:
@@ -134,21 +142,39 @@ def efficiency(measured_speedup: float, macs_before: int, macs_after: int) -> fl
     return measured_speedup / (macs_before / macs_after)
 
 
-def benchmark(models: list[tuple[str, onnx.ModelProto, int]], batch: int = 1, threads: int = 1,
-              runs: int = 50, warmup: int = 5, input_shapes: dict | None = None,
-              progress: Progress | None = None) -> dict:
+def benchmark(
+    models: list[tuple[str, onnx.ModelProto, int]],
+    batch: int = 1,
+    threads: int = 1,
+    runs: int = 50,
+    warmup: int = 5,
+    input_shapes: dict | None = None,
+    progress: Progress | None = None,
+) -> dict:
     """Benchmark (label, model, file size) entries on the same inputs; the first is the baseline."""
     feeds = bench_feeds(models[0][1], batch, input_shapes or {})
     sessions = [make_session(model, threads) for _, model, _ in models]
     times = interleaved_times(sessions, feeds, runs, warmup, progress)
     entries, warnings = [], []
     for (label, model, size), seconds in zip(models, times):
-        entries.append({"model": label, "params": count_params(model),
-                        "macs": count_macs(model, feeds, warnings), "file_size": size,
-                        **latency_summary(seconds)})
+        entries.append(
+            {
+                "model": label,
+                "params": count_params(model),
+                "macs": count_macs(model, feeds, warnings),
+                "file_size": size,
+                **latency_summary(seconds),
+            }
+        )
     for entry in entries:
         entry["speedup"] = speedup(entries[0]["median_ms"], entry["median_ms"])
         entry["ideal_speedup"] = entries[0]["macs"] / entry["macs"] if entry["macs"] else None
         entry["efficiency"] = efficiency(entry["speedup"], entries[0]["macs"], entry["macs"])
-    return {"batch": batch, "threads": threads, "runs": runs, "warmup": warmup, "models": entries,
-            "warnings": warnings}
+    return {
+        "batch": batch,
+        "threads": threads,
+        "runs": runs,
+        "warmup": warmup,
+        "models": entries,
+        "warnings": warnings,
+    }

@@ -68,14 +68,21 @@ def prefix(model: onnx.ModelProto, names: list[str], warnings: list | None = Non
         return onnx.utils.Extractor(inferred).extract_model(inputs, names)
     except Exception as err:  # noqa: BLE001 - subgraphs, missing shapes: run the whole model instead
         why = runtime.one_line(err, last=False)
-        runtime.degraded(logger, warnings, "calibration runs the whole model: the part computing the "
-                                           f"captured tensors cannot be cut out ({why})")
+        runtime.degraded(
+            logger,
+            warnings,
+            "calibration runs the whole model: the part computing the "
+            f"captured tensors cannot be cut out ({why})",
+        )
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         present = {o.name for o in copy.graph.output}
         typed = {v.name: v for v in copy.graph.value_info}
-        copy.graph.output.extend(typed.get(n) or onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                                 for n in names if n not in present)
+        copy.graph.output.extend(
+            typed.get(n) or onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+            for n in names
+            if n not in present
+        )
         return copy
 
 
@@ -87,14 +94,17 @@ def channel_gram(model: onnx.ModelProto, layer: Layer, calibration: Calibration)
     return gram.matrix[:-1, :-1]
 
 
-def refit_statistics(reduced: onnx.ModelProto, original: onnx.ModelProto, layer: Layer,
-                     width: int, calibration: Calibration) -> list[Normal | None]:
+def refit_statistics(
+    reduced: onnx.ModelProto, original: onnx.ModelProto, layer: Layer, width: int, calibration: Calibration
+) -> list[Normal | None]:
     """For each consumer, the normal equations relating its inputs in the reduced network (this
     layer merged) to its outputs in the original network, on the same samples; None for consumers
     that are not refit (too many input features, unsupported padding). `width`: the layer's
     width after the merge."""
-    normals = [Normal(f, _outputs(c)) if (f := consumer_features(c, width, layer.block)) else None
-               for c in layer.consumers]
+    normals = [
+        Normal(f, _outputs(c)) if (f := consumer_features(c, width, layer.block)) else None
+        for c in layer.consumers
+    ]
     inputs = capture(reduced, [layer.end.name], calibration)
     targets = capture(original, [c.output_name for c in layer.consumers], calibration)
     for (values,), outputs in zip(inputs, targets):
@@ -117,7 +127,7 @@ def _output_rows(consumer: Consumer, out: np.ndarray) -> np.ndarray:
 def _channels_of(values: np.ndarray, layer: Layer) -> np.ndarray:
     if layer.channels.axis == 1 and layer.block == 1 and values.ndim > 2:
         return channel_rows(values, 1)
-    rows = values.reshape(-1, values.shape[-1])          # dense features (channel-major after Flatten)
+    rows = values.reshape(-1, values.shape[-1])  # dense features (channel-major after Flatten)
     width = layer.producer.width
     return rows.reshape(len(rows), width, -1).transpose(0, 2, 1).reshape(-1, width)
 
@@ -142,6 +152,10 @@ def feature_rows(consumer: Consumer, values: np.ndarray) -> np.ndarray:
     kernel = consumer.weight.values.shape[2:]
     pads = list(attrs.get("pads", [0, 0, 0, 0]))
     top, left, bottom, right = pads[0], pads[1], pads[2], pads[3]
-    return im2col(values, kernel, attrs.get("strides", [1, 1]), (top, left, bottom, right),
-                  attrs.get("dilations", [1, 1]))
-
+    return im2col(
+        values,
+        kernel,
+        attrs.get("strides", [1, 1]),
+        (top, left, bottom, right),
+        attrs.get("dilations", [1, 1]),
+    )

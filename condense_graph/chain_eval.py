@@ -11,7 +11,7 @@ constants) and let ONNX Runtime run it.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -19,7 +19,6 @@ import onnx_graphsurgeon as gs
 
 from condense_graph import runtime
 from condense_graph.errors import InternalError
-
 
 _HALF = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
@@ -30,8 +29,14 @@ def float32_if_half(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float32) if half else values
 
 
-def evaluate_chain(nodes: list[gs.Node], source: gs.Tensor, sink: gs.Tensor,
-                   arrays: Mapping[str, np.ndarray], x: np.ndarray, versions: tuple[int, int]) -> np.ndarray:
+def evaluate_chain(
+    nodes: list[gs.Node],
+    source: gs.Tensor,
+    sink: gs.Tensor,
+    arrays: Mapping[str, np.ndarray],
+    x: np.ndarray,
+    versions: tuple[int, int],
+) -> np.ndarray:
     """Run `nodes` from `source` to `sink` on `x` ([rows, width, 1...]); return [rows, width].
 
     `versions` is the (opset, IR version) of the model the nodes come from.
@@ -41,22 +46,34 @@ def evaluate_chain(nodes: list[gs.Node], source: gs.Tensor, sink: gs.Tensor,
     x = x.astype(np.float32) if x.dtype != np.float64 else x
     tensors: dict[str, gs.Tensor] = {source.name: gs.Variable(source.name, dtype=x.dtype)}
     copies = [_copy(n, tensors, arrays) for n in nodes]
-    graph = gs.Graph(nodes=copies, inputs=[tensors[source.name]], outputs=[tensors[sink.name]],
-                     opset=versions[0], ir_version=versions[1])
+    graph = gs.Graph(
+        nodes=copies,
+        inputs=[tensors[source.name]],
+        outputs=[tensors[sink.name]],
+        opset=versions[0],
+        ir_version=versions[1],
+    )
     tensors[sink.name].dtype = x.dtype
     try:
         session = runtime.session(gs.export_onnx(graph), threads=1)
     except runtime.SessionError as err:  # we cut the chain out: a chain ORT refuses is our bug
-        raise InternalError(f"internal error (a bug in condense-graph, please report it): ONNX Runtime "
-                            f"cannot run the chain {source.name} -> {sink.name}: {err.reason}") from None
+        raise InternalError(
+            f"internal error (a bug in condense-graph, please report it): ONNX Runtime "
+            f"cannot run the chain {source.name} -> {sink.name}: {err.reason}"
+        ) from None
     (out,) = session.run(None, {source.name: x})
     return np.asarray(out).reshape(x.shape[0], -1)  # constants of rank 3 add leading 1s
 
 
 def _copy(node: gs.Node, tensors: dict, arrays: Mapping[str, np.ndarray]) -> gs.Node:
-    copy = gs.Node(op=node.op, name=node.name, attrs=dict(node.attrs), domain=node.domain,
-                   inputs=[_tensor(t, tensors, arrays) for t in node.inputs],
-                   outputs=[_tensor(t, tensors, arrays) for t in node.outputs])
+    copy = gs.Node(
+        op=node.op,
+        name=node.name,
+        attrs=dict(node.attrs),
+        domain=node.domain,
+        inputs=[_tensor(t, tensors, arrays) for t in node.inputs],
+        outputs=[_tensor(t, tensors, arrays) for t in node.outputs],
+    )
     if node.op == "Conv" and node.attrs.get("group", 1) > 1:  # depthwise: one group per kernel
         copy.attrs["group"] = len(copy.inputs[1].values)
     if node.op == "Cast" and copy.attrs.get("to") in _HALF:
@@ -76,8 +93,15 @@ def _tensor(t: gs.Tensor, tensors: dict[str, gs.Tensor], arrays: Mapping[str, np
     return tensors[t.name]
 
 
-def affine_coefficients(nodes: list[gs.Node], source: gs.Tensor, sink: gs.Tensor,
-                        arrays: Mapping[str, np.ndarray], probe_shape: tuple, dtype, versions):
+def affine_coefficients(
+    nodes: list[gs.Node],
+    source: gs.Tensor,
+    sink: gs.Tensor,
+    arrays: Mapping[str, np.ndarray],
+    probe_shape: tuple,
+    dtype,
+    versions,
+):
     """Scale s and shift t of an affine per-channel chain: chain(x) = s * x + t.
 
     `probe_shape` is the shape of one probe row: (width,) or (width, 1, 1) for [N, C, H, W] data.

@@ -20,12 +20,26 @@ from condense_graph.bench import benchmark
 from condense_graph.errors import CondenseError, InternalError
 from condense_graph.model_io import load_model, save_model
 from condense_graph.progress import Progress
-from condense_graph.report import (format_bench_table, format_inspect_table, format_reduce_table,
-                                   format_verify_table)
+from condense_graph.report import (
+    format_bench_table,
+    format_inspect_table,
+    format_reduce_table,
+    format_verify_table,
+)
 from condense_graph.safety import BUG
-from condense_graph.verify import (DEFAULT_BATCH, DEFAULT_DIM, DEFAULT_MIN_COSINE, DEFAULT_RTOL, Tolerances,
-                                   breaches, check_agreement_applies, check_agreement_measured,
-                                   compare_models, load_data, parse_input_shape)
+from condense_graph.verify import (
+    DEFAULT_BATCH,
+    DEFAULT_DIM,
+    DEFAULT_MIN_COSINE,
+    DEFAULT_RTOL,
+    Tolerances,
+    breaches,
+    check_agreement_applies,
+    check_agreement_measured,
+    compare_models,
+    load_data,
+    parse_input_shape,
+)
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 DEFAULT_SHAPES = f"{DEFAULT_BATCH} for the batch, {DEFAULT_DIM} otherwise"
@@ -52,47 +66,103 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_debug(parser, default) -> None:
-    parser.add_argument("--debug", action="store_true", default=default,
-                        help="show the traceback of an error instead of one line")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=default,
+        help="show the traceback of an error instead of one line",
+    )
 
 
 def _add_reduce(reduce) -> None:
     reduce.add_argument("input", help="input .onnx model (never modified)")
     reduce.add_argument("output", help="output .onnx path (written atomically)")
-    reduce.add_argument("--threshold", type=float, default=0.95,
-                        help="cosine similarity at or above which neurons merge (default 0.95)")
-    reduce.add_argument("--layer", action="append", default=[], metavar="NAME=T",
-                        help="threshold for one layer (node or weight name); repeatable")
-    reduce.add_argument("--layer-width", action="append", default=[], metavar="NAME=W",
-                        help="width to reach for one layer (the threshold landing on it is found)")
-    reduce.add_argument("--target-params", type=float, metavar="R",
-                        help="keep this fraction of the parameters: a width for every layer")
-    reduce.add_argument("--min-width-fraction", type=float, default=MIN_WIDTH_FRACTION, metavar="F",
-                        help="--target-params cuts no layer below this fraction of its width "
-                             f"(default {MIN_WIDTH_FRACTION:g}); an unreachable target is an error")
-    reduce.add_argument("--data", metavar="FILE.npz",
-                        help="calibration data (arrays named after the graph inputs): refit consumers")
-    reduce.add_argument("--similarity", choices=["weights", "activations", "magnitude"], default="weights",
-                        help="group neurons by weight vectors (the paper) or, with --data, activations; "
-                             "'magnitude' is the pruning baseline (keep the largest, needs widths)")
-    reduce.add_argument("--round-to", type=int, default=1, metavar="N",
-                        help="round every new width up to a multiple of N (8 or 16 suit CPU kernels), "
-                             "requested widths too")
+    reduce.add_argument(
+        "--threshold",
+        type=float,
+        default=0.95,
+        help="cosine similarity at or above which neurons merge (default 0.95)",
+    )
+    reduce.add_argument(
+        "--layer",
+        action="append",
+        default=[],
+        metavar="NAME=T",
+        help="threshold for one layer (node or weight name); repeatable",
+    )
+    reduce.add_argument(
+        "--layer-width",
+        action="append",
+        default=[],
+        metavar="NAME=W",
+        help="width to reach for one layer (the threshold landing on it is found)",
+    )
+    reduce.add_argument(
+        "--target-params",
+        type=float,
+        metavar="R",
+        help="keep this fraction of the parameters: a width for every layer",
+    )
+    reduce.add_argument(
+        "--min-width-fraction",
+        type=float,
+        default=MIN_WIDTH_FRACTION,
+        metavar="F",
+        help="--target-params cuts no layer below this fraction of its width "
+        f"(default {MIN_WIDTH_FRACTION:g}); an unreachable target is an error",
+    )
+    reduce.add_argument(
+        "--data",
+        metavar="FILE.npz",
+        help="calibration data (arrays named after the graph inputs): refit consumers",
+    )
+    reduce.add_argument(
+        "--similarity",
+        choices=["weights", "activations", "magnitude"],
+        default="weights",
+        help="group neurons by weight vectors (the paper) or, with --data, activations; "
+        "'magnitude' is the pruning baseline (keep the largest, needs widths)",
+    )
+    reduce.add_argument(
+        "--round-to",
+        type=int,
+        default=1,
+        metavar="N",
+        help="round every new width up to a multiple of N (8 or 16 suit CPU kernels), requested widths too",
+    )
     reduce.add_argument("--report", metavar="FILE.json", help="write the JSON report here")
-    reduce.add_argument("--verify", action="store_true",
-                        help="compare both models in ONNX Runtime on random inputs or, with --data, "
-                             "on held-out rows of the data that do not calibrate")
-    reduce.add_argument("--holdout", type=float, default=HOLDOUT_FRACTION, metavar="FRACTION",
-                        help="with --data and --verify: the last FRACTION of the rows verify "
-                             f"(default {HOLDOUT_FRACTION:g})")
+    reduce.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare both models in ONNX Runtime on random inputs or, with --data, "
+        "on held-out rows of the data that do not calibrate",
+    )
+    reduce.add_argument(
+        "--holdout",
+        type=float,
+        default=HOLDOUT_FRACTION,
+        metavar="FRACTION",
+        help=f"with --data and --verify: the last FRACTION of the rows verify (default {HOLDOUT_FRACTION:g})",
+    )
     _add_tolerances(reduce)
-    reduce.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
-                        help=f"shape of a graph input (dynamic dims default to {DEFAULT_SHAPES})")
-    reduce.add_argument("--force", action="store_true",
-                        help="write the output even when verification fails (exit code stays 1)")
+    reduce.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME:D0,D1,...",
+        help=f"shape of a graph input (dynamic dims default to {DEFAULT_SHAPES})",
+    )
+    reduce.add_argument(
+        "--force",
+        action="store_true",
+        help="write the output even when verification fails (exit code stays 1)",
+    )
     reduce.add_argument("--in-place", action="store_true", help="allow OUTPUT to be INPUT")
-    reduce.add_argument("--external-data", action="store_true",
-                        help="save the weights in OUTPUT.data (automatic above the 2 GB protobuf limit)")
+    reduce.add_argument(
+        "--external-data",
+        action="store_true",
+        help="save the weights in OUTPUT.data (automatic above the 2 GB protobuf limit)",
+    )
     reduce.add_argument("--bench", action="store_true", help="benchmark the written model against the input")
     _add_bench_options(reduce)
     reduce.add_argument("--plot", metavar="DIR", help="write cosine heatmaps and a width chart (PNG)")
@@ -100,16 +170,24 @@ def _add_reduce(reduce) -> None:
 
 
 def _add_tolerances(parser) -> None:
-    parser.add_argument("--rtol", type=float,
-                        help="largest max_rel_err (max |diff| / max |original|) accepted "
-                             f"(default {DEFAULT_RTOL:g}; inf switches it off)")
-    parser.add_argument("--min-cosine", type=float,
-                        help=f"smallest output cosine accepted (default {DEFAULT_MIN_COSINE:g}; "
-                             "-1 switches it off)")
+    parser.add_argument(
+        "--rtol",
+        type=float,
+        help="largest max_rel_err (max |diff| / max |original|) accepted "
+        f"(default {DEFAULT_RTOL:g}; inf switches it off)",
+    )
+    parser.add_argument(
+        "--min-cosine",
+        type=float,
+        help=f"smallest output cosine accepted (default {DEFAULT_MIN_COSINE:g}; -1 switches it off)",
+    )
     parser.add_argument("--atol", type=float, help="largest max_abs_err accepted (no default)")
-    parser.add_argument("--min-agreement", type=float,
-                        help="smallest top-1 agreement accepted; every [batch, classes] output is then "
-                             "class scores, and an error if there is none")
+    parser.add_argument(
+        "--min-agreement",
+        type=float,
+        help="smallest top-1 agreement accepted; every [batch, classes] output is then "
+        "class scores, and an error if there is none",
+    )
 
 
 def _tolerances(args) -> Tolerances:
@@ -121,9 +199,13 @@ def _add_verify(verify) -> None:
     verify.add_argument("reduced", help="the model to check")
     verify.add_argument("--data", metavar="FILE.npz", help="inputs: arrays named after the graph inputs")
     verify.add_argument("--labels", metavar="KEY", help="array of class labels in the --data file")
-    verify.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
-                        help=f"shape of a graph input for random inputs (dynamic dims default to "
-                             f"{DEFAULT_SHAPES})")
+    verify.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME:D0,D1,...",
+        help=f"shape of a graph input for random inputs (dynamic dims default to {DEFAULT_SHAPES})",
+    )
     verify.add_argument("--runs", type=int, default=4, help="random draws without --data (default 4)")
     verify.add_argument("--batch-size", type=int, default=256, help="rows per run with --data")
     _add_tolerances(verify)
@@ -134,8 +216,13 @@ def _add_verify(verify) -> None:
 def _add_bench(bench) -> None:
     bench.add_argument("model", help="baseline model")
     bench.add_argument("other", nargs="?", help="model to compare with the baseline")
-    bench.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
-                       help="shape of a graph input (a dynamic batch dim defaults to --batch)")
+    bench.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME:D0,D1,...",
+        help="shape of a graph input (a dynamic batch dim defaults to --batch)",
+    )
     _add_bench_options(bench)
     bench.add_argument("--report", metavar="FILE.json", help="write the numbers as JSON")
     bench.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -144,8 +231,9 @@ def _add_bench(bench) -> None:
 def _add_bench_options(parser) -> None:
     parser.add_argument("--batch", type=int, default=1, help="batch size for benchmarking (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
-    parser.add_argument("--runs", dest="bench_runs", type=int, default=50,
-                        help="timed runs per model (default 50)")
+    parser.add_argument(
+        "--runs", dest="bench_runs", type=int, default=50, help="timed runs per model (default 50)"
+    )
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
 
 
@@ -170,8 +258,10 @@ def _report_error(err: Exception) -> int:
         print(f"condense-graph: {text}; rerun with --debug for the traceback", file=sys.stderr)
     else:
         message = " ".join(str(err).split())
-        print(f"condense-graph: {BUG}: {type(err).__name__}: {message}; rerun with --debug for the "
-              "traceback", file=sys.stderr)
+        print(
+            f"condense-graph: {BUG}: {type(err).__name__}: {message}; rerun with --debug for the traceback",
+            file=sys.stderr,
+        )
     return EXIT_INTERNAL
 
 
@@ -194,26 +284,41 @@ def _progress(args, label: str) -> Progress:
 def run_reduce(args) -> int:
     _check_paths(args)
     layer_thresholds = dict(_parse_layer(spec) for spec in args.layer)
-    layer_widths = {name: _as_width(value, spec) for spec in args.layer_width
-                    for name, value in [_parse_layer(spec, "--layer-width", "NAME=WIDTH")]}
+    layer_widths = {
+        name: _as_width(value, spec)
+        for spec in args.layer_width
+        for name, value in [_parse_layer(spec, "--layer-width", "NAME=WIDTH")]
+    }
     input_shapes = dict(parse_input_shape(spec) for spec in args.input_shape)
     tolerances = _tolerances(args)
-    result = condense(args.input, args.threshold, layer_thresholds, verify=args.verify,
-                      input_shapes=input_shapes, progress=_progress(args, "condensing layers"),
-                      round_to=args.round_to, calibration=args.data, similarity=args.similarity,
-                      layer_widths=layer_widths, target_params=args.target_params, holdout=args.holdout,
-                      min_width_fraction=args.min_width_fraction,
-                      all_class_scores=args.min_agreement is not None)
+    result = condense(
+        args.input,
+        args.threshold,
+        layer_thresholds,
+        verify=args.verify,
+        input_shapes=input_shapes,
+        progress=_progress(args, "condensing layers"),
+        round_to=args.round_to,
+        calibration=args.data,
+        similarity=args.similarity,
+        layer_widths=layer_widths,
+        target_params=args.target_params,
+        holdout=args.holdout,
+        min_width_fraction=args.min_width_fraction,
+        all_class_scores=args.min_agreement is not None,
+    )
     report = result.report
     failures = _judge(report["verify"], tolerances) if args.verify else []
     if not failures or args.force:
         report["file_size_after"] = save_model(result.model, args.output, args.external_data)
     if args.plot:
         from condense_graph.plots import plot_reduction
+
         report["plots"] = [str(p) for p in plot_reduction(result.plans, args.plot)]
     if args.bench and (not failures or args.force):
-        report["bench"] = _bench(args, [(args.input, load_model(args.input)),
-                                        (args.output, result.model)], input_shapes)
+        report["bench"] = _bench(
+            args, [(args.input, load_model(args.input)), (args.output, result.model)], input_shapes
+        )
     if args.report:
         _write_json(report, args.report)
     if not args.quiet:
@@ -226,9 +331,13 @@ def _judge(verify: dict, tolerances: Tolerances) -> list[str]:
     if tolerances.min_agreement is not None:
         check_agreement_measured(verify)
     failures = breaches(verify, tolerances)
-    verify["tolerances"] = {"rtol": tolerances.rtol, "min_cosine": tolerances.min_cosine,
-                            "atol": tolerances.atol, "min_agreement": tolerances.min_agreement,
-                            "defaults": sorted(tolerances.defaults)}
+    verify["tolerances"] = {
+        "rtol": tolerances.rtol,
+        "min_cosine": tolerances.min_cosine,
+        "atol": tolerances.atol,
+        "min_agreement": tolerances.min_agreement,
+        "defaults": sorted(tolerances.defaults),
+    }
     verify["pass"] = not failures
     return failures
 
@@ -278,9 +387,17 @@ def run_verify(args) -> int:
     tolerances = _tolerances(args)
     if tolerances.min_agreement is not None:
         check_agreement_applies(original)
-    result = compare_models(original, reduced, input_shapes, runs=args.runs, data=data, labels=labels,
-                            batch_size=args.batch_size, progress=_progress(args, "verifying"),
-                            all_class_scores=tolerances.min_agreement is not None)
+    result = compare_models(
+        original,
+        reduced,
+        input_shapes,
+        runs=args.runs,
+        data=data,
+        labels=labels,
+        batch_size=args.batch_size,
+        progress=_progress(args, "verifying"),
+        all_class_scores=tolerances.min_agreement is not None,
+    )
     failures = _judge(result, tolerances)
     if args.report:
         _write_json(result, args.report)
@@ -305,8 +422,15 @@ def _bench(args, models, input_shapes) -> dict:
     if args.batch < 1 or args.bench_runs < 1 or args.threads < 0 or args.warmup < 0:
         raise CondenseError("--batch and --runs must be positive, --threads and --warmup not negative")
     entries = [(label, model, model.ByteSize()) for label, model in models]
-    return benchmark(entries, args.batch, args.threads, args.bench_runs, args.warmup, input_shapes,
-                     progress=_progress(args, "benchmarking"))
+    return benchmark(
+        entries,
+        args.batch,
+        args.threads,
+        args.bench_runs,
+        args.warmup,
+        input_shapes,
+        progress=_progress(args, "benchmarking"),
+    )
 
 
 def _check_paths(args) -> None:

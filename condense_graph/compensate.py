@@ -36,8 +36,10 @@ def refit_consumer(consumer: Consumer, normal, store) -> dict:
     bias = store.bias(consumer.bias, rows.shape[1])
     start = np.vstack([consumer.scale * rows, consumer.bias_scale * bias.reshape(1, -1)])
     solution, errors = refit(normal, start)
-    store.set(consumer.weight.name,
-              from_weight_rows(consumer, solution[:-1] / consumer.scale, merged).astype(merged.dtype))
+    store.set(
+        consumer.weight.name,
+        from_weight_rows(consumer, solution[:-1] / consumer.scale, merged).astype(merged.dtype),
+    )
     store.set_bias(consumer.bias, consumer.node, solution[-1] / consumer.bias_scale, merged.dtype)
     return errors
 
@@ -50,6 +52,12 @@ def compensate(layer: Layer, store, normals: list) -> list[dict]:
             results.append({"consumer": consumer.node.name, "refit": False})
             continue
         errors = refit_consumer(consumer, normal, store)
-        results.append({"consumer": consumer.node.name, "refit": True,
-                        "calibration_err_paper": errors["paper"], "calibration_err_refit": errors["refit"]})
+        results.append(
+            {
+                "consumer": consumer.node.name,
+                "refit": True,
+                "calibration_err_paper": errors["paper"],
+                "calibration_err_refit": errors["refit"],
+            }
+        )
     return results

@@ -26,8 +26,11 @@ def import_graph(model: onnx.ModelProto, warnings: list | None = None) -> gs.Gra
     A failed inference is logged and added to `warnings`: the graph is imported without shapes."""
     inferred, error = runtime.infer_shapes(model)
     if error is not None:
-        runtime.degraded(logger, warnings, f"shape inference failed ({error}): the graph was "
-                                           "analyzed without inferred shapes")
+        runtime.degraded(
+            logger,
+            warnings,
+            f"shape inference failed ({error}): the graph was analyzed without inferred shapes",
+        )
     return gs.import_onnx(inferred)
 
 
@@ -44,8 +47,12 @@ def export_like(graph: gs.Graph, original: onnx.ModelProto, warnings: list | Non
     _restore_node_docs(model.graph, original.graph)
     model, error = runtime.infer_shapes(model)
     if error is not None:
-        runtime.degraded(logger, warnings, f"shape inference failed on the rewritten graph ({error}): "
-                                           "it keeps only the shapes the graph declared")
+        runtime.degraded(
+            logger,
+            warnings,
+            f"shape inference failed on the rewritten graph ({error}): "
+            "it keeps only the shapes the graph declared",
+        )
     declared = {v.name for g in all_graphs(original.graph) for v in g.value_info}
     for g in all_graphs(model.graph):
         kept = [v for v in g.value_info if v.name in declared]

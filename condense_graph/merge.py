@@ -31,7 +31,7 @@ from condense_graph.errors import InternalError
 class ChannelMap:
     """How the old channels of one layer map onto the new ones."""
 
-    keep: np.ndarray    # old index of each new channel, in order
+    keep: np.ndarray  # old index of each new channel, in order
     target: np.ndarray  # new index of each old channel, or -1 when it is removed
     factor: np.ndarray  # f_k: weight of old channel k's consumer weights in its target
     offset: np.ndarray  # constant that old channel k adds (times u_k) to the consumer bias

@@ -75,8 +75,10 @@ def check_external_locations(model: onnx.ModelProto, base: Path) -> None:
         location = {e.key: e.value for e in tensor.external_data}.get("location", "")
         target = (base / location).resolve()
         if os.path.isabs(location) or ".." in Path(location).parts or not target.is_relative_to(root):
-            raise CondenseError(f"external data of '{tensor.name}' points outside the model's "
-                                f"directory ({location!r}): refused")
+            raise CondenseError(
+                f"external data of '{tensor.name}' points outside the model's "
+                f"directory ({location!r}): refused"
+            )
 
 
 def _all_tensors(model: onnx.ModelProto):
@@ -112,8 +114,9 @@ def _check_opset(model: onnx.ModelProto) -> None:
     if versions[0] < MIN_OPSET:
         raise CondenseError(f"opset {versions[0]} is older than {MIN_OPSET}, the oldest supported")
     if versions[0] > newest:
-        raise CondenseError(f"opset {versions[0]} is newer than the installed onnx knows ({newest}); "
-                            "upgrade onnx")
+        raise CondenseError(
+            f"opset {versions[0]} is newer than the installed onnx knows ({newest}); upgrade onnx"
+        )
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool = False) -> int:
@@ -145,8 +148,14 @@ def _write(model: onnx.ModelProto, target: Path, external: bool) -> list[str]:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     data = f"{target.name}.data"
-    onnx.save(copy, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=data, size_threshold=0)
+    onnx.save(
+        copy,
+        str(target),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data,
+        size_threshold=0,
+    )
     return [target.name] + ([data] if (target.parent / data).exists() else [])
 
 

@@ -27,26 +27,64 @@ import onnx_graphsurgeon as gs
 
 # Unary ops applied element by element; extra inputs (Clip bounds, PRelu slope) must be constants.
 ACTIVATIONS = {
-    "Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus",
-    "Softsign", "HardSigmoid", "HardSwish", "Gelu", "Erf", "Mish",
+    "Relu",
+    "LeakyRelu",
+    "PRelu",
+    "Clip",
+    "Sigmoid",
+    "Tanh",
+    "Elu",
+    "Selu",
+    "Softplus",
+    "Softsign",
+    "HardSigmoid",
+    "HardSwish",
+    "Gelu",
+    "Erf",
+    "Mish",
 }
 # Ops that are affine per channel when their other operands are constants.
 AFFINE = {"Add", "Sub", "Mul", "Div", "BatchNormalization", "Identity", "Dropout", "Cast", "Neg"}
 # Binary ops whose two operands may both carry the channels (x * Sigmoid(x), x * (1 + Erf(..))).
 BINARY = {"Add", "Sub", "Mul", "Div"}
 # Per-channel ops that move values within a channel (pooling, padding, resizing, cropping).
-SPATIAL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Pad", "Resize",
-           "Upsample", "Slice", "ReduceMean", "ReduceMax", "ReduceSum", "Squeeze"}
+SPATIAL = {
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "Pad",
+    "Resize",
+    "Upsample",
+    "Slice",
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceSum",
+    "Squeeze",
+}
 # [N, C, H, W] -> [N, C*H*W]: channel c becomes a block of H*W consecutive features.
 LAYOUT = {"Flatten", "Reshape"}
 # Quantized graphs are left untouched: merging would need requantization.
-QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
-             "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "QLinearAdd"}
+QUANTIZED = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+    "QGemm",
+    "QLinearAdd",
+}
 # Affine ops that never add a constant: they keep positive homogeneity.
 _SCALING = {"Mul", "Div", "Identity", "Dropout", "Cast", "Neg"}
 _HOMOGENEOUS = {"Relu", "LeakyRelu", "PRelu"} | _SCALING | LAYOUT | SPATIAL
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-                onnx.TensorProto.BFLOAT16}
+_FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+}
 
 
 @dataclass(frozen=True)
@@ -61,8 +99,13 @@ class Channels:
 
 
 def is_per_channel_op(node: gs.Node) -> bool:
-    return node.op in ACTIVATIONS or node.op in AFFINE or node.op in SPATIAL or \
-        node.op in LAYOUT or is_depthwise_conv(node)
+    return (
+        node.op in ACTIVATIONS
+        or node.op in AFFINE
+        or node.op in SPATIAL
+        or node.op in LAYOUT
+        or is_depthwise_conv(node)
+    )
 
 
 def is_depthwise_conv(node: gs.Node) -> bool:
@@ -105,8 +148,10 @@ def check_node(node: gs.Node, region: set[str], channels: Channels, rank: int | 
         if isinstance(param, gs.Constant):
             continue
         if node.op in BINARY:
-            return f"{node.op} '{node.name}' couples the channels with '{param.name}' " \
-                   "(a residual connection): coupled channels are left alone"
+            return (
+                f"{node.op} '{node.name}' couples the channels with '{param.name}' "
+                "(a residual connection): coupled channels are left alone"
+            )
         return f"{node.op} '{node.name}' has a computed (non-constant) input '{param.name}'"
     if node.op in SPATIAL or node.op in LAYOUT:
         return _structural_reason(node, channels, rank)
@@ -153,10 +198,18 @@ def _structural_reason(node: gs.Node, channels: Channels, rank: int | None) -> s
     """Pooling, padding, resizing, slicing and flattening must leave the channel axis alone."""
     if channels.axis != 1:
         return f"{node.op} '{node.name}' on dense features"
-    checks = {"Pad": _pad_reason, "Resize": _resize_reason, "Upsample": _resize_reason,
-              "Slice": _slice_reason, "Flatten": _flatten_reason, "Reshape": _reshape_reason,
-              "ReduceMean": _axes_reason, "ReduceMax": _axes_reason, "ReduceSum": _axes_reason,
-              "Squeeze": _axes_reason}
+    checks = {
+        "Pad": _pad_reason,
+        "Resize": _resize_reason,
+        "Upsample": _resize_reason,
+        "Slice": _slice_reason,
+        "Flatten": _flatten_reason,
+        "Reshape": _reshape_reason,
+        "ReduceMean": _axes_reason,
+        "ReduceMax": _axes_reason,
+        "ReduceSum": _axes_reason,
+        "Squeeze": _axes_reason,
+    }
     check = checks.get(node.op)
     return check(node, channels, rank) if check else None
 
@@ -183,8 +236,11 @@ def _pad_reason(node, channels, rank) -> str | None:
 
 def _resize_reason(node, channels, rank) -> str | None:
     inputs = node.inputs
-    scales = inputs[2] if len(inputs) > 2 and not _is_empty(inputs[2]) else \
-        (inputs[1] if node.op == "Upsample" else None)
+    scales = (
+        inputs[2]
+        if len(inputs) > 2 and not _is_empty(inputs[2])
+        else (inputs[1] if node.op == "Upsample" else None)
+    )
     sizes = inputs[3] if len(inputs) > 3 and not _is_empty(inputs[3]) else None
     if sizes is None and scales is not None and np.asarray(scales.values).size >= 2:
         if np.asarray(scales.values).reshape(-1)[1] == 1.0:

@@ -22,12 +22,18 @@ from condense_graph.analysis import Consumer, Layer, Producer
 from condense_graph.chain_eval import affine_coefficients, evaluate_chain, float32_if_half
 from condense_graph.merge import ChannelMap, channel_map, least_squares_rows, merge_consumer, norm_ratios
 from condense_graph.refit import activation_cosine, projection_factors
-from condense_graph.similarity import (COSINE_TOLERANCE, constant_agreement, greedy_groups,
-                                       groups_for_width, neuron_similarity, round_up_groups)
+from condense_graph.similarity import (
+    COSINE_TOLERANCE,
+    constant_agreement,
+    greedy_groups,
+    groups_for_width,
+    neuron_similarity,
+    round_up_groups,
+)
 
-PROBE_ROWS = 2          # batch of the block-error probe when the model's batch size is dynamic
-PROBE_MIN_SIDE = 8      # a dynamic spatial size is at least this, and large enough for the kernels
-EXACT_BUDGET = 1e-4     # the smallest relative block error budget (float rounding): threshold 1.0
+PROBE_ROWS = 2  # batch of the block-error probe when the model's batch size is dynamic
+PROBE_MIN_SIDE = 8  # a dynamic spatial size is at least this, and large enough for the kernels
+EXACT_BUDGET = 1e-4  # the smallest relative block error budget (float rounding): threshold 1.0
 
 
 class WeightStore:
@@ -76,7 +82,11 @@ class WeightStore:
     def bias(self, key: str, width: int) -> np.ndarray:
         """The bias array `key` as float64 [width]; zeros when the node has none yet."""
         bias = self.get(key)
-        return np.zeros(width) if bias is None else np.broadcast_to(bias.reshape(-1), (width,)).astype(np.float64)
+        return (
+            np.zeros(width)
+            if bias is None
+            else np.broadcast_to(bias.reshape(-1), (width,)).astype(np.float64)
+        )
 
     def set_bias(self, key: str, node: gs.Node, values: np.ndarray, dtype) -> None:
         """Write a bias; a node without one gets a new one (unless it would be all zeros)."""
@@ -91,16 +101,16 @@ class WeightStore:
 class LayerPlan:
     layer: Layer
     cmap: ChannelMap
-    threshold: float | None   # None for magnitude pruning
+    threshold: float | None  # None for magnitude pruning
     exact: bool
-    constant_channels: int   # removed: zero incoming weights, constant output folded
-    silent_channels: int     # removed: zero outgoing weights
+    constant_channels: int  # removed: zero incoming weights, constant output folded
+    silent_channels: int  # removed: zero outgoing weights
     min_cosine: float | None  # lowest cosine ([w, b] or w alone) between a merged neuron and its main
     probe: BlockProbe | None = field(default=None, repr=False)  # measures the merge's block error
     vectors: np.ndarray | None = field(default=None, repr=False)  # what was grouped (for plots)
     groups: list[np.ndarray] = field(default_factory=list, repr=False)
     refit: list[dict] | None = None  # with calibration data: each consumer's refit errors
-    rejected: str | None = None      # why a merge was measured and not applied
+    rejected: str | None = None  # why a merge was measured and not applied
 
     @property
     def block_error(self) -> dict | None:
@@ -108,20 +118,23 @@ class LayerPlan:
         return self.probe.error() if self.probe is not None else None
 
     def report(self) -> dict:
-        return {
-            "name": self.layer.name,
-            "op": self.layer.producer.node.op,
-            "activation": self.layer.activation,
-            "width_before": self.cmap.width_before,
-            "width_after": self.cmap.width_after,
-            "threshold": self.threshold,
-            "exact": self.exact,
-            "constant_removed": self.constant_channels,
-            "zero_output_removed": self.silent_channels,
-            "min_group_cosine": self.min_cosine,
-        } | ({"block_error": self.block_error} if self.probe is not None else {}) \
-          | ({"rejected": self.rejected} if self.rejected else {}) \
-          | ({"refit": self.refit} if self.refit is not None else {})
+        return (
+            {
+                "name": self.layer.name,
+                "op": self.layer.producer.node.op,
+                "activation": self.layer.activation,
+                "width_before": self.cmap.width_before,
+                "width_after": self.cmap.width_after,
+                "threshold": self.threshold,
+                "exact": self.exact,
+                "constant_removed": self.constant_channels,
+                "zero_output_removed": self.silent_channels,
+                "min_group_cosine": self.min_cosine,
+            }
+            | ({"block_error": self.block_error} if self.probe is not None else {})
+            | ({"rejected": self.rejected} if self.rejected else {})
+            | ({"refit": self.refit} if self.refit is not None else {})
+        )
 
 
 def channel_first(array: np.ndarray, axis: int) -> np.ndarray:
@@ -159,23 +172,42 @@ def neuron_vectors(layer: Layer, store: WeightStore, versions: tuple[int, int]) 
 def pre_affine(layer: Layer, store: WeightStore, versions) -> tuple[np.ndarray, np.ndarray]:
     """Scale and shift of the affine ops between the producer and the nonlinearity."""
     dtype = store[layer.producer.weight.name].dtype
-    return affine_coefficients(layer.pre, layer.start, layer.middle_input, store,
-                               probe_shape(layer, layer.start, store), dtype, versions)
+    return affine_coefficients(
+        layer.pre,
+        layer.start,
+        layer.middle_input,
+        store,
+        probe_shape(layer, layer.start, store),
+        dtype,
+        versions,
+    )
 
 
 def post_affine(layer: Layer, store: WeightStore, versions) -> tuple[np.ndarray, np.ndarray]:
     """Scale a and shift c of the affine ops between the nonlinearity and the consumers."""
     dtype = store[layer.producer.weight.name].dtype
-    return affine_coefficients(layer.post, layer.middle_output, layer.end, store,
-                               probe_shape(layer, layer.middle_output, store), dtype, versions)
+    return affine_coefficients(
+        layer.post,
+        layer.middle_output,
+        layer.end,
+        store,
+        probe_shape(layer, layer.middle_output, store),
+        dtype,
+        versions,
+    )
 
 
 def producer_bias(producer: Producer, store: WeightStore, width: int) -> np.ndarray:
     return store.bias(producer.bias, width) * producer.bias_scale
 
 
-def plan_layer(layer: Layer, store: WeightStore, grouping: Grouping, versions: tuple[int, int],
-               activations: np.ndarray | None = None) -> LayerPlan:
+def plan_layer(
+    layer: Layer,
+    store: WeightStore,
+    grouping: Grouping,
+    versions: tuple[int, int],
+    activations: np.ndarray | None = None,
+) -> LayerPlan:
     """Group the layer's neurons (`grouping`: a threshold, or a target width), then update
     `store` with the merged arrays, and attach the probe that measures the merge's block error.
     A depthwise block whose measured error breaks its budget is rolled back (store and plan).
@@ -201,8 +233,9 @@ def plan_layer(layer: Layer, store: WeightStore, grouping: Grouping, versions: t
     return plan
 
 
-def plan_dense_or_conv_layer(layer: Layer, store: WeightStore, grouping: Grouping, versions,
-                             activations: np.ndarray | None) -> LayerPlan:
+def plan_dense_or_conv_layer(
+    layer: Layer, store: WeightStore, grouping: Grouping, versions, activations: np.ndarray | None
+) -> LayerPlan:
     """The paper's merge (eq. 10-12, 36-38) of a layer without a depthwise conv."""
     vectors = neuron_vectors(layer, store, versions)
     width = len(vectors)
@@ -233,15 +266,31 @@ def plan_dense_or_conv_layer(layer: Layer, store: WeightStore, grouping: Groupin
     if activations is None:
         cmap = channel_map(vectors, groups, a, c, folded)
     else:  # activations already include the post-activation affine ops: plain factors
-        cmap = channel_map(vectors, groups, np.ones(width), np.zeros(width), folded,
-                           factors=projection_factors(activations, groups))
+        cmap = channel_map(
+            vectors,
+            groups,
+            np.ones(width),
+            np.zeros(width),
+            folded,
+            factors=projection_factors(activations, groups),
+        )
     min_cosine = min_group_cosine(cosine, local_groups)
     # the data-free merge of exact multiples is exact; pruning and activation projections are not
-    exact = is_exact(layer, store, groups, cmap, min_cosine) and not grouping.magnitude \
-        and activations is None
+    exact = (
+        is_exact(layer, store, groups, cmap, min_cosine) and not grouping.magnitude and activations is None
+    )
     apply_map(layer, store, cmap)
-    return LayerPlan(layer, cmap, threshold, exact, int(constant.sum()),
-                     removed_silent(silent & ~constant, cmap), min_cosine, vectors=vectors, groups=groups)
+    return LayerPlan(
+        layer,
+        cmap,
+        threshold,
+        exact,
+        int(constant.sum()),
+        removed_silent(silent & ~constant, cmap),
+        min_cosine,
+        vectors=vectors,
+        groups=groups,
+    )
 
 
 def removed_silent(silent: np.ndarray, cmap: ChannelMap) -> int:
@@ -252,8 +301,9 @@ def removed_silent(silent: np.ndarray, cmap: ChannelMap) -> int:
 def unreduced_plan(layer: Layer, store: WeightStore, threshold: float | None, reason: str) -> LayerPlan:
     """The plan of a layer left as it is (a merge was measured and rejected)."""
     width = current_width(layer, store)
-    identity = ChannelMap(keep=np.arange(width), target=np.arange(width), factor=np.ones(width),
-                          offset=np.zeros(width))
+    identity = ChannelMap(
+        keep=np.arange(width), target=np.arange(width), factor=np.ones(width), offset=np.zeros(width)
+    )
     return LayerPlan(layer, identity, threshold, False, 0, 0, None, rejected=reason)
 
 
@@ -275,8 +325,11 @@ def middle_agreement(layer: Layer, store: WeightStore, candidates: np.ndarray) -
     if layer.depthwise is not None:
         judged = {id(t) for n in [layer.depthwise] + layer.depthwise_affine for t in n.inputs}
     width = current_width(layer, store)
-    values = [channel_first(store[t.name], _axis_of(layer, t)).reshape(width)[candidates]
-              for t in layer.middle_constants if id(t) not in judged]
+    values = [
+        channel_first(store[t.name], _axis_of(layer, t)).reshape(width)[candidates]
+        for t in layer.middle_constants
+        if id(t) not in judged
+    ]
     return constant_agreement(values, len(candidates))
 
 
@@ -295,8 +348,14 @@ def zero_channels(layer: Layer, store: WeightStore, vectors: np.ndarray, version
     return zero & silent
 
 
-def data_shape(tensor: gs.Tensor, store: WeightStore, channels: int, channel_last: bool,
-               nodes: list[gs.Node], default_rank: int) -> list[int]:
+def data_shape(
+    tensor: gs.Tensor,
+    store: WeightStore,
+    channels: int,
+    channel_last: bool,
+    nodes: list[gs.Node],
+    default_rank: int,
+) -> list[int]:
     """A concrete shape for data at `tensor` with `channels` channels (from the current arrays):
     batch and spatial sizes as analyzed; a dynamic batch is PROBE_ROWS, a dynamic spatial size the
     receptive field of `nodes` (never 1, which a kernel may not fit), other dynamic sizes 1."""
@@ -340,7 +399,7 @@ class Grouping:
     threshold: float = 0.95
     round_to: int = 1
     width: int | None = None
-    magnitude: bool = False   # the pruning baseline: keep the largest neurons, merge nothing
+    magnitude: bool = False  # the pruning baseline: keep the largest neurons, merge nothing
 
     def __call__(self, cosine: np.ndarray) -> tuple[list[np.ndarray], float]:
         """The groups (main neuron first) and the threshold that produced them."""
@@ -445,7 +504,7 @@ def consumer_rows(consumer: Consumer, store: WeightStore, layer: Layer) -> np.nd
 def merge_into_consumer(consumer: Consumer, store: WeightStore, cmap: ChannelMap, block: int) -> None:
     """Eq. 10-12 (dense), 36-38 (conv), block-wise after a Flatten (H*W rows per channel)."""
     weight = store[consumer.weight.name]
-    view = channel_first(weight, consumer.axis)            # [C*block, out, (k, k)]
+    view = channel_first(weight, consumer.axis)  # [C*block, out, (k, k)]
     rest = view.shape[1:]
     merged, bias_delta = merge_consumer(view.reshape((cmap.width_before, block) + rest), cmap)
     merged = merged.reshape((cmap.width_after * block,) + rest)
@@ -466,11 +525,21 @@ def depthwise_vectors(layer: Layer, store: WeightStore, versions) -> np.ndarray:
     node = layer.depthwise
     kernels = store[node.inputs[1].name]
     width = len(kernels)
-    bias = store[node.inputs[2].name].reshape(-1) if len(node.inputs) > 2 and node.inputs[2].name \
+    bias = (
+        store[node.inputs[2].name].reshape(-1)
+        if len(node.inputs) > 2 and node.inputs[2].name
         else np.zeros(width)
+    )
     sink = layer.depthwise_affine[-1].outputs[0] if layer.depthwise_affine else node.outputs[0]
-    s, t = affine_coefficients(layer.depthwise_affine, node.outputs[0], sink, store,
-                               probe_shape(layer, node.outputs[0], store), kernels.dtype, versions)
+    s, t = affine_coefficients(
+        layer.depthwise_affine,
+        node.outputs[0],
+        sink,
+        store,
+        probe_shape(layer, node.outputs[0], store),
+        kernels.dtype,
+        versions,
+    )
     return np.concatenate([s[:, None] * kernels.reshape(width, -1), (s * bias + t)[:, None]], axis=1)
 
 
@@ -492,16 +561,27 @@ def plan_depthwise_layer(layer: Layer, store: WeightStore, grouping: Grouping, v
     if grouping.magnitude:
         local_groups, threshold = largest(dw[candidates], grouping.width), None
     else:
-        cosine = np.minimum(neuron_similarity(dw[candidates].astype(np.float32)),
-                            neuron_similarity(alpha[candidates].astype(np.float32)))
+        cosine = np.minimum(
+            neuron_similarity(dw[candidates].astype(np.float32)),
+            neuron_similarity(alpha[candidates].astype(np.float32)),
+        )
         local_groups, threshold = grouping(np.minimum(cosine, middle_agreement(layer, store, candidates)))
     groups = keep_one([candidates[g] for g in local_groups] + [np.array([m]) for m in alone], silent)
     cmap, rows = block_merge(dw, alpha, outgoing, groups, a, c, layer.homogeneous)
     s, t = pre_affine(layer, store, versions)
     apply_map(layer, store, cmap)
     write_producer_rows(layer, store, rows, s[cmap.keep], t[cmap.keep])
-    return LayerPlan(layer, cmap, threshold, False, 0, removed_silent(silent, cmap),
-                     min_group_cosine(cosine, local_groups), vectors=dw, groups=groups)
+    return LayerPlan(
+        layer,
+        cmap,
+        threshold,
+        False,
+        0,
+        removed_silent(silent, cmap),
+        min_group_cosine(cosine, local_groups),
+        vectors=dw,
+        groups=groups,
+    )
 
 
 def block_merge(dw, alpha, outgoing, groups, a, c, homogeneous: bool) -> tuple[ChannelMap, np.ndarray]:
@@ -539,8 +619,9 @@ def block_nodes(layer: Layer) -> list[gs.Node]:
 def block_arrays(layer: Layer, store: WeightStore) -> dict[str, np.ndarray]:
     """Current values of every constant the block reads, and of the producer's and first consumer's
     biases when planning created them (they are not in the graph yet)."""
-    arrays = {t.name: store[t.name] for n in block_nodes(layer) for t in n.inputs
-              if isinstance(t, gs.Constant)}
+    arrays = {
+        t.name: store[t.name] for n in block_nodes(layer) for t in n.inputs if isinstance(t, gs.Constant)
+    }
     for key in (layer.producer.bias, layer.consumers[0].bias):
         if key in store:
             arrays[key] = store[key]
@@ -555,8 +636,8 @@ class BlockProbe:
     consumer's output, and that over max |before| (relative to the output's scale). ONNX Runtime
     runs both on first use only; the nodes are detached copies, so later rewrites cannot change them."""
 
-    nodes: list[gs.Node]               # detached copies of `block_nodes`
-    biased: list[tuple[int, str]]      # (index in nodes, bias key) of the producer and the consumer
+    nodes: list[gs.Node]  # detached copies of `block_nodes`
+    biased: list[tuple[int, str]]  # (index in nodes, bias key) of the producer and the consumer
     before: dict[str, np.ndarray]
     after: dict[str, np.ndarray]
     source: str
@@ -573,18 +654,42 @@ class BlockProbe:
         dense = producer.node.op != "Conv"
         fan_in = weight.shape[1 - producer.axis] if dense else weight.shape[1]  # Conv: group 1
         nodes = block_nodes(layer)
-        shape = data_shape(producer.node.inputs[0], store, fan_in, dense, nodes,
-                           (producer.rank or 2) if dense else weight.ndim)
+        shape = data_shape(
+            producer.node.inputs[0],
+            store,
+            fan_in,
+            dense,
+            nodes,
+            (producer.rank or 2) if dense else weight.ndim,
+        )
         biased = [(0, producer.bias), (nodes.index(layer.consumers[0].node), layer.consumers[0].bias)]
-        return cls(detached(nodes, before), biased, before, block_arrays(layer, store),
-                   producer.node.inputs[0].name, nodes[-1].outputs[0].name, shape, weight.dtype, versions)
+        return cls(
+            detached(nodes, before),
+            biased,
+            before,
+            block_arrays(layer, store),
+            producer.node.inputs[0].name,
+            nodes[-1].outputs[0].name,
+            shape,
+            weight.dtype,
+            versions,
+        )
 
     def after_refit(self, store: WeightStore) -> BlockProbe:
         """The same probe, with the block's arrays as `store` holds them now (after a refit)."""
         after = {name: store[name] for name in self.after if name in store}
         after |= {key: store[key] for _, key in self.biased if key in store}
-        return BlockProbe(self.nodes, self.biased, self.before, after, self.source, self.sink,
-                          self.shape, self.dtype, self.versions)
+        return BlockProbe(
+            self.nodes,
+            self.biased,
+            self.before,
+            after,
+            self.source,
+            self.sink,
+            self.shape,
+            self.dtype,
+            self.versions,
+        )
 
     def error(self) -> dict:
         if self._error is None:
@@ -607,6 +712,7 @@ class BlockProbe:
 
 def detached(nodes: list[gs.Node], arrays: dict) -> list[gs.Node]:
     """Copies of `nodes` on fresh tensors of the same names (constants from `arrays`)."""
+
     def fresh(t: gs.Tensor) -> gs.Tensor:
         if not t.name:
             return gs.Variable.empty()
@@ -614,8 +720,17 @@ def detached(nodes: list[gs.Node], arrays: dict) -> list[gs.Node]:
             return gs.Constant(t.name, arrays[t.name] if t.name in arrays else t.values)
         return gs.Variable(t.name)
 
-    return [gs.Node(n.op, n.name, dict(n.attrs), [fresh(t) for t in n.inputs],
-                    [fresh(t) for t in n.outputs], domain=n.domain) for n in nodes]
+    return [
+        gs.Node(
+            n.op,
+            n.name,
+            dict(n.attrs),
+            [fresh(t) for t in n.inputs],
+            [fresh(t) for t in n.outputs],
+            domain=n.domain,
+        )
+        for n in nodes
+    ]
 
 
 def with_planned_biases(nodes: list[gs.Node], arrays: dict, biased: list[tuple[int, str]]) -> list[gs.Node]:
@@ -625,7 +740,7 @@ def with_planned_biases(nodes: list[gs.Node], arrays: dict, biased: list[tuple[i
     result = list(nodes)
     for index, key in sorted(biased, reverse=True):  # from the back: indices stay valid
         if key in arrays and key not in read:
-            result[index:index + 1] = _with_bias(nodes[index], gs.Constant(key, arrays[key]))
+            result[index : index + 1] = _with_bias(nodes[index], gs.Constant(key, arrays[key]))
     return result
 
 
@@ -651,5 +766,7 @@ def write_producer_rows(layer: Layer, store: WeightStore, rows: np.ndarray, s, t
     safe = np.where(s != 0, s, 1.0)
     raw = rows[:, :-1] / (safe[:, None] * producer.scale)
     view = channel_first(weight, producer.axis)
-    store.set(producer.weight.name, np.moveaxis(raw.reshape(view.shape).astype(weight.dtype), 0, producer.axis))
+    store.set(
+        producer.weight.name, np.moveaxis(raw.reshape(view.shape).astype(weight.dtype), 0, producer.axis)
+    )
     store.set_bias(producer.bias, producer.node, (rows[:, -1] - t) / safe / producer.bias_scale, weight.dtype)

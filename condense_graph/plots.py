@@ -19,6 +19,7 @@ from condense_graph.similarity import cosine_similarity
 def _pyplot():
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -39,8 +40,9 @@ def plot_reduction(plans, directory: str | Path) -> list[Path]:
     plt = _pyplot()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    paths = [plot_cosine(plt, plan, directory) for plan in plans
-             if plan.cmap.width_after < plan.cmap.width_before]
+    paths = [
+        plot_cosine(plt, plan, directory) for plan in plans if plan.cmap.width_after < plan.cmap.width_before
+    ]
     paths.append(plot_widths(plt, plans, directory / "widths.png"))
     return paths
 
@@ -52,8 +54,9 @@ def plot_cosine(plt, plan, directory: Path) -> Path:
     image = ax.imshow(cosine, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
     fig.colorbar(image, ax=ax, label="cosine similarity")
     how = "pruned by magnitude" if plan.threshold is None else f"at threshold {plan.threshold:.4g}"
-    ax.set_title(f"{plan.layer.name}: {plan.cmap.width_before} -> {plan.cmap.width_after} neurons {how}",
-                 fontsize=10)
+    ax.set_title(
+        f"{plan.layer.name}: {plan.cmap.width_before} -> {plan.cmap.width_after} neurons {how}", fontsize=10
+    )
     ax.set_xlabel("neuron (ordered by group)")
     ax.set_ylabel("neuron (ordered by group)")
     path = directory / f"cosine_{_file_name(plan.layer.name)}.png"

@@ -22,8 +22,10 @@ class Progress:
         if self.enabled:
             filled = int(30 * self.done / self.total)
             elapsed = time.perf_counter() - self.started
-            self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] "
-                              f"{self.done}/{self.total} {elapsed:5.1f}s")
+            self.stream.write(
+                f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] "
+                f"{self.done}/{self.total} {elapsed:5.1f}s"
+            )
             self.stream.flush()
 
     def close(self) -> None:
@@ -31,7 +33,7 @@ class Progress:
             self.stream.write("\r" + " " * (len(self.label) + 60) + "\r")
             self.stream.flush()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import numpy as np
 
-
 CHUNK = 8192  # rows folded at once: bounds the memory of an im2col batch
 
 
 def _augmented_products(rows: np.ndarray, other: np.ndarray | None = None):
     """Yield ([P 1]^T [P 1], [P 1]^T other) chunk by chunk, without building [P 1] whole."""
     for start in range(0, len(rows), CHUNK):
-        p = rows[start:start + CHUNK].astype(np.float32)
+        p = rows[start : start + CHUNK].astype(np.float32)
         aug = np.concatenate([p, np.ones((len(p), 1), np.float32)], axis=1)
-        cross = None if other is None else aug.T @ other[start:start + CHUNK].astype(np.float32)
+        cross = None if other is None else aug.T @ other[start : start + CHUNK].astype(np.float32)
         yield (aug.T @ aug).astype(np.float64), cross
 
 
@@ -56,7 +55,7 @@ def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
     x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
     span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
     windows = np.lib.stride_tricks.sliding_window_view(x, (span_h, span_w), axis=(2, 3))
-    windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]            # [N, C, Ho, Wo, kh, kw]
+    windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]  # [N, C, Ho, Wo, kh, kw]
     n, c, ho, wo = windows.shape[:4]
     return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
 

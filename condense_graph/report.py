@@ -22,8 +22,13 @@ def _graph_params(graph: onnx.GraphProto) -> int:
     total = 0
     for g in all_graphs(graph):
         total += sum(int(np.prod(t.dims)) for t in g.initializer)
-        total += sum(int(np.prod(a.t.dims)) for node in g.node if node.op_type == "Constant"
-                     for a in node.attribute if a.name == "value")
+        total += sum(
+            int(np.prod(a.t.dims))
+            for node in g.node
+            if node.op_type == "Constant"
+            for a in node.attribute
+            if a.name == "value"
+        )
     return total
 
 
@@ -46,11 +51,13 @@ def format_reduce_table(report: dict) -> str:
         width = _width_change(layer["width_before"], layer["width_after"])
         cos = "-" if layer["min_group_cosine"] is None else f"{layer['min_group_cosine']:.4f}"
         threshold = "pruned" if layer["threshold"] is None else f"{layer['threshold']:.4g}"
-        rows.append((layer["name"], layer["activation"], width, threshold, cos,
-                     "yes" if layer["exact"] else "no"))
+        rows.append(
+            (layer["name"], layer["activation"], width, threshold, cos, "yes" if layer["exact"] else "no")
+        )
     rows.append(("Params", "", _change(report["params_before"], report["params_after"]), "", "", ""))
-    rows.append(("File size", "", _change(report["file_size_before"], report["file_size_after"],
-                                          _bytes), "", "", ""))
+    rows.append(
+        ("File size", "", _change(report["file_size_before"], report["file_size_after"], _bytes), "", "", "")
+    )
     text = _table(rows, footer_from=len(rows) - 2)
     return text + _skipped_lines(report["skipped"]) + _warning_lines(report.get("warnings", []))
 
@@ -65,8 +72,10 @@ def format_inspect_table(info: dict) -> str:
     thresholds = info["thresholds"]
     rows = [("Layer", "Activation", "Width") + tuple(f"@{t:g}" for t in thresholds)]
     for layer in info["layers"]:
-        rows.append((layer["name"], layer["activation"], str(layer["width"]))
-                    + tuple(str(layer["widths"][str(t)]) for t in thresholds))
+        rows.append(
+            (layer["name"], layer["activation"], str(layer["width"]))
+            + tuple(str(layer["widths"][str(t)]) for t in thresholds)
+        )
     return _table(rows) + _skipped_lines(info["skipped"])
 
 
@@ -113,13 +122,33 @@ def _table(rows: list[tuple], footer_from: int | None = None) -> str:
 
 def format_verify_table(verify: dict) -> str:
     """Per-output errors, cosine, and top-1 agreement / accuracy where they apply."""
-    rows = [("Output", "Max abs err", "Max rel err", "Max elem rel", "Cosine", "NaN/Inf", "Top-1 agree",
-             "Acc orig", "Acc reduced")]
+    rows = [
+        (
+            "Output",
+            "Max abs err",
+            "Max rel err",
+            "Max elem rel",
+            "Cosine",
+            "NaN/Inf",
+            "Top-1 agree",
+            "Acc orig",
+            "Acc reduced",
+        )
+    ]
     for name, out in verify["outputs"].items():
-        rows.append((name, f"{out['max_abs_err']:.3g}", f"{out['max_rel_err']:.3g}",
-                     f"{out['max_elem_rel_err']:.3g}", f"{out['cosine']:.6f}", str(out["nonfinite"]),
-                     _pct(out.get("top1_agreement")), _pct(out.get("accuracy_original")),
-                     _pct(out.get("accuracy_reduced"))))
+        rows.append(
+            (
+                name,
+                f"{out['max_abs_err']:.3g}",
+                f"{out['max_rel_err']:.3g}",
+                f"{out['max_elem_rel_err']:.3g}",
+                f"{out['cosine']:.6f}",
+                str(out["nonfinite"]),
+                _pct(out.get("top1_agreement")),
+                _pct(out.get("accuracy_original")),
+                _pct(out.get("accuracy_reduced")),
+            )
+        )
     return _table(rows) + f"\n(ONNX Runtime, {_verified_on(verify)})"
 
 
@@ -127,8 +156,10 @@ def _verified_on(verify: dict) -> str:
     """What the models ran on, in words."""
     runs, rows = verify["runs"], verify.get("rows")
     if verify["inputs"] == "held-out data":
-        return (f"verified on {rows} held-out rows not used for calibration ({verify['calibration_rows']} "
-                f"calibrated), {runs} batches")
+        return (
+            f"verified on {rows} held-out rows not used for calibration ({verify['calibration_rows']} "
+            f"calibrated), {runs} batches"
+        )
     if verify["inputs"] == "data":
         return f"{rows} rows of data in {runs} batches" if rows is not None else f"{runs} batches of data"
     return f"{runs} random draws"
@@ -138,11 +169,22 @@ def format_bench_table(bench: dict) -> str:
     rows = [("Model", "Params", "MACs", "File size", "Median ms", "IQR ms", "Speedup", "Ideal")]
     for entry in bench["models"]:
         ideal = entry.get("ideal_speedup")
-        rows.append((entry["model"], f"{entry['params']:,}", f"{entry['macs']:,}",
-                     _bytes(entry["file_size"]), f"{entry['median_ms']:.4f}", f"{entry['iqr_ms']:.4f}",
-                     f"{entry['speedup']:.2f}x", f"{ideal:.2f}x" if ideal else "-"))
-    return _table(rows) + (f"\n(batch {bench['batch']}, {bench['threads']} thread(s), "
-                           f"{bench['runs']} interleaved runs after {bench['warmup']} warm-up)")
+        rows.append(
+            (
+                entry["model"],
+                f"{entry['params']:,}",
+                f"{entry['macs']:,}",
+                _bytes(entry["file_size"]),
+                f"{entry['median_ms']:.4f}",
+                f"{entry['iqr_ms']:.4f}",
+                f"{entry['speedup']:.2f}x",
+                f"{ideal:.2f}x" if ideal else "-",
+            )
+        )
+    return _table(rows) + (
+        f"\n(batch {bench['batch']}, {bench['threads']} thread(s), "
+        f"{bench['runs']} interleaved runs after {bench['warmup']} warm-up)"
+    )
 
 
 def _pct(value) -> str:

@@ -56,8 +56,14 @@ def path_if_large(model: onnx.ModelProto):
         path = Path(directory) / "model.onnx"
         copy = onnx.ModelProto()
         copy.CopyFrom(model)  # onnx.save rewrites the tensors it externalizes
-        onnx.save(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location="model.onnx.data", size_threshold=1024)
+        onnx.save(
+            copy,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location="model.onnx.data",
+            size_threshold=1024,
+        )
         logger.debug("model of %d bytes goes through the file %s", model.ByteSize(), path)
         yield path
 

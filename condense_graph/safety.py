@@ -30,15 +30,23 @@ from condense_graph import runtime
 from condense_graph.errors import CondenseError, InternalError
 from condense_graph.graph import all_graphs
 
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-               onnx.TensorProto.BFLOAT16}
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+}
 BUG = "internal error (a bug in condense-graph, please report it)"
 
 logger = logging.getLogger(__name__)
 
 
-def check_output(model: onnx.ModelProto, original: onnx.ModelProto, warnings: list | None = None,
-                 written: set[str] = frozenset()) -> dict:
+def check_output(
+    model: onnx.ModelProto,
+    original: onnx.ModelProto,
+    warnings: list | None = None,
+    written: set[str] = frozenset(),
+) -> dict:
     """Raise unless `model` is valid, loads in ONNX Runtime and has finite weights (module doc);
     `written` names the arrays the pass computed.
     Returns what was checked: {"checker": "full", "onnxruntime": "loads" | "waived: ...",
@@ -46,17 +54,21 @@ def check_output(model: onnx.ModelProto, original: onnx.ModelProto, warnings: li
     checker_error = checker_failure(model)
     if checker_error is not None:
         if checker_failure(original) is not None:
-            raise CondenseError(f"the input model fails onnx.checker's full check, so no valid output "
-                                f"can be written: {checker_error}")
-        raise InternalError(f"{BUG}: the reduced model fails onnx.checker (full check): {checker_error}; "
-                            "nothing was written")
+            raise CondenseError(
+                f"the input model fails onnx.checker's full check, so no valid output "
+                f"can be written: {checker_error}"
+            )
+        raise InternalError(
+            f"{BUG}: the reduced model fails onnx.checker (full check): {checker_error}; nothing was written"
+        )
     loads = runtime_status(model, original)
     if loads != "loads":
         runtime.degraded(logger, warnings, f"ONNX Runtime check {loads}")
     broken = nonfinite_tensors(model, original, written)
     if broken:
-        raise InternalError(f"{BUG}: the reduced model has NaN/Inf weights ({', '.join(broken)}); "
-                            "nothing was written")
+        raise InternalError(
+            f"{BUG}: the reduced model has NaN/Inf weights ({', '.join(broken)}); nothing was written"
+        )
     return {"checker": "full", "onnxruntime": loads, "finite_weights": True}
 
 
@@ -88,8 +100,9 @@ def runtime_failure(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def nonfinite_tensors(model: onnx.ModelProto, original: onnx.ModelProto,
-                      written: set[str] = frozenset()) -> list[str]:
+def nonfinite_tensors(
+    model: onnx.ModelProto, original: onnx.ModelProto, written: set[str] = frozenset()
+) -> list[str]:
     """Names of float tensors holding NaN/Inf that are not the input's (module doc, check 3)."""
     inherited = None  # what the input holds and computes, gathered only when needed
     broken = []

@@ -40,11 +40,11 @@ from condense_graph.errors import CondenseError
 from condense_graph.graph import all_graphs
 from condense_graph.progress import Progress, silent
 
-DEFAULT_RTOL = 1e-3          # largest max_rel_err (scale-relative) accepted by default
+DEFAULT_RTOL = 1e-3  # largest max_rel_err (scale-relative) accepted by default
 DEFAULT_MIN_COSINE = 0.9999  # smallest output cosine accepted by default
-ELEMENT_EPS = 1e-6           # keeps outputs that are zero to rounding from dominating max_elem_rel_err
-DEFAULT_BATCH = 2            # a dynamic batch dimension of a random draw (2: batch effects show)
-DEFAULT_DIM = 32             # any other dynamic dimension of a random draw
+ELEMENT_EPS = 1e-6  # keeps outputs that are zero to rounding from dominating max_elem_rel_err
+DEFAULT_BATCH = 2  # a dynamic batch dimension of a random draw (2: batch effects show)
+DEFAULT_DIM = 32  # any other dynamic dimension of a random draw
 LOOKUPS = {"Gather": "axis", "GatherElements": "axis"}  # ops whose input 1 indexes input 0
 
 
@@ -84,9 +84,13 @@ def default_shapes(model: onnx.ModelProto, batch: int = DEFAULT_BATCH) -> dict[s
     return shapes
 
 
-def random_feeds(model: onnx.ModelProto, input_shapes: dict[str, list[int]],
-                 rng: np.random.Generator, strict: bool = True,
-                 batch: int = DEFAULT_BATCH) -> dict[str, np.ndarray]:
+def random_feeds(
+    model: onnx.ModelProto,
+    input_shapes: dict[str, list[int]],
+    rng: np.random.Generator,
+    strict: bool = True,
+    batch: int = DEFAULT_BATCH,
+) -> dict[str, np.ndarray]:
     """Random inputs of the declared (or `input_shapes`) shapes. Integer inputs that index constant
     tables get valid indices; other integer inputs are refused (`strict`) or drawn in [0, 10)."""
     shapes = default_shapes(model, batch) | dict(input_shapes)
@@ -103,8 +107,12 @@ def check_random_draws(model: onnx.ModelProto) -> None:
     """Raise the CondenseError of `random_feeds` now, before a long reduction, if it would come."""
     bounds = index_bounds(model)
     for value in graph_inputs(model):
-        integer_high(value.name, onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type),
-                     bounds, strict=True)
+        integer_high(
+            value.name,
+            onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type),
+            bounds,
+            strict=True,
+        )
 
 
 def integer_high(name: str, dtype, bounds: dict[str, int | None], strict: bool) -> int:
@@ -117,9 +125,11 @@ def integer_high(name: str, dtype, bounds: dict[str, int | None], strict: bool) 
     if bound is not None:
         return bound
     if strict:
-        raise CondenseError(f"cannot draw random values for integer input '{name}': it does not only "
-                            "index constant tables (Gather), so random integers may be invalid for it; "
-                            "give real inputs with --data")
+        raise CondenseError(
+            f"cannot draw random values for integer input '{name}': it does not only "
+            "index constant tables (Gather), so random integers may be invalid for it; "
+            "give real inputs with --data"
+        )
     return 10
 
 
@@ -175,11 +185,18 @@ def _random_array(rng, shape, dtype, high: int) -> np.ndarray:
     return rng.integers(0, high, shape).astype(dtype)
 
 
-def compare_models(original: onnx.ModelProto, reduced: onnx.ModelProto,
-                   input_shapes: dict[str, list[int]] | None = None, runs: int = 4,
-                   seed: int = 0, data: dict[str, np.ndarray] | None = None,
-                   labels: np.ndarray | None = None, batch_size: int = 256,
-                   progress: Progress | None = None, all_class_scores: bool = False) -> dict:
+def compare_models(
+    original: onnx.ModelProto,
+    reduced: onnx.ModelProto,
+    input_shapes: dict[str, list[int]] | None = None,
+    runs: int = 4,
+    seed: int = 0,
+    data: dict[str, np.ndarray] | None = None,
+    labels: np.ndarray | None = None,
+    batch_size: int = 256,
+    progress: Progress | None = None,
+    all_class_scores: bool = False,
+) -> dict:
     """Compare `reduced` with `original` on `data` (arrays named after the graph inputs) or, without
     data, on `runs` random draws. Returns the overall and per-output numbers (see module doc).
     `all_class_scores`: every [batch, classes] float output counts as class scores."""
@@ -204,7 +221,7 @@ def compare_models(original: onnx.ModelProto, reduced: onnx.ModelProto,
         expected = runtime.run(reference, feeds, None, hint)
         actual = runtime.run(candidate, feeds, names, hint)
         rows = row_count(feeds)
-        batch_labels = labels[start:start + rows] if labels is not None else None
+        batch_labels = labels[start : start + rows] if labels is not None else None
         for name, e, a in zip(names, expected, actual):
             stats[name].add(np.asarray(e), np.asarray(a), batch_labels)
         start += rows
@@ -269,8 +286,13 @@ class OutputStats:
 
     def summary(self) -> dict:
         cosine = float("nan") if self.nonfinite else _cosine(self.dot, self.norm_e, self.norm_a)
-        out = {"max_abs_err": self.abs_err, "max_rel_err": _ratio(self.abs_err, self.scale),
-               "max_elem_rel_err": self.elem_rel_err, "cosine": cosine, "nonfinite": self.nonfinite}
+        out = {
+            "max_abs_err": self.abs_err,
+            "max_rel_err": _ratio(self.abs_err, self.scale),
+            "max_elem_rel_err": self.elem_rel_err,
+            "cosine": cosine,
+            "nonfinite": self.nonfinite,
+        }
         if self.class_scores and self.rows:
             out["top1_agreement"] = self.agree / self.rows
             if self.labelled:
@@ -299,8 +321,11 @@ def class_score_outputs(model: onnx.ModelProto) -> set[str]:
     """Outputs that are class scores by their producer (Softmax, LogSoftmax) or their name
     (logits, probs, scores...); a regression output of the same shape is not one."""
     producers = {out: node.op_type for node in model.graph.node for out in node.output}
-    return {o.name for o in model.graph.output
-            if producers.get(o.name) in ("Softmax", "LogSoftmax") or _CLASS_NAMES.search(o.name)}
+    return {
+        o.name
+        for o in model.graph.output
+        if producers.get(o.name) in ("Softmax", "LogSoftmax") or _CLASS_NAMES.search(o.name)
+    }
 
 
 def may_be_class_scores(model: onnx.ModelProto) -> list[str]:
@@ -310,8 +335,9 @@ def may_be_class_scores(model: onnx.ModelProto) -> list[str]:
         tensor = value.type.tensor_type
         dims = tensor.shape.dim if tensor.HasField("shape") else None
         floating = np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type), np.floating)
-        if floating and (dims is None or (len(dims) == 2 and not (dims[1].HasField("dim_value")
-                                                                  and dims[1].dim_value < 2))):
+        if floating and (
+            dims is None or (len(dims) == 2 and not (dims[1].HasField("dim_value") and dims[1].dim_value < 2))
+        ):
             names.append(value.name)
     return names
 
@@ -320,21 +346,28 @@ def check_agreement_applies(model: onnx.ModelProto) -> None:
     """--min-agreement must apply to some output: one whose declared type allows class scores."""
     if not may_be_class_scores(model):
         shapes = ", ".join(f"{o.name} {_declared(o)}" for o in model.graph.output)
-        raise CondenseError(f"--min-agreement applies to no output: none is [batch, classes] float "
-                            f"class scores (outputs: {shapes})")
+        raise CondenseError(
+            f"--min-agreement applies to no output: none is [batch, classes] float "
+            f"class scores (outputs: {shapes})"
+        )
 
 
 def check_agreement_measured(verify: dict) -> None:
     """After the runs: some output must have had [batch, classes] values (top1_agreement)."""
     if not any("top1_agreement" in out for out in verify["outputs"].values()):
-        raise CondenseError("--min-agreement applies to no output: none produced [batch, classes] float "
-                            f"class scores (outputs: {', '.join(verify['outputs'])})")
+        raise CondenseError(
+            "--min-agreement applies to no output: none produced [batch, classes] float "
+            f"class scores (outputs: {', '.join(verify['outputs'])})"
+        )
 
 
 def _declared(value: onnx.ValueInfoProto) -> str:
     dims = value.type.tensor_type.shape.dim
-    return "[" + ", ".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
-                           for d in dims) + "]"
+    return (
+        "["
+        + ", ".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims)
+        + "]"
+    )
 
 
 def _cosine(dot: float, norm_e: float, norm_a: float) -> float:
@@ -355,8 +388,10 @@ def load_data(path: str, model: onnx.ModelProto, labels_key: str | None = None):
         data = {}
         for value in graph_inputs(model):
             if value.name not in archive.files:
-                raise CondenseError(f"{path} has no array '{value.name}' for graph input "
-                                    f"'{value.name}' (it has: {', '.join(archive.files)})")
+                raise CondenseError(
+                    f"{path} has no array '{value.name}' for graph input "
+                    f"'{value.name}' (it has: {', '.join(archive.files)})"
+                )
             dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
             data[value.name] = archive[value.name].astype(dtype)
         labels = None
@@ -389,8 +424,12 @@ def check_lengths(path, data, labels) -> None:
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:
     """The batch size a model's inputs declare (their first dimension), None when it is dynamic."""
-    fixed = [d.dim_value for v in graph_inputs(model) for d in v.type.tensor_type.shape.dim[:1]
-             if d.HasField("dim_value")]
+    fixed = [
+        d.dim_value
+        for v in graph_inputs(model)
+        for d in v.type.tensor_type.shape.dim[:1]
+        if d.HasField("dim_value")
+    ]
     return fixed[0] if fixed else None
 
 
@@ -402,8 +441,9 @@ def data_batches(model: onnx.ModelProto, data: dict[str, np.ndarray], batch_size
     if fixed and total % size:
         raise CondenseError(f"the model takes batches of {size}; the data has {total} rows")
     for start in range(0, total, size):
-        yield {name: values[start:start + size] if batched(values) else values
-               for name, values in data.items()}
+        yield {
+            name: values[start : start + size] if batched(values) else values for name, values in data.items()
+        }
 
 
 def split_holdout(data: dict[str, np.ndarray], fraction: float, multiple: int = 1):
@@ -413,12 +453,16 @@ def split_holdout(data: dict[str, np.ndarray], fraction: float, multiple: int = 
     held = max(1, round(fraction * total))
     held = max(multiple, round(held / multiple) * multiple)
     if total - held < multiple:
-        raise CondenseError(f"verifying on held-out data needs rows for both calibration and "
-                            f"verification: the data has {total} row(s), at least {2 * multiple} "
-                            "are needed (or verify afterwards with `condense-graph verify`)")
+        raise CondenseError(
+            f"verifying on held-out data needs rows for both calibration and "
+            f"verification: the data has {total} row(s), at least {2 * multiple} "
+            "are needed (or verify afterwards with `condense-graph verify`)"
+        )
     cut = total - held
-    return ({k: v[:cut] if batched(v) else v for k, v in data.items()},
-            {k: v[cut:] if batched(v) else v for k, v in data.items()})
+    return (
+        {k: v[:cut] if batched(v) else v for k, v in data.items()},
+        {k: v[cut:] if batched(v) else v for k, v in data.items()},
+    )
 
 
 @dataclass
@@ -433,28 +477,40 @@ class Tolerances:
     defaults: frozenset = field(default_factory=lambda: frozenset({"rtol", "min_cosine"}))
 
     @classmethod
-    def given(cls, atol=None, rtol=None, min_cosine=None, min_agreement=None) -> "Tolerances":
+    def given(cls, atol=None, rtol=None, min_cosine=None, min_agreement=None) -> Tolerances:
         """The user's tolerances; rtol and min_cosine not given keep their defaults."""
-        defaults = frozenset(name for name, value in (("rtol", rtol), ("min_cosine", min_cosine))
-                             if value is None)
-        tolerances = cls(atol, DEFAULT_RTOL if rtol is None else rtol,
-                         DEFAULT_MIN_COSINE if min_cosine is None else min_cosine, min_agreement, defaults)
+        defaults = frozenset(
+            name for name, value in (("rtol", rtol), ("min_cosine", min_cosine)) if value is None
+        )
+        tolerances = cls(
+            atol,
+            DEFAULT_RTOL if rtol is None else rtol,
+            DEFAULT_MIN_COSINE if min_cosine is None else min_cosine,
+            min_agreement,
+            defaults,
+        )
         tolerances.check()
         return tolerances
 
     def check(self) -> None:
-        for name, value, low, high in (("--atol", self.atol, 0.0, math.inf),
-                                       ("--rtol", self.rtol, 0.0, math.inf),
-                                       ("--min-cosine", self.min_cosine, -1.0, 1.0),
-                                       ("--min-agreement", self.min_agreement, 0.0, 1.0)):
+        for name, value, low, high in (
+            ("--atol", self.atol, 0.0, math.inf),
+            ("--rtol", self.rtol, 0.0, math.inf),
+            ("--min-cosine", self.min_cosine, -1.0, 1.0),
+            ("--min-agreement", self.min_agreement, 0.0, 1.0),
+        ):
             if value is not None and not low <= value <= high:
                 raise CondenseError(f"{name} must be between {low:g} and {high:g}, got {value!r}")
 
     def describe(self) -> str:
         """'rtol 0.001 (default), min-cosine 0.9999 (default), atol 0.01'."""
         parts = []
-        for key, label in (("rtol", "rtol"), ("min_cosine", "min-cosine"), ("atol", "atol"),
-                           ("min_agreement", "min-agreement")):
+        for key, label in (
+            ("rtol", "rtol"),
+            ("min_cosine", "min-cosine"),
+            ("atol", "atol"),
+            ("min_agreement", "min-agreement"),
+        ):
             value = getattr(self, key)
             if value is not None:
                 parts.append(f"{label} {value:g}" + (" (default)" if key in self.defaults else ""))

@@ -19,10 +19,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from condense_graph.analysis import Analysis, analyze
-from condense_graph.errors import CondenseError
-from condense_graph.graph import export_like, import_graph, subgraph_tensor_names
 from condense_graph.calibration import Calibration, channel_gram, refit_statistics
 from condense_graph.compensate import compensate
+from condense_graph.errors import CondenseError
+from condense_graph.graph import export_like, import_graph, subgraph_tensor_names
 from condense_graph.plan import Grouping, LayerPlan, WeightStore, plan_layer
 from condense_graph.progress import Progress, silent
 from passes.base import PassResult
@@ -32,10 +32,16 @@ from passes.materialize_constants import materialize_constants
 class CondenseChannelsPass:
     """`CondenseChannelsPass(thresholds)(model)` -> PassResult with `details["plans"]`."""
 
-    def __init__(self, threshold: float = 0.95, layer_thresholds: dict[str, float] | None = None,
-                 progress: Progress | None = None, round_to: int = 1,
-                 calibration: Calibration | None = None, layer_widths: dict[str, int] | None = None,
-                 similarity: str = "weights"):
+    def __init__(
+        self,
+        threshold: float = 0.95,
+        layer_thresholds: dict[str, float] | None = None,
+        progress: Progress | None = None,
+        round_to: int = 1,
+        calibration: Calibration | None = None,
+        layer_widths: dict[str, int] | None = None,
+        similarity: str = "weights",
+    ):
         self.threshold = threshold
         self.similarity = similarity
         self.layer_widths = dict(layer_widths or {})
@@ -52,8 +58,16 @@ class CondenseChannelsPass:
         if modified:
             rewrite(graph, plans, store)
             model = export_like(graph, model, warnings)
-        return PassResult(model, modified, {"plans": plans, "skipped": analysis.skipped,
-                                            "warnings": warnings, "written": set(store.changed)})
+        return PassResult(
+            model,
+            modified,
+            {
+                "plans": plans,
+                "skipped": analysis.skipped,
+                "warnings": warnings,
+                "written": set(store.changed),
+            },
+        )
 
     @staticmethod
     def analyze(model: onnx.ModelProto, warnings: list | None = None) -> tuple[gs.Graph, Analysis]:
@@ -62,8 +76,9 @@ class CondenseChannelsPass:
             graph = import_graph(export_like(graph, model, warnings), warnings)
         return graph, analyze(graph, subgraph_tensor_names(model))
 
-    def plan(self, graph: gs.Graph, analysis: Analysis,
-             model: onnx.ModelProto | None = None) -> tuple[list[LayerPlan], WeightStore]:
+    def plan(
+        self, graph: gs.Graph, analysis: Analysis, model: onnx.ModelProto | None = None
+    ) -> tuple[list[LayerPlan], WeightStore]:
         """Plan every layer in graph order; with calibration data each layer is judged and refit on
         the activations of the network reduced so far (`model` is the pass's input)."""
         self.check_layer_names(analysis)
@@ -76,7 +91,9 @@ class CondenseChannelsPass:
         plans = []
         for layer in analysis.layers:
             if self.calibration is None:
-                plans.append(plan_layer(layer, store, self.grouping_for(layer), (graph.opset, graph.ir_version)))
+                plans.append(
+                    plan_layer(layer, store, self.grouping_for(layer), (graph.opset, graph.ir_version))
+                )
             else:
                 plans.append(self.plan_with_data(graph, layer, plans, store, model))
             self.progress.advance()
@@ -114,16 +131,20 @@ class CondenseChannelsPass:
 
     def grouping_for(self, layer) -> Grouping:
         keys = (layer.name, layer.producer.weight.name)
-        threshold = next((self.layer_thresholds[k] for k in keys if k in self.layer_thresholds), self.threshold)
+        threshold = next(
+            (self.layer_thresholds[k] for k in keys if k in self.layer_thresholds), self.threshold
+        )
         width = next((self.layer_widths[k] for k in keys if k in self.layer_widths), None)
         if self.similarity == "magnitude" and width is None:
-            raise CondenseError(f"magnitude pruning needs a width for layer '{layer.name}' "
-                                "(--layer-width or --target-params)")
+            raise CondenseError(
+                f"magnitude pruning needs a width for layer '{layer.name}' (--layer-width or --target-params)"
+            )
         return Grouping(threshold, self.round_to, width, self.similarity == "magnitude")
 
 
-def materialize(graph: gs.Graph, plans: list[LayerPlan], store: WeightStore,
-                model: onnx.ModelProto) -> onnx.ModelProto:
+def materialize(
+    graph: gs.Graph, plans: list[LayerPlan], store: WeightStore, model: onnx.ModelProto
+) -> onnx.ModelProto:
     """The model as planned so far (calibration runs on it)."""
     rewrite(graph, plans, store)
     return export_like(graph, model)

@@ -70,7 +70,7 @@ def float_constants_as_tensors(graph: gs.Graph) -> int:
     count = 0
     for node in graph.nodes:
         if node.op == "Constant" and len(node.attrs) == 1:
-            (name, values), = node.attrs.items()
+            ((name, values),) = node.attrs.items()
             if name in ("value_float", "value_floats"):
                 node.attrs = {"value": gs.Constant(node.outputs[0].name, np.array(values, np.float32))}
                 count += 1
@@ -78,8 +78,7 @@ def float_constants_as_tensors(graph: gs.Graph) -> int:
 
 
 def _is_constant(tensor: gs.Tensor) -> bool:
-    return isinstance(tensor, gs.Constant) or \
-        (len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant")
+    return isinstance(tensor, gs.Constant) or (len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant")
 
 
 def bypass_identities_of_constants(graph: gs.Graph) -> int:

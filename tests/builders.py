@@ -24,8 +24,18 @@ def planted_rows(rng, width: int, distinct: int, fan_in: int) -> np.ndarray:
     return (base[which] * lam[:, None]).astype(np.float32)
 
 
-def planted_mlp(widths, distinct, form="gemm", activation="Relu", seed=0, batch="N",
-                seq=None, trans_b=True, alpha=1.0, beta=1.0) -> onnx.ModelProto:
+def planted_mlp(
+    widths,
+    distinct,
+    form="gemm",
+    activation="Relu",
+    seed=0,
+    batch="N",
+    seq=None,
+    trans_b=True,
+    alpha=1.0,
+    beta=1.0,
+) -> onnx.ModelProto:
     """MLP widths[0] -> widths[1] -> ... -> widths[-1]; hidden layer i has distinct[i-1] directions.
 
     form: "gemm" (Gemm with transB/alpha/beta) or "matmul" (MatMul + Add bias, any rank with `seq`).
@@ -38,8 +48,11 @@ def planted_mlp(widths, distinct, form="gemm", activation="Relu", seed=0, batch=
     for i in range(1, len(widths)):
         fan_in, width = widths[i - 1], widths[i]
         hidden = i < len(widths) - 1
-        rows = planted_rows(rng, width, distinct[i - 1], fan_in) if hidden else \
-            rng.normal(size=(width, fan_in + 1)).astype(np.float32)
+        rows = (
+            planted_rows(rng, width, distinct[i - 1], fan_in)
+            if hidden
+            else rng.normal(size=(width, fan_in + 1)).astype(np.float32)
+        )
         cur = _dense(nodes, inits, cur, rows, f"fc{i}", form, trans_b, alpha, beta)
         if hidden and activation:
             nodes.append(helper.make_node(activation, [cur], [f"act{i}"], name=f"act{i}"))
@@ -56,13 +69,26 @@ def _dense(nodes, inits, cur, rows, name, form, trans_b, alpha, beta) -> str:
     if form == "gemm":
         # y = alpha * x W' + beta * C reproduces rows (weights | bias) when W' = W/alpha, C = b/beta
         w = (weight / alpha).astype(np.float32)
-        inits += [numpy_helper.from_array(w if trans_b else w.T.copy(), f"{name}.weight"),
-                  numpy_helper.from_array((bias / beta).astype(np.float32), f"{name}.bias")]
-        nodes.append(helper.make_node("Gemm", ["" + cur, f"{name}.weight", f"{name}.bias"], [out],
-                                      name=name, transB=int(trans_b), alpha=alpha, beta=beta))
+        inits += [
+            numpy_helper.from_array(w if trans_b else w.T.copy(), f"{name}.weight"),
+            numpy_helper.from_array((bias / beta).astype(np.float32), f"{name}.bias"),
+        ]
+        nodes.append(
+            helper.make_node(
+                "Gemm",
+                ["" + cur, f"{name}.weight", f"{name}.bias"],
+                [out],
+                name=name,
+                transB=int(trans_b),
+                alpha=alpha,
+                beta=beta,
+            )
+        )
         return out
-    inits += [numpy_helper.from_array(weight.T.copy(), f"{name}.weight"),
-              numpy_helper.from_array(bias, f"{name}.bias")]
+    inits += [
+        numpy_helper.from_array(weight.T.copy(), f"{name}.weight"),
+        numpy_helper.from_array(bias, f"{name}.bias"),
+    ]
     nodes.append(helper.make_node("MatMul", [cur, f"{name}.weight"], [f"{name}_mm"], name=name))
     nodes.append(helper.make_node("Add", [f"{name}_mm", f"{name}.bias"], [out], name=f"{name}_bias"))
     return out
@@ -70,12 +96,14 @@ def _dense(nodes, inits, cur, rows, name, form, trans_b, alpha, beta) -> str:
 
 def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     import onnxruntime as ort
+
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
 
 
-def planted_cnn(channels, distinct, kernels, strides, pads, pool, head, activation="Relu",
-                size=8, seed=0) -> onnx.ModelProto:
+def planted_cnn(
+    channels, distinct, kernels, strides, pads, pool, head, activation="Relu", size=8, seed=0
+) -> onnx.ModelProto:
     """Conv stack channels[0] -> channels[1] -> ... with planted positive multiples in each conv
     (distinct[i] kernel directions), optional MaxPool after each conv, then a dense head reached
     through Flatten ("flatten") or GlobalAveragePool + Flatten ("global")."""
@@ -84,10 +112,23 @@ def planted_cnn(channels, distinct, kernels, strides, pads, pool, head, activati
     for i in range(1, len(channels)):
         k, s, p = kernels[i - 1], strides[i - 1], pads[i - 1]
         rows = planted_rows(rng, channels[i], distinct[i - 1], channels[i - 1] * k * k)
-        inits += [numpy_helper.from_array(rows[:, :-1].reshape(channels[i], channels[i - 1], k, k), f"conv{i}.weight"),
-                  numpy_helper.from_array(rows[:, -1].copy(), f"conv{i}.bias")]
-        nodes.append(helper.make_node("Conv", [cur, f"conv{i}.weight", f"conv{i}.bias"], [f"c{i}"],
-                                      name=f"conv{i}", kernel_shape=[k, k], strides=[s, s], pads=[p] * 4))
+        inits += [
+            numpy_helper.from_array(
+                rows[:, :-1].reshape(channels[i], channels[i - 1], k, k), f"conv{i}.weight"
+            ),
+            numpy_helper.from_array(rows[:, -1].copy(), f"conv{i}.bias"),
+        ]
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [cur, f"conv{i}.weight", f"conv{i}.bias"],
+                [f"c{i}"],
+                name=f"conv{i}",
+                kernel_shape=[k, k],
+                strides=[s, s],
+                pads=[p] * 4,
+            )
+        )
         cur, side = f"c{i}", (side + 2 * p - k) // s + 1
         if activation:
             nodes.append(helper.make_node(activation, [cur], [f"a{i}"], name=f"act{i}"))
@@ -100,10 +141,16 @@ def planted_cnn(channels, distinct, kernels, strides, pads, pool, head, activati
         cur, side = "gap", 1
     nodes.append(helper.make_node("Flatten", [cur], ["flat"], axis=1))
     features = channels[-1] * side * side
-    inits += [numpy_helper.from_array(rng.normal(size=(3, features)).astype(np.float32), "head.weight"),
-              numpy_helper.from_array(rng.normal(size=3).astype(np.float32), "head.bias")]
+    inits += [
+        numpy_helper.from_array(rng.normal(size=(3, features)).astype(np.float32), "head.weight"),
+        numpy_helper.from_array(rng.normal(size=3).astype(np.float32), "head.bias"),
+    ]
     nodes.append(helper.make_node("Gemm", ["flat", "head.weight", "head.bias"], ["y"], name="head", transB=1))
-    graph = helper.make_graph(nodes, "planted_cnn",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels[0], size, size])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "planted_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels[0], size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)

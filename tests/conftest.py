@@ -10,8 +10,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from builders import run  # noqa: E402,F401
 
 
-def assert_same_outputs(original: onnx.ModelProto, reduced: onnx.ModelProto, feeds: dict,
-                        rtol: float = 1e-5) -> None:
+def assert_same_outputs(
+    original: onnx.ModelProto, reduced: onnx.ModelProto, feeds: dict, rtol: float = 1e-5
+) -> None:
     """Outputs agree within `rtol` relative to each output's largest magnitude."""
     for expected, actual in zip(run(original, feeds), run(reduced, feeds)):
         assert actual.shape == expected.shape
@@ -32,6 +33,7 @@ def rounding_scale(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     """|W| |x| through the network: the magnitude of the sums behind each output, which bounds
     float rounding (an output near zero can still be the difference of large terms)."""
     from onnx import numpy_helper
+
     magnitude = onnx.ModelProto()
     magnitude.CopyFrom(model)
     for i, tensor in enumerate(magnitude.graph.initializer):
@@ -41,11 +43,13 @@ def rounding_scale(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     return run(magnitude, {k: np.abs(v) for k, v in feeds.items()})
 
 
-def assert_equal_to_rounding(original: onnx.ModelProto, reduced: onnx.ModelProto, feeds: dict,
-                             rtol: float = 1e-5) -> None:
+def assert_equal_to_rounding(
+    original: onnx.ModelProto, reduced: onnx.ModelProto, feeds: dict, rtol: float = 1e-5
+) -> None:
     """Outputs agree within `rtol` of the magnitude of the sums that produce them (ReLU-type nets)."""
     scales = rounding_scale(original, feeds)
     for expected, actual, scale in zip(run(original, feeds), run(reduced, feeds), scales):
         assert actual.shape == expected.shape
-        assert np.all(np.abs(actual - expected) <= rtol * scale + 1e-30), \
+        assert np.all(np.abs(actual - expected) <= rtol * scale + 1e-30), (
             f"max error {np.abs(actual - expected).max()} vs scale {scale.max()}"
+        )

@@ -29,9 +29,8 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
-
 from test_mobilenet import copy_channel
+from torch import nn
 from torch_models import randomize_batchnorm
 
 
@@ -41,6 +40,7 @@ class Planted:
 
     expect: "merge" (a pattern the README supports: the layer shrinks by exactly `copies` at
     threshold 1.0) or "skip" (a pattern it leaves alone: the producer is listed in `skipped`)."""
+
     weight_shape: tuple
     copies: int
     expect: str
@@ -59,6 +59,7 @@ class Lookalike:
 
 # ---- planting -------------------------------------------------------------------------------
 
+
 def plant_copies(source: int, targets, conv, *per_channel, dw=None, dw_bn=None) -> int:
     """Channels `targets` of `conv` become exact copies of `source` (with everything per-channel
     after it); returns how many copies were planted."""
@@ -75,7 +76,7 @@ def plant_near_copy(source: int, target: int, conv, *per_channel, cosine: float,
         kernel = conv.weight[source]
         noise = torch.randn(kernel.shape, generator=generator)
         noise -= (noise * kernel).sum() / (kernel * kernel).sum() * kernel
-        tangent = (1.0 / cosine ** 2 - 1.0) ** 0.5  # |noise| / |kernel| = tan(angle)
+        tangent = (1.0 / cosine**2 - 1.0) ** 0.5  # |noise| / |kernel| = tan(angle)
         conv.weight[target] = kernel + noise * (tangent * kernel.norm() / noise.norm())
 
 
@@ -91,6 +92,7 @@ def _finish(module: nn.Module, seed: int) -> nn.Module:
 
 # ---- MobileNetV3-small ----------------------------------------------------------------------
 
+
 class SqueezeExcite(nn.Module):
     """torchvision's SqueezeExcitation with MobileNetV3's hardsigmoid gate."""
 
@@ -104,8 +106,9 @@ class SqueezeExcite(nn.Module):
 
 
 def conv_bn(inp, out, kernel=1, stride=1, groups=1):
-    return nn.Sequential(nn.Conv2d(inp, out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-                         nn.BatchNorm2d(out))
+    return nn.Sequential(
+        nn.Conv2d(inp, out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False), nn.BatchNorm2d(out)
+    )
 
 
 class InvertedResidualSE(nn.Module):
@@ -130,9 +133,11 @@ class MobileNetV3Small(nn.Module):
     def __init__(self, classes=10):
         super().__init__()
         self.stem = conv_bn(3, 16, 3, 2)
-        self.blocks = nn.Sequential(InvertedResidualSE(16, 16, 16, 3, 2, nn.ReLU, 8),
-                                    InvertedResidualSE(16, 48, 24, 5, 1, nn.Hardswish, 16),
-                                    InvertedResidualSE(24, 32, 24, 3, 1, nn.Hardswish, 8))
+        self.blocks = nn.Sequential(
+            InvertedResidualSE(16, 16, 16, 3, 2, nn.ReLU, 8),
+            InvertedResidualSE(16, 48, 24, 5, 1, nn.Hardswish, 16),
+            InvertedResidualSE(24, 32, 24, 3, 1, nn.Hardswish, 8),
+        )
         self.last = conv_bn(24, 48)
         self.head = nn.Sequential(nn.Linear(48, 32), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(32, classes))
 
@@ -165,6 +170,7 @@ def mobilenet_v3_small() -> Lookalike:
 
 
 # ---- PP-LCNet ---------------------------------------------------------------------------------
+
 
 class LearnableAffine(nn.Module):
     """PP-LCNetV3's learnable affine block: one scalar scale and one scalar bias."""
@@ -216,8 +222,12 @@ class PPLCNet(nn.Module):
     def __init__(self, generator, classes=10):
         super().__init__()
         self.stem = ConvBNAct(3, 16, 3, 2, generator)
-        self.blocks = nn.Sequential(*[DepthwiseSeparable(i, o, s, generator) for i, o, s in
-                                      ((16, 24, 1), (24, 32, 2), (32, 32, 1), (32, 48, 2))])
+        self.blocks = nn.Sequential(
+            *[
+                DepthwiseSeparable(i, o, s, generator)
+                for i, o, s in ((16, 24, 1), (24, 32, 2), (32, 32, 1), (32, 48, 2))
+            ]
+        )
         self.last = nn.Conv2d(48, 48, 1)
         self.last_act = AffineHardSwish(generator)
         self.fc = nn.Linear(48, classes)
@@ -234,11 +244,19 @@ def pp_lcnet() -> Lookalike:
     first, second = net.blocks[0], net.blocks[1]
     planted = [
         # stem -> affine HardSwish -> depthwise -> ... -> pointwise: a block without expand conv
-        Planted(_weight_shape(net.stem.conv), plant_copies(2, (7, 8), net.stem.conv, net.stem.bn,
-                                                           dw=first.dw.conv, dw_bn=first.dw.bn), "merge"),
+        Planted(
+            _weight_shape(net.stem.conv),
+            plant_copies(2, (7, 8), net.stem.conv, net.stem.bn, dw=first.dw.conv, dw_bn=first.dw.bn),
+            "merge",
+        ),
         # pointwise 16->24 expands into the next depthwise block
-        Planted(_weight_shape(first.pw.conv), plant_copies(0, (9, 10, 11, 12), first.pw.conv, first.pw.bn,
-                                                           dw=second.dw.conv, dw_bn=second.dw.bn), "merge"),
+        Planted(
+            _weight_shape(first.pw.conv),
+            plant_copies(
+                0, (9, 10, 11, 12), first.pw.conv, first.pw.bn, dw=second.dw.conv, dw_bn=second.dw.bn
+            ),
+            "merge",
+        ),
         # 1x1 conv with bias on the pooled map -> affine HardSwish -> Flatten -> Linear
         Planted(_weight_shape(net.last), plant_copies(1, range(30, 36), net.last), "merge"),
     ]
@@ -249,6 +267,7 @@ def pp_lcnet() -> Lookalike:
 
 
 # ---- YOLO ------------------------------------------------------------------------------------------
+
 
 def conv_bn_silu(inp, out, kernel, stride):
     return nn.Sequential(*conv_bn(inp, out, kernel, stride), nn.SiLU())
@@ -286,11 +305,13 @@ def yolo() -> Lookalike:
     plant_near_copy(3, 30, net.c2[0], net.c2[1], cosine=0.995, generator=gen)
     plant_near_copy(4, 31, net.c2[0], net.c2[1], cosine=0.97, generator=gen)
     x = torch.randn(1, 3, 32, 32, generator=gen)
-    return Lookalike("yolo", net, x, ("torchscript", "dynamo"), planted, dynamic_hw=True,
-                     outputs=("large", "small"))
+    return Lookalike(
+        "yolo", net, x, ("torchscript", "dynamo"), planted, dynamic_hw=True, outputs=("large", "small")
+    )
 
 
 # ---- Keras through tf2onnx: NHWC ----------------------------------------------------------------
+
 
 class KerasNHWC(nn.Module):
     """NHWC in; Conv -> Relu -> Conv -> PRelu in NCHW; NHWC Transpose -> Flatten -> Dense -> PRelu."""
@@ -334,6 +355,7 @@ def keras_nhwc() -> Lookalike:
 
 # ---- tf2onnx: BN after Relu ---------------------------------------------------------------------
 
+
 class ReluThenBN(nn.Module):
     def __init__(self, classes=10):
         super().__init__()
@@ -363,6 +385,7 @@ def tf2onnx_bn_after_relu() -> Lookalike:
 
 # ---- weights inside If branches -----------------------------------------------------------------
 
+
 class IfBranches(nn.Module):
     """conv0 -> conv1 -> If(mean > 0: conv_a, else conv_b) -> pool -> dense1 -> dense2."""
 
@@ -375,8 +398,12 @@ class IfBranches(nn.Module):
 
     def forward(self, x):
         h = torch.relu(self.bn1(self.conv1(torch.relu(self.conv0(x)))))
-        h = torch.cond(h.mean() > 0.5, lambda t: torch.relu(self.conv_a(t)),
-                       lambda t: torch.sigmoid(self.conv_b(t)), (h,))
+        h = torch.cond(
+            h.mean() > 0.5,
+            lambda t: torch.relu(self.conv_a(t)),
+            lambda t: torch.sigmoid(self.conv_b(t)),
+            (h,),
+        )
         h = torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1)
         return self.dense2(torch.relu(self.dense1(h)))
 
@@ -397,25 +424,39 @@ def if_branches() -> Lookalike:
     return Lookalike("if_branches", net, x, ("dynamo",), planted)
 
 
-BUILDERS = {"mobilenet_v3_small": mobilenet_v3_small, "pp_lcnet": pp_lcnet, "yolo": yolo,
-            "keras_nhwc": keras_nhwc, "tf2onnx_bn_after_relu": tf2onnx_bn_after_relu,
-            "if_branches": if_branches}
+BUILDERS = {
+    "mobilenet_v3_small": mobilenet_v3_small,
+    "pp_lcnet": pp_lcnet,
+    "yolo": yolo,
+    "keras_nhwc": keras_nhwc,
+    "tf2onnx_bn_after_relu": tf2onnx_bn_after_relu,
+    "if_branches": if_branches,
+}
 
 
 # ---- export ------------------------------------------------------------------------------------
+
 
 def export_lookalike(model: Lookalike, exporter: str, path) -> None:
     """Export without folding, as the real pipelines leave them: the TorchScript exporter with
     do_constant_folding=False (opset 17), or the dynamo exporter with optimize=False (opset 18).
     H and W (and the batch) are dynamic where the model says so."""
     dynamo = exporter == "dynamo"
-    kwargs = {"dynamo": dynamo, "opset_version": 18 if dynamo else 17, "input_names": ["x"],
-              "output_names": list(model.outputs)}
+    kwargs = {
+        "dynamo": dynamo,
+        "opset_version": 18 if dynamo else 17,
+        "input_names": ["x"],
+        "output_names": list(model.outputs),
+    }
     if dynamo:
         kwargs["optimize"] = False
         if model.dynamic_hw:  # the FPN's Upsample + Concat need H and W divisible by 4
-            kwargs["dynamic_shapes"] = {"x": {2: 4 * torch.export.Dim("h4", min=2, max=64),
-                                              3: 4 * torch.export.Dim("w4", min=2, max=64)}}
+            kwargs["dynamic_shapes"] = {
+                "x": {
+                    2: 4 * torch.export.Dim("h4", min=2, max=64),
+                    3: 4 * torch.export.Dim("w4", min=2, max=64),
+                }
+            }
     else:
         kwargs["do_constant_folding"] = False
         if model.dynamic_hw:

@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import onnx
 import pytest
-
 from builders import planted_mlp, run
-from condense_graph.cli import main
 from conftest import check_full
+
+from condense_graph.cli import main
 
 REPORT_KEYS = {"params_before", "params_after", "layers", "skipped"}
 LAYER_KEYS = {"name", "width_before", "width_after", "threshold", "exact"}
@@ -26,8 +26,7 @@ def model_path(tmp_path):
 def test_reduce_writes_model_table_and_report(model_path, tmp_path, capsys):
     out, report_path = tmp_path / "small.onnx", tmp_path / "report.json"
     before = model_path.read_bytes()
-    code = main(["reduce", str(model_path), str(out), "--threshold", "0.9999",
-                 "--report", str(report_path)])
+    code = main(["reduce", str(model_path), str(out), "--threshold", "0.9999", "--report", str(report_path)])
     assert code == 0
     assert model_path.read_bytes() == before
     check_full(onnx.load(out))
@@ -42,17 +41,47 @@ def test_reduce_writes_model_table_and_report(model_path, tmp_path, capsys):
 
 def test_layer_thresholds_apply_per_layer(model_path, tmp_path):
     report_path = tmp_path / "r.json"
-    code = main(["reduce", str(model_path), str(tmp_path / "o.onnx"), "--threshold", "0.9999",
-                 "--layer", "fc2=1.0", "--layer", "fc1.weight=0.9999", "--report", str(report_path)])
+    code = main(
+        [
+            "reduce",
+            str(model_path),
+            str(tmp_path / "o.onnx"),
+            "--threshold",
+            "0.9999",
+            "--layer",
+            "fc2=1.0",
+            "--layer",
+            "fc1.weight=0.9999",
+            "--report",
+            str(report_path),
+        ]
+    )
     assert code == 0
     layers = json.loads(report_path.read_text())["layers"]
-    assert [(l["threshold"], l["width_after"]) for l in layers] == [(0.9999, 4), (1.0, 6)]  # 1.0 still merges exact multiples
+    assert [(layer["threshold"], layer["width_after"]) for layer in layers] == [
+        (0.9999, 4),
+        (1.0, 6),
+    ]  # 1.0 still merges exact multiples
 
 
 def test_verify_passes_and_reports_errors(model_path, tmp_path, capsys):
     report_path = tmp_path / "r.json"
-    code = main(["reduce", str(model_path), str(tmp_path / "o.onnx"), "--threshold", "0.9999",
-                 "--verify", "--atol", "1e-2", "--input-shape", "x:7,5", "--report", str(report_path)])
+    code = main(
+        [
+            "reduce",
+            str(model_path),
+            str(tmp_path / "o.onnx"),
+            "--threshold",
+            "0.9999",
+            "--verify",
+            "--atol",
+            "1e-2",
+            "--input-shape",
+            "x:7,5",
+            "--report",
+            str(report_path),
+        ]
+    )
     verify = json.loads(report_path.read_text())["verify"]
     assert code == 0
     assert 0.0 <= verify["max_rel_err"] < 1e-5 and verify["max_abs_err"] <= 1e-2
@@ -64,8 +93,9 @@ def test_failed_verification_writes_nothing_and_exits_1(model_path, tmp_path, ca
     code = main(["reduce", str(model_path), str(out), "--threshold", "0.0", "--verify", "--atol", "1e-6"])
     assert code == 1 and not out.exists()
     assert "FAIL" in capsys.readouterr().out
-    code = main(["reduce", str(model_path), str(out), "--threshold", "0.0", "--verify",
-                 "--atol", "1e-6", "--force"])
+    code = main(
+        ["reduce", str(model_path), str(out), "--threshold", "0.0", "--verify", "--atol", "1e-6", "--force"]
+    )
     assert code == 1 and out.exists()
 
 
@@ -81,17 +111,20 @@ def test_inspect_lists_widths_at_standard_thresholds(model_path, tmp_path, capsy
     assert "fc3" in out and "graph output" in out
 
 
-@pytest.mark.parametrize("args,message", [
-    (["reduce", "missing.onnx", "o.onnx"], "no such file"),
-    (["reduce", "{model}", "o.onnx", "--threshold", "2"], "between -1 and 1"),
-    (["reduce", "{model}", "o.onnx", "--layer", "nope=0.9"], "no reducible layer named 'nope'"),
-    (["reduce", "{model}", "o.onnx", "--layer", "fc3=0.9"], "cannot be reduced"),
-    (["reduce", "{model}", "o.onnx", "--layer", "fc1"], "bad --layer"),
-    (["reduce", "{model}", "o.onnx", "--verify", "--input-shape", "x:a,b"], "bad --input-shape"),
-    (["reduce", "{model}", "o.onnx", "--verify", "--input-shape", "y:1,5"], "names no graph input"),
-    (["reduce", "{model}", "{model}"], "--in-place"),
-    (["inspect", "{garbage}"], "not a readable ONNX model"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["reduce", "missing.onnx", "o.onnx"], "no such file"),
+        (["reduce", "{model}", "o.onnx", "--threshold", "2"], "between -1 and 1"),
+        (["reduce", "{model}", "o.onnx", "--layer", "nope=0.9"], "no reducible layer named 'nope'"),
+        (["reduce", "{model}", "o.onnx", "--layer", "fc3=0.9"], "cannot be reduced"),
+        (["reduce", "{model}", "o.onnx", "--layer", "fc1"], "bad --layer"),
+        (["reduce", "{model}", "o.onnx", "--verify", "--input-shape", "x:a,b"], "bad --input-shape"),
+        (["reduce", "{model}", "o.onnx", "--verify", "--input-shape", "y:1,5"], "names no graph input"),
+        (["reduce", "{model}", "{model}"], "--in-place"),
+        (["inspect", "{garbage}"], "not a readable ONNX model"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, message, model_path, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     garbage = tmp_path / "garbage.onnx"
@@ -105,15 +138,20 @@ def test_bad_input_is_one_line_and_exit_2(args, message, model_path, tmp_path, c
 
 
 def test_in_place_overwrites_only_when_asked(model_path):
-    assert main(["reduce", str(model_path), str(model_path), "--threshold", "0.9999", "--in-place",
-                 "--quiet"]) == 0
+    assert (
+        main(["reduce", str(model_path), str(model_path), "--threshold", "0.9999", "--in-place", "--quiet"])
+        == 0
+    )
     assert [d.dims for d in onnx.load(model_path).graph.initializer][0] == [4, 5]
 
 
 def test_console_script_runs(model_path, tmp_path):
     out = tmp_path / "o.onnx"
-    proc = subprocess.run([sys.executable, "-m", "condense_graph.cli", "reduce", str(model_path),
-                           str(out), "--quiet"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "condense_graph.cli", "reduce", str(model_path), str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0 and proc.stdout == "" and out.exists()
     x = np.ones((2, 5), np.float32)
     assert run(onnx.load(out), {"x": x})[0].shape == (2, 3)

@@ -2,16 +2,18 @@
 
 import numpy as np
 import pytest
+from builders import IR_VERSION, OPSET, planted_mlp
+from conftest import assert_same_outputs, check_full
 from onnx import TensorProto, helper, numpy_helper
 
 import condense_graph as cg
-from builders import IR_VERSION, OPSET, planted_mlp
-from conftest import assert_same_outputs, check_full
 
-DEPTHS = {1: ([5, 12, 3], [4]),
-          2: ([5, 12, 10, 3], [4, 6]),
-          3: ([6, 16, 12, 10, 2], [5, 3, 7]),
-          4: ([7, 20, 16, 12, 8, 3], [6, 4, 5, 2])}
+DEPTHS = {
+    1: ([5, 12, 3], [4]),
+    2: ([5, 12, 10, 3], [4, 6]),
+    3: ([6, 16, 12, 10, 2], [5, 3, 7]),
+    4: ([7, 20, 16, 12, 8, 3], [6, 4, 5, 2]),
+}
 
 
 def widths_after(report):
@@ -59,15 +61,19 @@ def test_random_network_is_unchanged_at_threshold_one(rng):
 
 def mlp_with_rows(w1, b1, w2, b2, activation, extra_attrs=None):
     """x -> Gemm(w1, b1) -> activation -> Gemm(w2, b2), torch layout (transB=1)."""
-    inits = [numpy_helper.from_array(a.astype(np.float32), n)
-             for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))]
-    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
-             helper.make_node(activation, ["h"], ["a"], name="act", **(extra_attrs or {})),
-             helper.make_node("Gemm", ["a", "w2", "b2"], ["y"], name="fc2", transB=1)]
-    graph = helper.make_graph(nodes, "mlp", [_input("x", ["N", w1.shape[1]])],
-                              [_input("y", ["N", w2.shape[0]])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                             ir_version=IR_VERSION)
+    inits = [
+        numpy_helper.from_array(a.astype(np.float32), n)
+        for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+        helper.make_node(activation, ["h"], ["a"], name="act", **(extra_attrs or {})),
+        helper.make_node("Gemm", ["a", "w2", "b2"], ["y"], name="fc2", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "mlp", [_input("x", ["N", w1.shape[1]])], [_input("y", ["N", w2.shape[0]])], inits
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
 
 
 def _input(name, shape):
@@ -77,10 +83,10 @@ def _input(name, shape):
 @pytest.mark.parametrize("activation,constant", [("Relu", 0.0), ("Sigmoid", 0.5), ("Tanh", 0.0)])
 def test_dead_neurons_are_removed_exactly(activation, constant, rng):
     w1, b1 = rng.normal(size=(6, 4)), rng.normal(size=6)
-    w1[2], b1[2] = 0.0, 0.0           # zero incoming weights and bias: outputs act(0)
-    w1[4], b1[4] = 0.0, 0.7           # zero incoming weights: outputs act(0.7)
+    w1[2], b1[2] = 0.0, 0.0  # zero incoming weights and bias: outputs act(0)
+    w1[4], b1[4] = 0.0, 0.7  # zero incoming weights: outputs act(0.7)
     w2, b2 = rng.normal(size=(3, 6)), rng.normal(size=3)
-    w2[:, 5] = 0.0                    # zero outgoing weights
+    w2[:, 5] = 0.0  # zero outgoing weights
     model = mlp_with_rows(w1, b1, w2, b2, activation)
     result = cg.condense(model, threshold=1.0)
     layer = result.report["layers"][0]
@@ -94,15 +100,27 @@ def test_dead_neurons_are_removed_exactly(activation, constant, rng):
     np.testing.assert_allclose(folded, expected, rtol=1e-6, atol=1e-6)  # float32 of O(1) terms
 
 
-@pytest.mark.parametrize("activation,attrs,exact", [
-    ("LeakyRelu", {"alpha": 0.1}, True), ("Sigmoid", {}, False), ("Tanh", {}, False),
-    ("Elu", {}, False), ("Selu", {}, False), ("Softplus", {}, False), ("HardSigmoid", {}, False),
-    ("HardSwish", {}, False), ("Identity", {}, True), ("Softsign", {}, False)])
+@pytest.mark.parametrize(
+    "activation,attrs,exact",
+    [
+        ("LeakyRelu", {"alpha": 0.1}, True),
+        ("Sigmoid", {}, False),
+        ("Tanh", {}, False),
+        ("Elu", {}, False),
+        ("Selu", {}, False),
+        ("Softplus", {}, False),
+        ("HardSigmoid", {}, False),
+        ("HardSwish", {}, False),
+        ("Identity", {}, True),
+        ("Softsign", {}, False),
+    ],
+)
 def test_activations_are_carried_and_flagged(activation, attrs, exact, rng):
     base = rng.normal(size=(3, 5))
     rows = base[[0, 0, 1, 2, 2, 2]] * np.array([1.0, 3.0, 1.0, 0.5, 1.0, 2.0])[:, None]
-    model = mlp_with_rows(rows[:, :4], rows[:, 4], rng.normal(size=(2, 6)), rng.normal(size=2),
-                          activation, attrs)
+    model = mlp_with_rows(
+        rows[:, :4], rows[:, 4], rng.normal(size=(2, 6)), rng.normal(size=2), activation, attrs
+    )
     result = cg.condense(model, threshold=0.9999)
     layer = result.report["layers"][0]
     assert (layer["width_after"], layer["exact"]) == (3, exact)
@@ -113,7 +131,7 @@ def test_activations_are_carried_and_flagged(activation, attrs, exact, rng):
 
 def test_removing_dead_relu_neurons_changes_no_bit(rng):
     w1, b1 = rng.normal(size=(8, 4)), rng.normal(size=8)
-    w1[[1, 6]], b1[[1, 6]] = 0.0, 0.0   # relu(0) = 0: nothing to fold
+    w1[[1, 6]], b1[[1, 6]] = 0.0, 0.0  # relu(0) = 0: nothing to fold
     w2, b2 = rng.normal(size=(3, 8)), rng.normal(size=3)
     w2[:, 3] = 0.0
     model = mlp_with_rows(w1, b1, w2, b2, "Relu")
@@ -131,7 +149,7 @@ def test_constant_channel_into_a_matmul_consumer_gets_a_bias_add(rng):
     weight.CopyFrom(numpy_helper.from_array(values, "fc1.weight"))
     result = cg.condense(model, threshold=1.0)
     layers = result.report["layers"]
-    assert [(l["width_after"], l["constant_removed"]) for l in layers] == [(9, 1), (8, 0)]
+    assert [(layer["width_after"], layer["constant_removed"]) for layer in layers] == [(9, 1), (8, 0)]
     assert sum(n.op_type == "Add" for n in result.model.graph.node) == 4  # 3 biases + the fold
     check_full(result.model)
     assert_same_outputs(model, result.model, {"x": rng.normal(size=(6, 5)).astype(np.float32)})

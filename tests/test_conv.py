@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-
-import condense_graph as cg
 from builders import planted_rows
 from conftest import assert_same_outputs, check_full
+
+import condense_graph as cg
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -25,9 +25,16 @@ class VGG(nn.Module):
     def __init__(self, pool="max", global_pool=False):
         super().__init__()
         pool_layer = nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(2)
-        self.features = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(), pool_layer,
-                                      nn.Conv2d(12, 16, 3, padding=1, stride=1), nn.ReLU(),
-                                      nn.MaxPool2d(2), nn.Conv2d(16, 10, 1), nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 12, 3, padding=1),
+            nn.ReLU(),
+            pool_layer,
+            nn.Conv2d(12, 16, 3, padding=1, stride=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 10, 1),
+            nn.ReLU(),
+        )
         self.global_pool = global_pool
         features = 10 if global_pool else 10 * 4 * 4
         self.head = nn.Sequential(nn.Linear(features, 24), nn.ReLU(), nn.Linear(24, 5))
@@ -55,13 +62,17 @@ def test_vgg_with_planted_channels_reduces_exactly(pool, global_pool, dynamo, tm
     assert_same_outputs(model, result.model, {"x": x.numpy()})
 
 
-@pytest.mark.parametrize("make,reason", [
-    (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=2), "grouped Conv"),
-    (lambda: nn.ConvTranspose2d(8, 8, 2, stride=2), "ConvTranspose"),
-])
+@pytest.mark.parametrize(
+    "make,reason",
+    [
+        (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=2), "grouped Conv"),
+        (lambda: nn.ConvTranspose2d(8, 8, 2, stride=2), "ConvTranspose"),
+    ],
+)
 def test_grouped_conv_and_conv_transpose_are_skipped_with_a_reason(make, reason, tmp_path, rng):
-    module = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), make(), nn.ReLU(),
-                           nn.Conv2d(8, 4, 1)).eval()
+    module = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), make(), nn.ReLU(), nn.Conv2d(8, 4, 1)
+    ).eval()
     x = torch.from_numpy(rng.normal(size=(1, 3, 8, 8)).astype(np.float32))
     model = export(module, x, False, tmp_path / "m.onnx")
     result = cg.condense(model, threshold=0.5)
@@ -98,7 +109,7 @@ def test_pad_resize_slice_and_reshape_carry_channels(tmp_path, rng):
     ops = {n.op_type for n in model.graph.node}
     assert {"Pad", "Resize", "Slice", "Reshape"} <= ops, ops
     result = cg.condense(model, threshold=0.9999)
-    assert [l["width_after"] for l in result.report["layers"]] == [4, 2], result.report["skipped"]
-    assert all(l["exact"] for l in result.report["layers"])
+    assert [layer["width_after"] for layer in result.report["layers"]] == [4, 2], result.report["skipped"]
+    assert all(layer["exact"] for layer in result.report["layers"])
     check_full(result.model)
     assert_same_outputs(model, result.model, {"x": x.numpy()})

@@ -6,12 +6,12 @@ import json
 import numpy as np
 import onnx
 import pytest
+from builders import IR_VERSION, planted_cnn, planted_mlp, run
+from conftest import assert_equal_to_rounding
 from onnx import TensorProto, helper, numpy_helper
 
 import condense_graph as cg
-from builders import IR_VERSION, planted_cnn, planted_mlp, run
 from condense_graph.cli import main
-from conftest import assert_equal_to_rounding
 
 
 def near_duplicate_mlp(activation, seed=0, noise=0.05, width=24, distinct=6):
@@ -23,20 +23,30 @@ def near_duplicate_mlp(activation, seed=0, noise=0.05, width=24, distinct=6):
         base = rng.normal(size=(distinct, fan_in + 1))
         rows = base[rng.integers(0, distinct, out)] * rng.uniform(0.5, 2, (out, 1))
         rows = rows + noise * rng.normal(size=rows.shape) if i < 2 else rng.normal(size=(out, fan_in + 1))
-        inits += [numpy_helper.from_array(rows[:, :-1].astype(np.float32), f"w{i}"),
-                  numpy_helper.from_array(rows[:, -1].astype(np.float32), f"b{i}")]
+        inits += [
+            numpy_helper.from_array(rows[:, :-1].astype(np.float32), f"w{i}"),
+            numpy_helper.from_array(rows[:, -1].astype(np.float32), f"b{i}"),
+        ]
         nodes.append(helper.make_node("Gemm", [cur, f"w{i}", f"b{i}"], [f"h{i}"], name=f"fc{i}", transB=1))
         cur, fan_in = f"h{i}", out
         if i < 2:
             cur = _activation(nodes, activation, cur, i)
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
-                              [helper.make_tensor_value_info(cur, TensorProto.FLOAT, ["N", 3])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info(cur, TensorProto.FLOAT, ["N", 3])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=IR_VERSION + 1)
 
 
 def _activation(nodes, activation, cur, i):
     if activation == "SiLU":
-        nodes += [helper.make_node("Sigmoid", [cur], [f"s{i}"]), helper.make_node("Mul", [cur, f"s{i}"], [f"a{i}"])]
+        nodes += [
+            helper.make_node("Sigmoid", [cur], [f"s{i}"]),
+            helper.make_node("Mul", [cur, f"s{i}"], [f"a{i}"]),
+        ]
     elif activation == "GELU":
         nodes.append(helper.make_node("Gelu", [cur], [f"a{i}"]))
     else:
@@ -57,7 +67,7 @@ def test_planted_exact_duplicates_data_aware_equals_the_exact_merge():
     calib = {"x": data(1, 300, (6,))}
     exact = cg.condense(model, threshold=0.9999).model
     aware = cg.condense(model, threshold=0.9999, calibration=calib)
-    assert [l["width_after"] for l in aware.report["layers"]] == [5, 4]
+    assert [layer["width_after"] for layer in aware.report["layers"]] == [5, 4]
     assert aware.report["warnings"] == []  # calibration ran on the cut-out prefix, not the whole model
     feeds = {"x": data(2, 50, (6,))}
     assert_equal_to_rounding(model, aware.model, feeds)
@@ -72,8 +82,8 @@ def test_refit_beats_the_paper_formula_on_held_out_data(activation, noise, thres
     calib, held = data(1, 600), data(2, 600)
     paper = cg.condense(model, threshold=threshold)
     aware = cg.condense(model, threshold=threshold, calibration={"x": calib})
-    widths = [l["width_after"] for l in aware.report["layers"]]
-    assert widths[0] < 24 and all(l["exact"] is False for l in aware.report["layers"])
+    widths = [layer["width_after"] for layer in aware.report["layers"]]
+    assert widths[0] < 24 and all(layer["exact"] is False for layer in aware.report["layers"])
     assert widths[0] == paper.report["layers"][0]["width_after"]  # same groups in the first layer
     assert rms_error(model, aware.model, held) < ratio * rms_error(model, paper.model, held)
 
@@ -83,7 +93,7 @@ def test_on_relu_the_refit_is_never_worse_on_the_calibration_set():
     calib = data(1, 400)
     for threshold in (0.99, 0.95, 0.8):
         aware = cg.condense(model, threshold=threshold, calibration={"x": calib})
-        widths = {l["name"]: l["width_after"] for l in aware.report["layers"]}
+        widths = {layer["name"]: layer["width_after"] for layer in aware.report["layers"]}
         paper = cg.condense(model, layer_widths=widths).model
         assert rms_error(model, aware.model, calib) <= rms_error(model, paper, calib) * (1 + 1e-6)
         for layer in aware.report["layers"]:
@@ -96,12 +106,16 @@ def test_conv_consumers_are_refit_and_not_worse(tmp_path):
     rng = np.random.default_rng(0)
     for i, init in enumerate(model.graph.initializer):  # break the planted exactness a little
         values = numpy_helper.to_array(init)
-        model.graph.initializer[i].CopyFrom(numpy_helper.from_array(
-            (values + 0.3 * rng.normal(size=values.shape) * np.abs(values).mean()).astype(np.float32), init.name))
+        model.graph.initializer[i].CopyFrom(
+            numpy_helper.from_array(
+                (values + 0.3 * rng.normal(size=values.shape) * np.abs(values).mean()).astype(np.float32),
+                init.name,
+            )
+        )
     calib, held = data(1, 200, (3, 8, 8)), data(2, 200, (3, 8, 8))
     aware = cg.condense(model, layer_widths={"conv1": 6, "conv2": 5}, calibration={"x": calib})
     paper = cg.condense(model, layer_widths={"conv1": 6, "conv2": 5}).model
-    refits = [c for l in aware.report["layers"] for c in l.get("refit", [])]
+    refits = [c for layer in aware.report["layers"] for c in layer.get("refit", [])]
     assert refits and all(c["refit"] for c in refits)
     assert rms_error(model, aware.model, calib) < rms_error(model, paper, calib)
     assert rms_error(model, aware.model, held) < rms_error(model, paper, held)
@@ -112,8 +126,21 @@ def test_target_params_lands_within_one_neuron_per_layer(target, tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(near_duplicate_mlp("Relu", width=40), path)
     report = tmp_path / "r.json"
-    assert main(["reduce", str(path), str(tmp_path / "o.onnx"), "--target-params", str(target),
-                 "--report", str(report), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "reduce",
+                str(path),
+                str(tmp_path / "o.onnx"),
+                "--target-params",
+                str(target),
+                "--report",
+                str(report),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     result = json.loads(report.read_text())
     fraction = result["target_params"]["width_fraction"]
     for layer in result["layers"]:
@@ -126,24 +153,47 @@ def test_layer_width_lands_exactly_and_activation_similarity_runs(tmp_path):
     onnx.save(near_duplicate_mlp("SiLU"), path)
     np.savez(calib, x=data(1, 300))
     report = tmp_path / "r.json"
-    assert main(["reduce", str(path), str(tmp_path / "o.onnx"), "--layer-width", "fc0=7",
-                 "--layer-width", "w1=9", "--data", str(calib), "--similarity", "activations",
-                 "--report", str(report), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "reduce",
+                str(path),
+                str(tmp_path / "o.onnx"),
+                "--layer-width",
+                "fc0=7",
+                "--layer-width",
+                "w1=9",
+                "--data",
+                str(calib),
+                "--similarity",
+                "activations",
+                "--report",
+                str(report),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     layers = json.loads(report.read_text())["layers"]
-    assert [l["width_after"] for l in layers] == [7, 9]
-    assert all(c["refit"] for l in layers for c in l["refit"])
+    assert [layer["width_after"] for layer in layers] == [7, 9]
+    assert all(c["refit"] for layer in layers for c in layer["refit"])
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--similarity", "activations"], "needs calibration data"),
-    (["--layer-width", "fc0=2.5"], "positive integer"),
-    (["--target-params", "1.5"], "fraction of the parameters"),
-    (["--data", "{missing}"], "cannot read data file"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--similarity", "activations"], "needs calibration data"),
+        (["--layer-width", "fc0=2.5"], "positive integer"),
+        (["--target-params", "1.5"], "fraction of the parameters"),
+        (["--data", "{missing}"], "cannot read data file"),
+    ],
+)
 def test_bad_data_aware_options(args, message, tmp_path, capsys):
     path = tmp_path / "m.onnx"
     onnx.save(near_duplicate_mlp("Relu"), path)
-    argv = ["reduce", str(path), str(tmp_path / "o.onnx")] + [a.format(missing=tmp_path / "no.npz") for a in args]
+    argv = ["reduce", str(path), str(tmp_path / "o.onnx")] + [
+        a.format(missing=tmp_path / "no.npz") for a in args
+    ]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
 
@@ -151,8 +201,8 @@ def test_bad_data_aware_options(args, message, tmp_path, capsys):
 def test_magnitude_baseline_keeps_the_largest_neurons():
     model = near_duplicate_mlp("Relu")
     result = cg.condense(model, layer_widths={"fc0": 5, "fc1": 4}, similarity="magnitude")
-    assert [l["width_after"] for l in result.report["layers"]] == [5, 4]
-    assert all(l["threshold"] is None for l in result.report["layers"])
+    assert [layer["width_after"] for layer in result.report["layers"]] == [5, 4]
+    assert all(layer["threshold"] is None for layer in result.report["layers"])
     rows = numpy_helper.to_array(model.graph.initializer[0])
     bias = numpy_helper.to_array(model.graph.initializer[1])
     norms = np.linalg.norm(np.c_[rows, bias], axis=1)
@@ -166,19 +216,34 @@ def test_magnitude_baseline_keeps_the_largest_neurons():
 def test_depthwise_projection_is_refit(tmp_path):
     torch = pytest.importorskip("torch")
     from torch_models import randomize_batchnorm
+
     gen = torch.Generator().manual_seed(5)
     torch.manual_seed(5)
     block = torch.nn.Sequential(
-        torch.nn.Conv2d(4, 18, 1, bias=False), torch.nn.BatchNorm2d(18), torch.nn.ReLU6(),
-        torch.nn.Conv2d(18, 18, 3, padding=1, groups=18, bias=False), torch.nn.BatchNorm2d(18),
-        torch.nn.ReLU6(), torch.nn.Conv2d(18, 6, 1, bias=False)).eval()
+        torch.nn.Conv2d(4, 18, 1, bias=False),
+        torch.nn.BatchNorm2d(18),
+        torch.nn.ReLU6(),
+        torch.nn.Conv2d(18, 18, 3, padding=1, groups=18, bias=False),
+        torch.nn.BatchNorm2d(18),
+        torch.nn.ReLU6(),
+        torch.nn.Conv2d(18, 6, 1, bias=False),
+    ).eval()
     randomize_batchnorm(block, gen)
     with torch.no_grad():
         for q in range(9, 18):
-            block[3].weight[q] = block[3].weight[q - 9] + 0.05 * torch.randn(block[3].weight[q].shape, generator=gen)
+            block[3].weight[q] = block[3].weight[q - 9] + 0.05 * torch.randn(
+                block[3].weight[q].shape, generator=gen
+            )
     path = tmp_path / "b.onnx"
-    torch.onnx.export(block, (torch.randn(1, 4, 6, 6),), str(path), dynamo=False, opset_version=17,
-                      input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    torch.onnx.export(
+        block,
+        (torch.randn(1, 4, 6, 6),),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["x"],
+        dynamic_axes={"x": {0: "n"}},
+    )
     model = onnx.load(str(path))
     calib, held = data(1, 200, (4, 6, 6)), data(2, 200, (4, 6, 6))
     paper = cg.condense(model, layer_widths={model.graph.node[0].name: 9}).model

@@ -9,11 +9,11 @@ dense (Gemm, MatMul+Add) and conv producers, with and without a BatchNormalizati
 
 import numpy as np
 import pytest
+from builders import IR_VERSION, OPSET
+from conftest import assert_same_outputs, check_full
 from onnx import TensorProto, helper, numpy_helper
 
 import condense_graph as cg
-from builders import IR_VERSION, OPSET
-from conftest import assert_same_outputs, check_full
 
 WIDTH, DISTINCT, FAN_IN, OUT = 9, 4, 5, 3
 CHANNELS_IN, SIDE = 3, 6
@@ -30,6 +30,7 @@ def copied_rows(rng, width: int, distinct: int, fan_in: int) -> tuple[np.ndarray
 
 # ---- activations: (nodes from "h" to "a", constants, opset) ----------------------------------
 
+
 def _single(op, **attrs):
     return lambda which, conv: ([helper.make_node(op, ["h"], ["a"], **attrs)], {}, OPSET)
 
@@ -39,9 +40,13 @@ def _gelu_op(approximate):
 
 
 def _gelu_decomposed(which, conv):
-    nodes = [helper.make_node("Div", ["h", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
-             helper.make_node("Add", ["e", "one"], ["p"]), helper.make_node("Mul", ["h", "p"], ["q"]),
-             helper.make_node("Mul", ["q", "half"], ["a"])]
+    nodes = [
+        helper.make_node("Div", ["h", "sqrt2"], ["d"]),
+        helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["p"]),
+        helper.make_node("Mul", ["h", "p"], ["q"]),
+        helper.make_node("Mul", ["q", "half"], ["a"]),
+    ]
     return nodes, {"sqrt2": np.sqrt(2.0), "one": 1.0, "half": 0.5}, OPSET
 
 
@@ -61,20 +66,35 @@ def _prelu(which, conv):
 
 
 ACTIVATIONS = {
-    "Gelu": _gelu_op("none"), "Gelu-tanh": _gelu_op("tanh"), "Gelu-decomposed": _gelu_decomposed,
-    "SiLU": _silu, "Sigmoid": _single("Sigmoid"), "Tanh": _single("Tanh"), "HardSwish": _single("HardSwish"),
-    "HardSigmoid": _single("HardSigmoid", alpha=0.3, beta=0.6), "Clip6": _clip6, "Elu": _single("Elu"),
-    "Selu": _single("Selu"), "Softplus": _single("Softplus"), "Softsign": _single("Softsign"),
+    "Gelu": _gelu_op("none"),
+    "Gelu-tanh": _gelu_op("tanh"),
+    "Gelu-decomposed": _gelu_decomposed,
+    "SiLU": _silu,
+    "Sigmoid": _single("Sigmoid"),
+    "Tanh": _single("Tanh"),
+    "HardSwish": _single("HardSwish"),
+    "HardSigmoid": _single("HardSigmoid", alpha=0.3, beta=0.6),
+    "Clip6": _clip6,
+    "Elu": _single("Elu"),
+    "Selu": _single("Selu"),
+    "Softplus": _single("Softplus"),
+    "Softsign": _single("Softsign"),
     "Mish": lambda which, conv: ([helper.make_node("Mish", ["h"], ["a"])], {}, 18),
-    "LeakyRelu": _single("LeakyRelu", alpha=0.1), "PRelu": _prelu, "Relu": _single("Relu"),
+    "LeakyRelu": _single("LeakyRelu", alpha=0.1),
+    "PRelu": _prelu,
+    "Relu": _single("Relu"),
 }
 HOMOGENEOUS = {"LeakyRelu", "PRelu", "Relu"}
 
 
 def batchnorm(rng, which):
     """BN in front of the activation with per-channel parameters, the copies' parameters copied."""
-    params = {"bn.s": rng.uniform(0.5, 2.0, DISTINCT), "bn.t": rng.normal(size=DISTINCT),
-              "bn.m": rng.normal(size=DISTINCT), "bn.v": rng.uniform(0.5, 2.0, DISTINCT)}
+    params = {
+        "bn.s": rng.uniform(0.5, 2.0, DISTINCT),
+        "bn.t": rng.normal(size=DISTINCT),
+        "bn.m": rng.normal(size=DISTINCT),
+        "bn.v": rng.uniform(0.5, 2.0, DISTINCT),
+    }
     node = helper.make_node("BatchNormalization", ["h0", *params], ["h"], epsilon=1e-5)
     return node, {k: v[which] for k, v in params.items()}
 
@@ -90,8 +110,11 @@ def build(producer: str, activation: str, bn: bool, seed: int = 0):
     nodes, inits = [], dict(consts)
     if conv:
         inits |= {"w1": rows[:, :-1].reshape(WIDTH, CHANNELS_IN, 3, 3), "b1": rows[:, -1]}
-        nodes.append(helper.make_node("Conv", ["x", "w1", "b1"], [h], name="conv1", kernel_shape=[3, 3],
-                                      pads=[1, 1, 1, 1]))
+        nodes.append(
+            helper.make_node(
+                "Conv", ["x", "w1", "b1"], [h], name="conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]
+            )
+        )
         x_shape = ["N", CHANNELS_IN, SIDE, SIDE]
     elif producer == "gemm":
         inits |= {"w1": rows[:, :-1], "b1": rows[:, -1]}
@@ -99,8 +122,10 @@ def build(producer: str, activation: str, bn: bool, seed: int = 0):
         x_shape = ["N", FAN_IN]
     else:
         inits |= {"w1": rows[:, :-1].T, "b1": rows[:, -1]}
-        nodes += [helper.make_node("MatMul", ["x", "w1"], ["mm"], name="fc1"),
-                  helper.make_node("Add", ["mm", "b1"], [h], name="fc1_bias")]
+        nodes += [
+            helper.make_node("MatMul", ["x", "w1"], ["mm"], name="fc1"),
+            helper.make_node("Add", ["mm", "b1"], [h], name="fc1_bias"),
+        ]
         x_shape = ["N", FAN_IN]
     if bn:
         node, params = batchnorm(rng, which)
@@ -109,13 +134,18 @@ def build(producer: str, activation: str, bn: bool, seed: int = 0):
     nodes += act_nodes
     if producer == "conv":  # a 3x3 conv consumer
         inits |= {"w2": rng.normal(size=(OUT, WIDTH, 3, 3)), "b2": rng.normal(size=OUT)}
-        nodes.append(helper.make_node("Conv", ["a", "w2", "b2"], ["y"], name="conv2", kernel_shape=[3, 3],
-                                      pads=[1, 1, 1, 1]))
+        nodes.append(
+            helper.make_node(
+                "Conv", ["a", "w2", "b2"], ["y"], name="conv2", kernel_shape=[3, 3], pads=[1, 1, 1, 1]
+            )
+        )
         y_shape = ["N", OUT, SIDE, SIDE]
     elif producer == "conv-flatten":  # channel c is a block of SIDE * SIDE consumer rows
         inits |= {"w2": rng.normal(size=(OUT, WIDTH * SIDE * SIDE)), "b2": rng.normal(size=OUT)}
-        nodes += [helper.make_node("Flatten", ["a"], ["f"], axis=1),
-                  helper.make_node("Gemm", ["f", "w2", "b2"], ["y"], name="head", transB=1)]
+        nodes += [
+            helper.make_node("Flatten", ["a"], ["f"], axis=1),
+            helper.make_node("Gemm", ["f", "w2", "b2"], ["y"], name="head", transB=1),
+        ]
         y_shape = ["N", OUT]
     else:
         inits |= {"w2": rng.normal(size=(OUT, WIDTH)), "b2": rng.normal(size=OUT)}

@@ -20,19 +20,21 @@ import pytest
 from onnx import numpy_helper
 
 torch = pytest.importorskip("torch")
-from condense_graph.cli import main  # noqa: E402
 from lookalike_models import BUILDERS, export_lookalike  # noqa: E402
 
+from condense_graph.cli import main  # noqa: E402
+
 THRESHOLDS = (0.999, 0.99, 0.95, 0.9)
-PASS_MAX_REL_ERR = 1e-3     # a PASS verdict must mean max|diff| / max|orig| at most this...
-PASS_MIN_COSINE = 0.999     # ...and an output cosine at least this, on our own inputs
-EXACT_REL_ERR = 1e-5        # exact copies merged: float rounding, relative to the output scale
-DRAWS = 3                   # random draws of our own recomputation
+PASS_MAX_REL_ERR = 1e-3  # a PASS verdict must mean max|diff| / max|orig| at most this...
+PASS_MIN_COSINE = 0.999  # ...and an output cosine at least this, on our own inputs
+EXACT_REL_ERR = 1e-5  # exact copies merged: float rounding, relative to the output scale
+DRAWS = 3  # random draws of our own recomputation
 CASES = [(name, exporter) for name, build in BUILDERS.items() for exporter in build().exporters]
 CASE_IDS = [f"{name}-{exporter}" for name, exporter in CASES]
 
 
 # ---- fixtures: each look-alike exported once ---------------------------------------------------
+
 
 class Exported:
     def __init__(self, lookalike, exporter, path: Path):
@@ -62,8 +64,10 @@ def exported(tmp_path_factory):
 
 # ---- running the CLI ---------------------------------------------------------------------------
 
-def run_cli(case: Exported, out: Path, report: Path, threshold: float, capsys,
-            verify: bool = True, extra: tuple = ()) -> tuple[int, str, str]:
+
+def run_cli(
+    case: Exported, out: Path, report: Path, threshold: float, capsys, verify: bool = True, extra: tuple = ()
+) -> tuple[int, str, str]:
     argv = ["reduce", str(case.path), str(out), "--threshold", str(threshold), "--report", str(report)]
     argv += (["--verify"] if verify else []) + list(extra)
     if case.cli_shape and verify:
@@ -73,8 +77,9 @@ def run_cli(case: Exported, out: Path, report: Path, threshold: float, capsys,
         code = main(argv)
     except BaseException:  # noqa: BLE001 - a traceback escaping main is the failure we look for
         captured = capsys.readouterr()
-        pytest.fail(f"exception escaped main({argv}):\n{traceback.format_exc()}\n"
-                    f"{captured.out}\n{captured.err}")
+        pytest.fail(
+            f"exception escaped main({argv}):\n{traceback.format_exc()}\n{captured.out}\n{captured.err}"
+        )
     captured = capsys.readouterr()
     assert case.path.read_bytes() == before, "the input file was modified"
     assert code in (0, 1, 2), f"exit code {code}\n{captured.out}\n{captured.err}"
@@ -82,6 +87,7 @@ def run_cli(case: Exported, out: Path, report: Path, threshold: float, capsys,
 
 
 # ---- our own checks of a written model ---------------------------------------------------------
+
 
 def all_graphs(graph: onnx.GraphProto):
     yield graph
@@ -96,8 +102,9 @@ def all_graphs(graph: onnx.GraphProto):
 def float_constants(model: onnx.ModelProto):
     """(name, values) of every float initializer and Constant of the model and its subgraphs."""
     for graph in all_graphs(model.graph):
-        tensors = list(graph.initializer) + [a.t for n in graph.node if n.op_type == "Constant"
-                                             for a in n.attribute if a.name == "value"]
+        tensors = list(graph.initializer) + [
+            a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
+        ]
         for tensor in tensors:
             values = numpy_helper.to_array(tensor)
             if np.issubdtype(values.dtype, np.floating):
@@ -136,8 +143,9 @@ def measured_errors(case: Exported, reduced: Path) -> list[tuple[float, float]]:
                 assert got.shape == want.shape, f"output {name}: shape {got.shape} != {want.shape}"
                 assert np.all(np.isfinite(got)), f"reduced output {name} has NaN/Inf at input shape {shape}"
                 diff = float(np.abs(got - want).max()) / float(np.abs(want).max())
-                cosine = float(np.dot(got.ravel(), want.ravel())
-                               / (np.linalg.norm(got) * np.linalg.norm(want)))
+                cosine = float(
+                    np.dot(got.ravel(), want.ravel()) / (np.linalg.norm(got) * np.linalg.norm(want))
+                )
                 errors.append((diff, cosine))
     return errors
 
@@ -146,8 +154,13 @@ def size_on_disk(path: Path) -> int:
     """Bytes of the model file and of the external data files it names (the dynamo exporter
     writes its weights to NAME.onnx.data)."""
     model = onnx.load(str(path), load_external_data=False)
-    locations = {entry.value for graph in all_graphs(model.graph) for tensor in graph.initializer
-                 for entry in tensor.external_data if entry.key == "location"}
+    locations = {
+        entry.value
+        for graph in all_graphs(model.graph)
+        for tensor in graph.initializer
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
     return os.path.getsize(path) + sum(os.path.getsize(path.parent / name) for name in locations)
 
 
@@ -165,9 +178,12 @@ def check_written_model(case: Exported, out: Path) -> list[tuple[float, float]]:
 def count_params(path: Path) -> int:
     """Elements of every initializer and Constant tensor, in the main graph and in subgraphs."""
     model = onnx.load(str(path))
-    return sum(int(np.prod(tensor.dims)) for graph in all_graphs(model.graph)
-               for tensor in list(graph.initializer) + [a.t for n in graph.node if n.op_type == "Constant"
-                                                         for a in n.attribute if a.name == "value"])
+    return sum(
+        int(np.prod(tensor.dims))
+        for graph in all_graphs(model.graph)
+        for tensor in list(graph.initializer)
+        + [a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    )
 
 
 def check_report(report_path: Path, case: Exported, out: Path) -> dict:
@@ -177,17 +193,20 @@ def check_report(report_path: Path, case: Exported, out: Path) -> dict:
     assert after <= before, f"params grew: {before} -> {after}"
     if out.exists():
         counted = (count_params(case.path), count_params(out))
-        assert (before, after) == counted, \
+        assert (before, after) == counted, (
             f"report says params {before} -> {after}, the models hold {counted}"
+        )
     return report
 
 
 # ---- the tests ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("threshold", THRESHOLDS)
 @pytest.mark.parametrize("name,exporter", CASES, ids=CASE_IDS)
-def test_reduce_with_verify_ends_in_a_verified_model_or_a_reason(name, exporter, threshold, exported,
-                                                                  tmp_path, capsys):
+def test_reduce_with_verify_ends_in_a_verified_model_or_a_reason(
+    name, exporter, threshold, exported, tmp_path, capsys
+):
     case = exported(name, exporter)
     out, report_path = tmp_path / "reduced.onnx", tmp_path / "report.json"
     code, stdout, stderr = run_cli(case, out, report_path, threshold, capsys)
@@ -203,8 +222,9 @@ def test_reduce_with_verify_ends_in_a_verified_model_or_a_reason(name, exporter,
     assert "Verify: PASS" in stdout, context
     errors = check_written_model(case, out)
     worst_err, worst_cos = max(e for e, _ in errors), min(c for _, c in errors)
-    assert worst_err <= PASS_MAX_REL_ERR and worst_cos >= PASS_MIN_COSINE, \
+    assert worst_err <= PASS_MAX_REL_ERR and worst_cos >= PASS_MIN_COSINE, (
         f"PASS at measured max_rel_err {worst_err:.3g}, cosine {worst_cos:.6f}\n{context}"
+    )
 
 
 def check_failed_verdict(case: Exported, tmp_path: Path, threshold: float, capsys, report_path: Path) -> None:
@@ -212,18 +232,29 @@ def check_failed_verdict(case: Exported, tmp_path: Path, threshold: float, capsy
     it passes our checks, and `verify --data` on our own draws reports the max_rel_err we measure
     on the same draws."""
     forced = tmp_path / "forced.onnx"
-    code, stdout, stderr = run_cli(case, forced, tmp_path / "forced.json", threshold, capsys,
-                                   extra=("--force",))
+    code, stdout, stderr = run_cli(
+        case, forced, tmp_path / "forced.json", threshold, capsys, extra=("--force",)
+    )
     assert code == 1 and forced.exists(), f"exit {code}\n{stdout}\n{stderr}"
     check_written_model(case, forced)
     x = np.random.default_rng(7).standard_normal([4] + case.shapes[0][1:]).astype(np.float32)
     if case.model.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value"):
-        x = x[:case.shapes[0][0]]  # a fixed batch
+        x = x[: case.shapes[0][0]]  # a fixed batch
     np.savez(tmp_path / "draws.npz", x=x)
     verify_json = tmp_path / "verify.json"
     # other inputs than reduce's own draws: the verdict may differ, the numbers must be ours
-    assert main(["verify", str(case.path), str(forced), "--data", str(tmp_path / "draws.npz"),
-                 "--report", str(verify_json), "--quiet"]) in (0, 1)
+    assert main(
+        [
+            "verify",
+            str(case.path),
+            str(forced),
+            "--data",
+            str(tmp_path / "draws.npz"),
+            "--report",
+            str(verify_json),
+            "--quiet",
+        ]
+    ) in (0, 1)
     capsys.readouterr()
     original, reduced = ort_session(case.path), ort_session(forced)
     outputs = json.loads(verify_json.read_text())["outputs"]
@@ -239,8 +270,13 @@ def weight_shape(model: onnx.ModelProto, node_name: str) -> tuple | None:
     if node is None or len(node.input) < 2:
         return None
     shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    shapes |= {n.output[0]: tuple(a.t.dims) for n in model.graph.node if n.op_type == "Constant"
-               for a in n.attribute if a.name == "value"}
+    shapes |= {
+        n.output[0]: tuple(a.t.dims)
+        for n in model.graph.node
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value"
+    }
     shape = shapes.get(node.input[1])
     trans_b = any(a.name == "transB" and a.i for a in node.attribute)
     if shape is not None and (node.op_type == "MatMul" or (node.op_type == "Gemm" and not trans_b)):
@@ -265,12 +301,14 @@ def test_threshold_one_merges_the_planted_copies_exactly(name, exporter, exporte
     skipped = {weight_shape(case.model, s["name"]): s["reason"] for s in report["skipped"]}
     for shape, plant in planted.items():
         if plant.expect == "merge":
-            assert removed.get(shape) == plant.copies, \
-                f"layer {shape}: {removed.get(shape)} channels merged, {plant.copies} planted " \
+            assert removed.get(shape) == plant.copies, (
+                f"layer {shape}: {removed.get(shape)} channels merged, {plant.copies} planted "
                 f"(skipped: {skipped.get(shape)})\n{context}"
+            )
         else:
-            assert not removed.get(shape) and skipped.get(shape), \
+            assert not removed.get(shape) and skipped.get(shape), (
                 f"layer {shape} should be skipped with a reason\n{context}"
+            )
     spurious = {s: n for s, n in removed.items() if n and s not in planted}
     assert not spurious, f"unplanted layers reduced at threshold 1.0: {spurious}\n{context}"
     errors = check_written_model(case, out)

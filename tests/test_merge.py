@@ -15,7 +15,7 @@ def test_merging_positive_multiples_is_exact_through_relu(rng):
     lam = np.array([1.0, 0.3, 7.0, 1.0, 2.5, 1.0])
     which = np.array([0, 0, 0, 1, 1, 2])
     v = base[which] * lam[:, None]  # rows: weights | bias
-    u = rng.normal(size=(6, 4))     # consumer weights, channel-first
+    u = rng.normal(size=(6, 4))  # consumer weights, channel-first
     groups = greedy_groups(cosine_similarity(v), 0.9999)
     ones, zeros = np.ones(6), np.zeros(6)
     cmap = channel_map(v, groups, ones, zeros, {})
@@ -58,7 +58,9 @@ def test_a_zero_main_neuron_maps_onto_itself_and_nothing_is_ever_non_finite(rng)
 
 def test_a_non_finite_factor_is_an_internal_error(rng):
     import pytest
+
     from condense_graph.errors import InternalError
+
     v = rng.normal(size=(2, 3))
     with pytest.raises(InternalError, match="non-finite"):
         channel_map(v, [np.array([0, 1])], np.ones(2), np.zeros(2), {}, factors=np.array([1.0, np.nan]))

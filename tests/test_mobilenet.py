@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from conftest import assert_same_outputs, check_full
 
 import condense_graph as cg
-from conftest import assert_same_outputs, check_full
 
 torch = pytest.importorskip("torch")
 from torch_models import MobileNetV2, ResidualCNN, export, randomize_batchnorm  # noqa: E402
@@ -16,8 +16,12 @@ def copy_channel(p, q, conv, *bns, dw=None, dw_bn=None):
         for module in (conv, *bns, dw, dw_bn):
             if module is None:
                 continue
-            for tensor in (module.weight, getattr(module, "bias", None),
-                           getattr(module, "running_mean", None), getattr(module, "running_var", None)):
+            for tensor in (
+                module.weight,
+                getattr(module, "bias", None),
+                getattr(module, "running_mean", None),
+                getattr(module, "running_var", None),
+            ):
                 if tensor is not None:
                     tensor[q] = tensor[p]
 
@@ -32,15 +36,15 @@ def planted_mobilenet():
     torch.manual_seed(0)
     net = MobileNetV2().eval()
     randomize_batchnorm(net, gen)
-    stem, first_dw = net.features[0], net.features[1].conv[0]   # expansion-1 block: no expand conv
+    stem, first_dw = net.features[0], net.features[1].conv[0]  # expansion-1 block: no expand conv
     for q in (20, 21):
         copy_channel(2, q, stem[0], stem[1], dw=first_dw[0], dw_bn=first_dw[1])
-    block = net.features[4].conv             # expand 24 -> 144, depthwise, project
-    for p in range(10):                       # expand + depthwise channels 10..19 copy 0..9
+    block = net.features[4].conv  # expand 24 -> 144, depthwise, project
+    for p in range(10):  # expand + depthwise channels 10..19 copy 0..9
         copy_channel(p, p + 10, block[0][0], block[0][1], dw=block[1][0], dw_bn=block[1][1])
-    for q in (5, 6, 7):                      # project 32 -> 16 of that block feeds features[2]
+    for q in (5, 6, 7):  # project 32 -> 16 of that block feeds features[2]
         copy_channel(1, q, net.features[1].conv[1], net.features[1].conv[2])
-    head = net.features[18]                  # 1x1 conv 320 -> 1280 + BN + ReLU6 -> pool -> Linear
+    head = net.features[18]  # 1x1 conv 320 -> 1280 + BN + ReLU6 -> pool -> Linear
     for q in range(100, 140):
         copy_channel(3, q, head[0], head[1])
     return net
@@ -52,19 +56,40 @@ def test_planted_mobilenet_channels_are_found_and_merged(planted_mobilenet, dyna
     model = export(planted_mobilenet, x, dynamo, tmp_path / "mnv2.onnx")
     result = cg.condense(model, threshold=0.9999)
     layers = result.report["layers"]
-    widths = [(l["width_before"], l["width_after"]) for l in layers]
+    widths = [(layer["width_before"], layer["width_after"]) for layer in layers]
     # every reducible layer in graph order: the stem (its depthwise block), the first project conv,
     # the sixteen expand convs (features[4]'s planted), the last project conv, the head conv
-    assert widths == [(32, 30), (16, 13), (96, 96), (144, 144), (144, 134), (192, 192), (192, 192),
-                      (192, 192), (384, 384), (384, 384), (384, 384), (384, 384), (576, 576), (576, 576),
-                      (576, 576), (960, 960), (960, 960), (960, 960), (320, 320), (1280, 1240)], widths
+    assert widths == [
+        (32, 30),
+        (16, 13),
+        (96, 96),
+        (144, 144),
+        (144, 134),
+        (192, 192),
+        (192, 192),
+        (192, 192),
+        (384, 384),
+        (384, 384),
+        (384, 384),
+        (384, 384),
+        (576, 576),
+        (576, 576),
+        (576, 576),
+        (960, 960),
+        (960, 960),
+        (960, 960),
+        (320, 320),
+        (1280, 1240),
+    ], widths
     for layer in layers:
         if "block_error" in layer:  # every reduced layer: planted copies, so rounding only
             assert layer["block_error"]["max_rel_err"] < 1e-5
         if "Conv" in layer["activation"]:  # depthwise blocks: approximate in general
             assert layer["exact"] is False
-    assert all("couples the channels" in s["reason"] or "graph output" in s["reason"]
-               for s in result.report["skipped"]), result.report["skipped"]
+    assert all(
+        "couples the channels" in s["reason"] or "graph output" in s["reason"]
+        for s in result.report["skipped"]
+    ), result.report["skipped"]
     check_full(result.model)
     assert_same_outputs(model, result.model, {"x": x.numpy()}, rtol=1e-4)
 
@@ -74,15 +99,15 @@ def test_residual_add_channels_are_left_alone_and_the_rest_reduces(dynamo, tmp_p
     torch.manual_seed(0)
     net = ResidualCNN().eval()
     randomize_batchnorm(net, torch.Generator().manual_seed(2))
-    first = net.features[3].body             # bottleneck 16 -> 8 -> 8 -> 32 (residual skip conv)
+    first = net.features[3].body  # bottleneck 16 -> 8 -> 8 -> 32 (residual skip conv)
     for q in (4, 5):
         copy_channel(0, q, first[0], first[1])
     x = torch.randn(2, 3, 16, 16)
     model = export(net, x, dynamo, tmp_path / "res.onnx")
     result = cg.condense(model, threshold=0.9999)
-    widths = [(l["width_before"], l["width_after"]) for l in result.report["layers"]]
+    widths = [(layer["width_before"], layer["width_after"]) for layer in result.report["layers"]]
     assert (8, 6) in widths
-    assert all(l["exact"] for l in result.report["layers"])
+    assert all(layer["exact"] for layer in result.report["layers"])
     coupled = [s for s in result.report["skipped"] if "couples the channels" in s["reason"]]
     assert coupled, result.report["skipped"]
     check_full(result.model)
@@ -94,19 +119,28 @@ def test_depthwise_block_error_in_the_report_is_what_the_block_does(dynamic, tmp
     """Near-parallel depthwise kernels and expand rows: the least-squares merge is approximate;
     the reported block error must match an independent reproduction of the planner's probe."""
     from conftest import run
+
     gen = torch.Generator().manual_seed(3)
     torch.manual_seed(3)
     nn_block = torch.nn.Sequential(  # expand, depthwise, project
-        torch.nn.Conv2d(8, 24, 1, bias=False), torch.nn.BatchNorm2d(24), torch.nn.ReLU6(),
-        torch.nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False), torch.nn.BatchNorm2d(24),
-        torch.nn.ReLU6(), torch.nn.Conv2d(24, 8, 1, bias=False)).eval()
+        torch.nn.Conv2d(8, 24, 1, bias=False),
+        torch.nn.BatchNorm2d(24),
+        torch.nn.ReLU6(),
+        torch.nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False),
+        torch.nn.BatchNorm2d(24),
+        torch.nn.ReLU6(),
+        torch.nn.Conv2d(24, 8, 1, bias=False),
+    ).eval()
     randomize_batchnorm(nn_block, gen)
     with torch.no_grad():
         dw = nn_block[3].weight
         expand, expand_bn = nn_block[0].weight, nn_block[1]
         for q in range(12, 24):  # kernels q ~ 1.5 * kernel (q - 12), slightly perturbed
             expand[q] = 1.2 * expand[q - 12] + 0.01 * torch.randn(expand[q].shape, generator=gen)
-            expand_bn.weight[q], expand_bn.running_var[q] = expand_bn.weight[q - 12], expand_bn.running_var[q - 12]
+            expand_bn.weight[q], expand_bn.running_var[q] = (
+                expand_bn.weight[q - 12],
+                expand_bn.running_var[q - 12],
+            )
             expand_bn.bias[q] = 1.2 * expand_bn.bias[q - 12]
             expand_bn.running_mean[q] = 1.2 * expand_bn.running_mean[q - 12]
             dw[q] = 1.5 * dw[q - 12] + 0.01 * torch.randn(dw[q].shape, generator=gen)

@@ -2,9 +2,9 @@ import os
 
 import onnx
 import pytest
+from builders import planted_mlp
 
 import condense_graph as cg
-from builders import planted_mlp
 from condense_graph.model_io import load_model, save_model
 
 
@@ -37,6 +37,7 @@ def test_model_level_fields_survive_a_rewrite():
     reduced = cg.condense(model, threshold=0.9999).model
     assert (reduced.producer_name, reduced.doc_string, reduced.model_version) == ("maker", "docs", 7)
     assert reduced.metadata_props[0].key == "author"
-    assert [(o.domain, o.version) for o in reduced.opset_import] == \
-        [(o.domain, o.version) for o in model.opset_import]
+    assert [(o.domain, o.version) for o in reduced.opset_import] == [
+        (o.domain, o.version) for o in model.opset_import
+    ]
     assert reduced.graph.initializer[0].dims == [3, 4]

@@ -4,11 +4,11 @@ test_robustness.py)."""
 
 import numpy as np
 import pytest
+from builders import IR_VERSION, OPSET
+from conftest import assert_same_outputs, check_full
 from onnx import TensorProto, helper, numpy_helper
 
 import condense_graph as cg
-from builders import IR_VERSION, OPSET
-from conftest import assert_same_outputs, check_full
 
 WIDTH = 6
 
@@ -21,9 +21,13 @@ def planted(rng, fan_in=4):
 
 def model_from(nodes, inits, opset=OPSET, outputs=("y",)):
     inits = [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in inits.items()]
-    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", 2]) for o in outputs],
-                              inits)
+    graph = helper.make_graph(
+        nodes,
+        "m",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", 2]) for o in outputs],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
 
 
@@ -31,8 +35,11 @@ def dense_around(chain_nodes, extra_inits, rng, chain_out="a", opset=OPSET):
     rows = planted(rng)
     inits = {"w1": rows[:, :4], "b1": rows[:, 4], "w2": rng.normal(size=(2, WIDTH)), "b2": rng.normal(size=2)}
     inits.update(extra_inits)
-    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1), *chain_nodes,
-             helper.make_node("Gemm", [chain_out, "w2", "b2"], ["y"], name="fc2", transB=1)]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+        *chain_nodes,
+        helper.make_node("Gemm", [chain_out, "w2", "b2"], ["y"], name="fc2", transB=1),
+    ]
     return model_from(nodes, inits, opset)
 
 
@@ -49,9 +56,13 @@ def reduce_and_check(model, rng, width, exact, rtol=1e-5):
 
 
 def test_decomposed_gelu_as_torchscript_exports_it(rng):
-    nodes = [helper.make_node("Div", ["h", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
-             helper.make_node("Add", ["e", "one"], ["p"]), helper.make_node("Mul", ["h", "p"], ["q"]),
-             helper.make_node("Mul", ["q", "half"], ["a"])]
+    nodes = [
+        helper.make_node("Div", ["h", "sqrt2"], ["d"]),
+        helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["p"]),
+        helper.make_node("Mul", ["h", "p"], ["q"]),
+        helper.make_node("Mul", ["q", "half"], ["a"]),
+    ]
     model = dense_around(nodes, {"sqrt2": np.sqrt(2.0), "one": 1.0, "half": 0.5}, rng)
     result = reduce_and_check(model, rng, 3, exact=False)
     assert result.report["layers"][0]["activation"] == "Div+Erf+Add+Mul+Mul"
@@ -73,8 +84,10 @@ def test_batchnorm_before_relu_is_folded_into_the_neuron_vector(rng):
     scale = np.array([1.0, 2.0, 1.5, 0.7, 0.7, 0.7])
     shift = np.array([0.3, 0.0, -0.2, 0.0, 0.0, 0.0])
     mean, var = np.zeros(WIDTH), np.ones(WIDTH) - 1e-5
-    nodes = [helper.make_node("BatchNormalization", ["h", "s", "t", "m", "v"], ["n"], epsilon=1e-5),
-             helper.make_node("Relu", ["n"], ["a"])]
+    nodes = [
+        helper.make_node("BatchNormalization", ["h", "s", "t", "m", "v"], ["n"], epsilon=1e-5),
+        helper.make_node("Relu", ["n"], ["a"]),
+    ]
     model = dense_around(nodes, {"s": scale, "t": shift, "m": mean, "v": var}, rng)
     result = reduce_and_check(model, rng, 4, exact=True, rtol=1e-4)
     sliced = {t.name: t.dims for t in result.model.graph.initializer}
@@ -96,9 +109,13 @@ def test_clip(low, high, exact, rng):
 
 
 def test_dropout_cast_identity_and_post_scaling(rng):
-    nodes = [helper.make_node("Relu", ["h"], ["r"]), helper.make_node("Dropout", ["r"], ["d"]),
-             helper.make_node("Cast", ["d"], ["c"], to=TensorProto.FLOAT),
-             helper.make_node("Mul", ["c", "gain"], ["g"]), helper.make_node("Add", ["g", "off"], ["a"])]
+    nodes = [
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Dropout", ["r"], ["d"]),
+        helper.make_node("Cast", ["d"], ["c"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["c", "gain"], ["g"]),
+        helper.make_node("Add", ["g", "off"], ["a"]),
+    ]
     gain, off = rng.uniform(0.5, 2.0, WIDTH), rng.normal(size=WIDTH)
     reduce_and_check(dense_around(nodes, {"gain": gain, "off": off}, rng), rng, 3, exact=True)
 
@@ -114,7 +131,9 @@ def test_channels_reaching_a_graph_output_are_left_alone(rng):
 
 def test_two_consumers_are_rewritten_together(rng):
     model = dense_around([helper.make_node("Relu", ["h"], ["a"])], {}, rng)
-    model.graph.initializer.append(numpy_helper.from_array(rng.normal(size=(WIDTH, 3)).astype(np.float32), "w3"))
+    model.graph.initializer.append(
+        numpy_helper.from_array(rng.normal(size=(WIDTH, 3)).astype(np.float32), "w3")
+    )
     model.graph.node.append(helper.make_node("MatMul", ["a", "w3"], ["y2"], name="fc3"))
     model.graph.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["N", 3]))
     reduce_and_check(model, rng, 3, exact=True)

@@ -5,8 +5,8 @@ import sys
 
 import onnx
 import pytest
-
 from builders import planted_mlp
+
 from condense_graph.cli import main
 from condense_graph.progress import Progress
 
@@ -21,9 +21,23 @@ def model_path(tmp_path):
 def test_plot_writes_heatmaps_and_width_chart(model_path, tmp_path):
     pytest.importorskip("matplotlib")
     import matplotlib.image
+
     plots = tmp_path / "plots"
-    assert main(["reduce", str(model_path), str(tmp_path / "o.onnx"), "--threshold", "0.9999",
-                 "--plot", str(plots), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "reduce",
+                str(model_path),
+                str(tmp_path / "o.onnx"),
+                "--threshold",
+                "0.9999",
+                "--plot",
+                str(plots),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     names = sorted(p.name for p in plots.iterdir())
     assert names == ["cosine_fc1.png", "cosine_fc2.png", "widths.png"]
     for path in plots.iterdir():

@@ -10,13 +10,13 @@ import ml_dtypes
 import numpy as np
 import onnx
 import pytest
+from builders import IR_VERSION, planted_mlp, run
+from conftest import assert_same_outputs, check_full, rounding_scale
 from onnx import TensorProto, helper, numpy_helper
 
 import condense_graph as cg
-from builders import IR_VERSION, planted_mlp, run
 from condense_graph import model_io
 from condense_graph.cli import main
-from conftest import assert_same_outputs, check_full, rounding_scale
 
 
 def cli_error(argv, capsys) -> str:
@@ -41,6 +41,7 @@ def write(tmp_path, model, name="m.onnx"):
 
 
 # ---- bad files -------------------------------------------------------------------------------
+
 
 def test_missing_file(tmp_path, capsys):
     assert "no such file" in cli_error(["reduce", tmp_path / "nope.onnx", tmp_path / "o.onnx"], capsys)
@@ -71,7 +72,9 @@ def test_model_failing_the_checker(tmp_path, capsys):
     assert "fails onnx.checker" in reduce_fails(write(tmp_path, model), tmp_path, capsys)
 
 
-@pytest.mark.parametrize("opset,message", [(6, "older than 7"), (onnx.defs.onnx_opset_version() + 5, "newer than")])
+@pytest.mark.parametrize(
+    "opset,message", [(6, "older than 7"), (onnx.defs.onnx_opset_version() + 5, "newer than")]
+)
 def test_opset_out_of_range(opset, message, tmp_path, capsys):
     model = planted_mlp([5, 12, 3], [4])
     model.opset_import[0].version = opset
@@ -94,11 +97,18 @@ def test_nan_weights_skip_the_layers_that_read_them_and_name_the_initializer(tmp
 
 # ---- external data ---------------------------------------------------------------------------
 
+
 def save_external(model, path):
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # onnx.save rewrites the tensors it externalizes
-    onnx.save(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=path.name + ".data", size_threshold=0)
+    onnx.save(
+        copy,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=0,
+    )
 
 
 def test_external_data_loads_and_saves(tmp_path, rng):
@@ -119,16 +129,28 @@ def test_external_data_flag_and_the_2gb_limit(tmp_path, monkeypatch, rng):
     forced = tmp_path / "forced.onnx"
     assert main(["reduce", str(src), str(forced), "--external-data", "--quiet"]) == 0
     assert (tmp_path / "forced.onnx.data").exists()
-    assert not any(t.raw_data for t in onnx.load(str(forced), load_external_data=False).graph.initializer
-                   if t.data_location == TensorProto.EXTERNAL)
+    assert not any(
+        t.raw_data
+        for t in onnx.load(str(forced), load_external_data=False).graph.initializer
+        if t.data_location == TensorProto.EXTERNAL
+    )
     monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 100)  # a model "over the limit"
     big = tmp_path / "big.onnx"
     assert main(["reduce", str(src), str(big), "--quiet"]) == 0
     assert (tmp_path / "big.onnx.data").exists()
-    assert_same_outputs(onnx.load(str(forced)), onnx.load(str(big)),
-                        {"x": rng.normal(size=(2, 6)).astype(np.float32)}, rtol=0.0)
-    assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data", "forced.onnx",
-                                            "forced.onnx.data", "m.onnx"]
+    assert_same_outputs(
+        onnx.load(str(forced)),
+        onnx.load(str(big)),
+        {"x": rng.normal(size=(2, 6)).astype(np.float32)},
+        rtol=0.0,
+    )
+    assert sorted(os.listdir(tmp_path)) == [
+        "big.onnx",
+        "big.onnx.data",
+        "forced.onnx",
+        "forced.onnx.data",
+        "m.onnx",
+    ]
 
 
 @pytest.mark.parametrize("where", ["parent", "absolute", "symlink"])
@@ -154,6 +176,7 @@ def test_external_data_outside_the_model_directory_is_refused(where, tmp_path, c
 
 # ---- never lose the input --------------------------------------------------------------------
 
+
 def test_an_interrupted_save_leaves_the_old_output(tmp_path, monkeypatch):
     src = write(tmp_path, planted_mlp([6, 20, 3], [5]))
     out = tmp_path / "o.onnx"
@@ -171,9 +194,12 @@ def test_an_interrupted_save_leaves_the_old_output(tmp_path, monkeypatch):
 
 # ---- odd weights and types -------------------------------------------------------------------
 
+
 def as_dtype(model, tensor_type, np_type):
     for i, t in enumerate(model.graph.initializer):
-        model.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np_type), t.name))
+        model.graph.initializer[i].CopyFrom(
+            numpy_helper.from_array(numpy_helper.to_array(t).astype(np_type), t.name)
+        )
     for v in list(model.graph.input) + list(model.graph.output):
         v.type.tensor_type.elem_type = tensor_type
     return model
@@ -182,7 +208,7 @@ def as_dtype(model, tensor_type, np_type):
 def test_float16_model_is_written_back_in_float16(rng):
     model = as_dtype(planted_mlp([6, 20, 16, 3], [5, 4], seed=2), TensorProto.FLOAT16, np.float16)
     result = cg.condense(model, threshold=0.999)
-    assert [l["width_after"] for l in result.report["layers"]] == [5, 4]
+    assert [layer["width_after"] for layer in result.report["layers"]] == [5, 4]
     assert {t.data_type for t in result.model.graph.initializer} == {TensorProto.FLOAT16}
     check_full(result.model)
     x = rng.normal(size=(4, 6)).astype(np.float16)
@@ -191,28 +217,33 @@ def test_float16_model_is_written_back_in_float16(rng):
 
 
 def test_bfloat16_model_is_written_back_in_bfloat16():
-    model = as_dtype(planted_mlp([6, 20, 16, 3], [5, 4], form="matmul", seed=2), TensorProto.BFLOAT16,
-                     ml_dtypes.bfloat16)
+    model = as_dtype(
+        planted_mlp([6, 20, 16, 3], [5, 4], form="matmul", seed=2), TensorProto.BFLOAT16, ml_dtypes.bfloat16
+    )
     result = cg.condense(model, threshold=0.99)
-    assert [l["width_after"] for l in result.report["layers"]] == [5, 4]
+    assert [layer["width_after"] for layer in result.report["layers"]] == [5, 4]
     assert {t.data_type for t in result.model.graph.initializer} == {TensorProto.BFLOAT16}
     check_full(result.model)
     # ONNX Runtime has no bfloat16 Relu on CPU: both models run upcast to float32 (the weights'
     # bfloat16 values exactly), on bfloat16-representable inputs, and the errors are taken in float32
     x = np.random.default_rng(5).normal(size=(64, 6)).astype(ml_dtypes.bfloat16).astype(np.float32)
-    upcast = [as_dtype(onnx.load_from_string(m.SerializeToString()), TensorProto.FLOAT, np.float32)
-              for m in (model, result.model)]
+    upcast = [
+        as_dtype(onnx.load_from_string(m.SerializeToString()), TensorProto.FLOAT, np.float32)
+        for m in (model, result.model)
+    ]
     assert {t.data_type for m in upcast for t in m.graph.initializer} == {TensorProto.FLOAT}
     expected, actual = (run(m, {"x": x})[0] for m in upcast)
     scale = rounding_scale(upcast[0], {"x": x})[0]
     # bfloat16 keeps 8 significant bits: the merge may cost about one unit in the last place
-    assert np.all(np.abs(actual - expected) <= 2.0 ** -8 * scale), np.abs(actual - expected).max()
+    assert np.all(np.abs(actual - expected) <= 2.0**-8 * scale), np.abs(actual - expected).max()
 
 
 def quantized_model():
     model = planted_mlp([6, 20, 3], [5], form="matmul")
     weight = next(t for t in model.graph.initializer if t.name == "fc1.weight")
-    q = numpy_helper.from_array(np.clip(numpy_helper.to_array(weight) * 10, -127, 127).astype(np.int8), "fc1.q")
+    q = numpy_helper.from_array(
+        np.clip(numpy_helper.to_array(weight) * 10, -127, 127).astype(np.int8), "fc1.q"
+    )
     model.graph.initializer.remove(weight)
     model.graph.initializer.extend([q, numpy_helper.from_array(np.array(0.1, np.float32), "fc1.scale")])
     model.graph.node.insert(0, helper.make_node("DequantizeLinear", ["fc1.q", "fc1.scale"], ["fc1.weight"]))
@@ -227,10 +258,14 @@ def test_quantized_weights_are_left_untouched():
     result = cg.condense(model, threshold=0.5)
     reasons = {s["name"]: s["reason"] for s in result.report["skipped"]}
     assert "dequantized" in reasons["fc1"] and "quantized op MatMulInteger" in reasons["mmi"]
-    assert result.model.SerializeToString() == onnx.load_from_string(model.SerializeToString()).SerializeToString()
+    assert (
+        result.model.SerializeToString()
+        == onnx.load_from_string(model.SerializeToString()).SerializeToString()
+    )
 
 
 # ---- graph shapes ----------------------------------------------------------------------------
+
 
 def relu_mlp_with(extra_nodes, extra_outputs, opset=17, domains=()):
     model = planted_mlp([6, 20, 3], [5])
@@ -241,9 +276,11 @@ def relu_mlp_with(extra_nodes, extra_outputs, opset=17, domains=()):
 
 
 def custom_op_model():
-    return relu_mlp_with([helper.make_node("Swish", ["act1"], ["s"], domain="com.example", name="sw")],
-                         [helper.make_tensor_value_info("s", TensorProto.FLOAT, ["N", 20])],
-                         domains=["com.example"])
+    return relu_mlp_with(
+        [helper.make_node("Swish", ["act1"], ["s"], domain="com.example", name="sw")],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, ["N", 20])],
+        domains=["com.example"],
+    )
 
 
 def test_a_custom_domain_op_on_the_path_is_named():
@@ -257,21 +294,39 @@ def test_a_custom_domain_op_on_the_path_is_named():
 def control_flow_model(op):
     if op == "Loop":
         body = helper.make_graph(
-            [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["act1", "acc"], ["acc_out"])],
-            "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-                     helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-                     helper.make_tensor_value_info("acc", TensorProto.FLOAT, ["N", 20])],
-            [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-             helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, ["N", 20])])
+            [
+                helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+                helper.make_node("Add", ["act1", "acc"], ["acc_out"]),
+            ],
+            "body",
+            [
+                helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                helper.make_tensor_value_info("acc", TensorProto.FLOAT, ["N", 20]),
+            ],
+            [
+                helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+                helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, ["N", 20]),
+            ],
+        )
         node = helper.make_node("Loop", ["trip", "", "act1"], ["looped"], body=body)
         inits = [numpy_helper.from_array(np.array(2, np.int64), "trip")]
     else:
         body = helper.make_graph(
-            [helper.make_node("Add", ["state", "row"], ["state_out"]), helper.make_node("Identity", ["row"], ["row_out"])],
-            "body", [helper.make_tensor_value_info("state", TensorProto.FLOAT, [20]),
-                     helper.make_tensor_value_info("row", TensorProto.FLOAT, [20])],
-            [helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [20]),
-             helper.make_tensor_value_info("row_out", TensorProto.FLOAT, [20])])
+            [
+                helper.make_node("Add", ["state", "row"], ["state_out"]),
+                helper.make_node("Identity", ["row"], ["row_out"]),
+            ],
+            "body",
+            [
+                helper.make_tensor_value_info("state", TensorProto.FLOAT, [20]),
+                helper.make_tensor_value_info("row", TensorProto.FLOAT, [20]),
+            ],
+            [
+                helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [20]),
+                helper.make_tensor_value_info("row_out", TensorProto.FLOAT, [20]),
+            ],
+        )
         node = helper.make_node("Scan", ["s0", "act1"], ["looped", "rows"], body=body, num_scan_inputs=1)
         inits = [numpy_helper.from_array(np.zeros(20, np.float32), "s0")]
     shape = ["N", 20] if op == "Loop" else [20]
@@ -307,32 +362,51 @@ def graph_output_model():
 
 
 def tied_model():
-    return relu_mlp_with([helper.make_node("Gemm", ["x", "fc1.weight"], ["tied"], name="tied", transB=1)],
-                         [helper.make_tensor_value_info("tied", TensorProto.FLOAT, ["N", 20])])
+    return relu_mlp_with(
+        [helper.make_node("Gemm", ["x", "fc1.weight"], ["tied"], name="tied", transB=1)],
+        [helper.make_tensor_value_info("tied", TensorProto.FLOAT, ["N", 20])],
+    )
 
 
 def if_model():
     def branch(name):
-        return helper.make_graph([helper.make_node("Identity", ["act1"], [name])], name, [],
-                                 [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 20])])
-    model = relu_mlp_with([helper.make_node("If", ["cond"], ["z"], then_branch=branch("t"), else_branch=branch("e"))],
-                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 20])])
+        return helper.make_graph(
+            [helper.make_node("Identity", ["act1"], [name])],
+            name,
+            [],
+            [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 20])],
+        )
+
+    model = relu_mlp_with(
+        [helper.make_node("If", ["cond"], ["z"], then_branch=branch("t"), else_branch=branch("e"))],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 20])],
+    )
     model.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
     return model
 
 
-@pytest.mark.parametrize("make,reason", [
-    (graph_output_model, "graph output 'act1'"), (tied_model, "weight tying"),
-    (if_model, "subgraph reads"), (lambda: control_flow_model("Loop"), "subgraph reads"),
-    (lambda: control_flow_model("Scan"), "control flow (Scan"), (custom_op_model, "Swish 'sw'"),
-    (quantized_model, "quantized op MatMulInteger"),
-], ids=["graph-output", "tying", "if", "loop", "scan", "custom-op", "quantized"])
+@pytest.mark.parametrize(
+    "make,reason",
+    [
+        (graph_output_model, "graph output 'act1'"),
+        (tied_model, "weight tying"),
+        (if_model, "subgraph reads"),
+        (lambda: control_flow_model("Loop"), "subgraph reads"),
+        (lambda: control_flow_model("Scan"), "control flow (Scan"),
+        (custom_op_model, "Swish 'sw'"),
+        (quantized_model, "quantized op MatMulInteger"),
+    ],
+    ids=["graph-output", "tying", "if", "loop", "scan", "custom-op", "quantized"],
+)
 def test_graph_shapes_through_the_cli(make, reason, tmp_path):
     import json
+
     path = write(tmp_path, make())
     before = path.read_bytes()
     out, report = tmp_path / "o.onnx", tmp_path / "r.json"
-    assert main(["reduce", str(path), str(out), "--threshold", "0.5", "--report", str(report), "--quiet"]) == 0
+    assert (
+        main(["reduce", str(path), str(out), "--threshold", "0.5", "--report", str(report), "--quiet"]) == 0
+    )
     skipped = json.loads(report.read_text())["skipped"]
     assert any(reason in s["reason"] for s in skipped), skipped
     assert path.read_bytes() == before

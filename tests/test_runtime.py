@@ -13,9 +13,9 @@ import logging
 import numpy as np
 import onnx
 import pytest
+from builders import planted_mlp
 from onnx import helper
 
-from builders import planted_mlp
 from condense_graph import api, runtime
 from condense_graph.bench import benchmark, count_macs
 from condense_graph.report import format_reduce_table
@@ -38,9 +38,11 @@ def file_path_records(caplog) -> int:
 @pytest.fixture
 def over_limit(monkeypatch, caplog):
     """Lower the limit and record runtime's DEBUG lines (how often the file path was taken)."""
+
     def lower():
         monkeypatch.setattr(runtime, "PROTOBUF_LIMIT", SMALL_LIMIT)
         caplog.set_level(logging.DEBUG, logger="condense_graph.runtime")
+
     return lower
 
 
@@ -70,8 +72,9 @@ def test_reduce_through_files_gives_the_same_report_and_model(over_limit, caplog
     assert file_path_records(caplog) >= 8
     assert [layer["width_after"] for layer in result.report["layers"]] == [6, 5]
     assert result.report["params_after"] == expected.report["params_after"] < expected.report["params_before"]
-    assert [layer["block_error"] for layer in result.report["layers"]] == \
-        [layer["block_error"] for layer in expected.report["layers"]]
+    assert [layer["block_error"] for layer in result.report["layers"]] == [
+        layer["block_error"] for layer in expected.report["layers"]
+    ]
     assert result.report["verify"]["max_rel_err"] == expected.report["verify"]["max_rel_err"] < 1e-5
     assert json.dumps(result.report, sort_keys=True) == json.dumps(expected.report, sort_keys=True)
     assert result.model.SerializeToString() == expected.model.SerializeToString()
@@ -134,11 +137,14 @@ def test_failed_shape_inference_is_a_warning_in_the_report_the_table_and_the_log
     result = api.condense(with_custom_op(planted_mlp([16, 64, 32, 4], [6, 5], seed=2)), threshold=0.9999)
     warnings = result.report["warnings"]
     assert len(warnings) == 3, warnings
-    assert warnings[0] == ("shape inference failed ([ShapeInferenceError] no schema for Mystery): the graph "
-                           "was analyzed without inferred shapes")
+    assert warnings[0] == (
+        "shape inference failed ([ShapeInferenceError] no schema for Mystery): the graph "
+        "was analyzed without inferred shapes"
+    )
     assert warnings[1].startswith("shape inference failed on the rewritten graph ([ShapeInferenceError]")
-    assert warnings[2].startswith("ONNX Runtime check waived: the input model does not load in ONNX "
-                                  "Runtime either")
+    assert warnings[2].startswith(
+        "ONNX Runtime check waived: the input model does not load in ONNX Runtime either"
+    )
     # the same reduction as without the custom op (ranks come from the declared shapes)
     assert [layer["width_after"] for layer in result.report["layers"]] == [6, 5]
     assert result.report["params_after"] == plain.report["params_after"]
@@ -151,9 +157,15 @@ def test_failed_shape_inference_is_a_warning_in_the_report_the_table_and_the_log
 
 
 def test_warnings_come_after_the_skipped_list():
-    report = {"layers": [], "params_before": 10, "params_after": 10, "file_size_before": 100,
-              "file_size_after": 100, "skipped": [{"name": "conv", "reason": "grouped"}],
-              "warnings": ["shape inference failed (x): y"]}
+    report = {
+        "layers": [],
+        "params_before": 10,
+        "params_after": 10,
+        "file_size_before": 100,
+        "file_size_after": 100,
+        "skipped": [{"name": "conv", "reason": "grouped"}],
+        "warnings": ["shape inference failed (x): y"],
+    }
     text = format_reduce_table(report)
     assert text.index("Skipped (1):") < text.index("Warnings (1):\n  shape inference failed (x): y")
 
@@ -165,8 +177,9 @@ def test_bench_macs_of_a_model_onnx_cannot_infer_are_zero_with_a_warning(monkeyp
     warnings = []
     with caplog.at_level(logging.WARNING, logger="condense_graph.bench"):
         assert count_macs(model, {"x": np.zeros((2, 5), np.float32)}, warnings) == 0
-    assert warnings == [("shape inference failed ([ShapeInferenceError] no schema for Mystery): "
-                         "MACs counted as 0")]
+    assert warnings == [
+        ("shape inference failed ([ShapeInferenceError] no schema for Mystery): MACs counted as 0")
+    ]
     assert [r.getMessage() for r in caplog.records if r.name == "condense_graph.bench"] == warnings
 
 

@@ -12,10 +12,10 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from builders import IR_VERSION, OPSET, planted_mlp, run
 from onnx import TensorProto, helper, numpy_helper
 
 import condense_graph.api as api
-from builders import IR_VERSION, OPSET, planted_mlp, run
 from condense_graph.cli import main
 from passes.condense_channels import CondenseChannelsPass
 
@@ -42,6 +42,7 @@ def one_line(err: str) -> str:
 
 # ---- 11: every written model passes the full checker, loads in ORT, has finite weights --------
 
+
 def nan_weight(model):
     values = array(model, "fc2.weight").copy()
     values[0, 0] = np.nan
@@ -60,9 +61,14 @@ def unknown_to_onnxruntime(model):
     model.graph.node.append(helper.make_node("Mystery", ["pre"], [out], domain="com.example"))
 
 
-@pytest.mark.parametrize("corrupt,reason", [(nan_weight, "NaN/Inf weights ('fc2.weight': 1 of"),
-                                            (dangling_input, "fails onnx.checker"),
-                                            (unknown_to_onnxruntime, "ONNX Runtime cannot load")])
+@pytest.mark.parametrize(
+    "corrupt,reason",
+    [
+        (nan_weight, "NaN/Inf weights ('fc2.weight': 1 of"),
+        (dangling_input, "fails onnx.checker"),
+        (unknown_to_onnxruntime, "ONNX Runtime cannot load"),
+    ],
+)
 def test_a_broken_result_is_never_written_and_exits_3(corrupt, reason, tmp_path, monkeypatch, capsys):
     class CorruptingPass(CondenseChannelsPass):  # stands for a bug in the pass
         def __call__(self, model):
@@ -81,6 +87,7 @@ def test_a_broken_result_is_never_written_and_exits_3(corrupt, reason, tmp_path,
     assert "nothing was written" in line
     assert not out.exists() and open(source, "rb").read() == before
     from condense_graph.errors import InternalError
+
     with pytest.raises(InternalError, match="a bug in condense-graph"):  # API users are protected too
         api.condense(source, threshold=0.9999)
 
@@ -97,6 +104,7 @@ def test_an_input_that_fails_the_full_check_is_refused_not_written(tmp_path, cap
 def test_an_inf_tensor_copied_from_the_input_is_allowed():
     from condense_graph.errors import InternalError
     from condense_graph.safety import check_output
+
     model = planted_mlp([5, 12, 3], [4])
     model.graph.initializer.append(numpy_helper.from_array(np.array(np.inf, np.float32), "clip_max"))
     model.graph.node.insert(1, helper.make_node("Clip", ["fc1_out", "", "clip_max"], ["clipped"]))
@@ -110,6 +118,7 @@ def test_an_inf_tensor_copied_from_the_input_is_allowed():
 
 
 # ---- 12: verification fails by default; NaN/Inf fail; element-wise relative error --------------
+
 
 def classifier_pair(kind):
     """The reference model and a 'reduced' one: output scaled by 0.1 (cosine 1, rel err 0.9), the
@@ -129,25 +138,34 @@ def classifier_pair(kind):
         other.graph.initializer.append(numpy_helper.from_array(np.array(column, np.float32), "c"))
         out = other.graph.output[0].name
         other.graph.node[-1].output[0] = "pre"
-        other.graph.node.extend([helper.make_node(op, ["c"], ["bad"]),
-                                 helper.make_node("Add", ["pre", "bad"], [out])])
+        other.graph.node.extend(
+            [helper.make_node(op, ["c"], ["bad"]), helper.make_node("Add", ["pre", "bad"], [out])]
+        )
     return model, other
 
 
 def errors(expected, actual):
     e, a = expected.astype(np.float64), actual.astype(np.float64)
     diff = np.abs(e - a)
-    return {"max_abs_err": diff.max(), "max_rel_err": diff.max() / np.abs(e).max(),
-            "max_elem_rel_err": (diff / (np.abs(e) + 1e-6)).max(),
-            "cosine": np.sum(e * a) / np.sqrt(np.sum(e * e) * np.sum(a * a))}
+    return {
+        "max_abs_err": diff.max(),
+        "max_rel_err": diff.max() / np.abs(e).max(),
+        "max_elem_rel_err": (diff / (np.abs(e) + 1e-6)).max(),
+        "cosine": np.sum(e * a) / np.sqrt(np.sum(e * e) * np.sum(a * a)),
+    }
 
 
-@pytest.mark.parametrize("kind,breach", [("scaled", "max_rel_err 0.9 > rtol 0.001"),
-                                         ("mixed", "< min-cosine 0.9999")])
+@pytest.mark.parametrize(
+    "kind,breach", [("scaled", "max_rel_err 0.9 > rtol 0.001"), ("mixed", "< min-cosine 0.9999")]
+)
 def test_verify_fails_by_default(kind, breach, tmp_path, capsys):
     model, other = classifier_pair(kind)
-    a, b, data, report = (save(model, tmp_path / "a.onnx"), save(other, tmp_path / "b.onnx"),
-                          tmp_path / "d.npz", tmp_path / "v.json")
+    a, b, data, report = (
+        save(model, tmp_path / "a.onnx"),
+        save(other, tmp_path / "b.onnx"),
+        tmp_path / "d.npz",
+        tmp_path / "v.json",
+    )
     x = np.random.default_rng(3).normal(size=(200, 6)).astype(np.float32)
     np.savez(data, x=x)
     code = main(["verify", a, b, "--data", str(data), "--report", str(report)])
@@ -169,8 +187,19 @@ def test_verify_fails_by_default(kind, breach, tmp_path, capsys):
 def test_nan_or_inf_where_the_original_is_finite_fails(kind, tmp_path, capsys):
     model, other = classifier_pair(kind)
     report = tmp_path / "v.json"
-    code = main(["verify", save(model, tmp_path / "a.onnx"), save(other, tmp_path / "b.onnx"),
-                 "--runs", "3", "--rtol", "1e-3", "--report", str(report)])
+    code = main(
+        [
+            "verify",
+            save(model, tmp_path / "a.onnx"),
+            save(other, tmp_path / "b.onnx"),
+            "--runs",
+            "3",
+            "--rtol",
+            "1e-3",
+            "--report",
+            str(report),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 1, printed
     text = report.read_text()
@@ -185,15 +214,32 @@ def test_nan_or_inf_where_the_original_is_finite_fails(kind, tmp_path, capsys):
 
 # ---- 13: held-out verification; realistic random draws ------------------------------------------
 
+
 def test_reduce_with_data_verifies_on_held_out_rows(tmp_path, capsys):
     model = planted_mlp([6, 24, 16, 3], [5, 4], seed=4)
     rng = np.random.default_rng(5)
     x = rng.normal(size=(50, 6)).astype(np.float32)
-    source, data, out, report = (save(model, tmp_path / "m.onnx"), tmp_path / "d.npz",
-                                 tmp_path / "o.onnx", tmp_path / "r.json")
+    source, data, out, report = (
+        save(model, tmp_path / "m.onnx"),
+        tmp_path / "d.npz",
+        tmp_path / "o.onnx",
+        tmp_path / "r.json",
+    )
     np.savez(data, x=x)
-    code = main(["reduce", source, str(out), "--threshold", "0.9", "--data", str(data), "--verify",
-                 "--report", str(report)])
+    code = main(
+        [
+            "reduce",
+            source,
+            str(out),
+            "--threshold",
+            "0.9",
+            "--data",
+            str(data),
+            "--verify",
+            "--report",
+            str(report),
+        ]
+    )
     printed = capsys.readouterr().out
     verify = json.loads(report.read_text())["verify"]
     assert code == 0
@@ -225,25 +271,47 @@ def conv_model():
     rng = np.random.default_rng(0)
     base = rng.normal(size=(4, 9))
     w1 = (base[[0, 1, 2, 3, 0, 1, 2, 3]] * rng.uniform(0.5, 2, (8, 1))).reshape(8, 1, 3, 3)
-    inits = [numpy_helper.from_array(w1.astype(np.float32), "w1"),
-             numpy_helper.from_array(rng.normal(size=(2, 8, 3, 3)).astype(np.float32), "w2")]
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", kernel_shape=[3, 3]),
-             helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", kernel_shape=[3, 3]),
-             helper.make_node("GlobalAveragePool", ["c2"], ["y"])]
-    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                            ["N", 1, "H", "W"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 1, 1])], inits)
+    inits = [
+        numpy_helper.from_array(w1.astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(size=(2, 8, 3, 3)).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", kernel_shape=[3, 3]),
+        helper.make_node("GlobalAveragePool", ["c2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 1, 1])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
 
 
 def test_random_draws_give_dynamic_dimensions_a_realistic_size(tmp_path):
     model = conv_model()
     source, out, report = save(model, tmp_path / "m.onnx"), tmp_path / "o.onnx", tmp_path / "r.json"
-    assert main(["reduce", source, str(out), "--threshold", "0.9999", "--verify", "--quiet",
-                 "--report", str(report)]) == 0
+    assert (
+        main(
+            [
+                "reduce",
+                source,
+                str(out),
+                "--threshold",
+                "0.9999",
+                "--verify",
+                "--quiet",
+                "--report",
+                str(report),
+            ]
+        )
+        == 0
+    )
     verify = json.loads(report.read_text())
-    assert [l["width_after"] for l in verify["layers"]] == [4]
+    assert [layer["width_after"] for layer in verify["layers"]] == [4]
     verify = verify["verify"]
     assert verify["runs"] == 4 and verify["rows"] == 8  # 4 draws of a batch of 2
     rng, reduced, worst = np.random.default_rng(0), onnx.load(out), 0.0
@@ -258,8 +326,10 @@ def lookup_model(extra_use=False):
     run out of the table; with `extra_use` ids also feed a Cast (not a lookup)."""
     rng = np.random.default_rng(0)
     mlp = planted_mlp([20, 12, 3], [4], seed=2)
-    nodes = [helper.make_node("Gather", ["table", "ids"], ["emb"], axis=0),
-             helper.make_node("Flatten", ["emb"], ["x"], axis=1)] + list(mlp.graph.node)
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["emb"], axis=0),
+        helper.make_node("Flatten", ["emb"], ["x"], axis=1),
+    ] + list(mlp.graph.node)
     inits = [numpy_helper.from_array(rng.normal(size=(7, 4)).astype(np.float32), "table")]
     inits += list(mlp.graph.initializer)
     outputs = list(mlp.graph.output)
@@ -274,8 +344,22 @@ def lookup_model(extra_use=False):
 def test_random_integer_inputs_index_inside_the_table(tmp_path):
     model = lookup_model()
     source, out, report = save(model, tmp_path / "m.onnx"), tmp_path / "o.onnx", tmp_path / "r.json"
-    assert main(["reduce", source, str(out), "--threshold", "0.9999", "--verify", "--quiet",
-                 "--report", str(report)]) == 0
+    assert (
+        main(
+            [
+                "reduce",
+                source,
+                str(out),
+                "--threshold",
+                "0.9999",
+                "--verify",
+                "--quiet",
+                "--report",
+                str(report),
+            ]
+        )
+        == 0
+    )
     verify = json.loads(report.read_text())["verify"]
     rng, reduced, worst = np.random.default_rng(0), onnx.load(out), 0.0
     for _ in range(4):
@@ -294,6 +378,7 @@ def test_random_draws_refuse_integer_inputs_of_unknown_meaning(tmp_path, capsys)
 
 # ---- 14: --min-agreement applies or is an error; --round-to with widths; a width floor ----------
 
+
 def test_min_agreement_that_applies_to_no_output_is_an_error(tmp_path, capsys):
     source = save(planted_mlp([5, 12, 1], [4]), tmp_path / "m.onnx")  # a regression output [N, 1]
     assert main(["verify", source, source, "--min-agreement", "0.99"]) == 2
@@ -305,8 +390,19 @@ def test_min_agreement_makes_any_batch_by_classes_output_class_scores(tmp_path, 
     data, report = tmp_path / "d.npz", tmp_path / "v.json"
     x = np.random.default_rng(3).normal(size=(200, 6)).astype(np.float32)
     np.savez(data, x=x)
-    code = main(["verify", save(model, tmp_path / "a.onnx"), save(other, tmp_path / "b.onnx"), "--data",
-                 str(data), "--min-agreement", "0.99", "--report", str(report)])
+    code = main(
+        [
+            "verify",
+            save(model, tmp_path / "a.onnx"),
+            save(other, tmp_path / "b.onnx"),
+            "--data",
+            str(data),
+            "--min-agreement",
+            "0.99",
+            "--report",
+            str(report),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 1, printed
     agreement = float(np.mean(run(model, {"x": x})[0].argmax(1) == run(other, {"x": x})[0].argmax(1)))
@@ -315,15 +411,19 @@ def test_min_agreement_makes_any_batch_by_classes_output_class_scores(tmp_path, 
     assert f"fc2_out: top-1 agreement {agreement:.4f} < 0.99" in printed
 
 
-@pytest.mark.parametrize("widths,expected", [(["--layer-width", "fc1=5", "--layer-width", "fc2=9"], [8, 12]),
-                                             (["--target-params", "0.5"], None)])
+@pytest.mark.parametrize(
+    "widths,expected",
+    [(["--layer-width", "fc1=5", "--layer-width", "fc2=9"], [8, 12]), (["--target-params", "0.5"], None)],
+)
 def test_round_to_is_honoured_with_requested_widths(widths, expected, tmp_path):
     model = planted_mlp([6, 40, 30, 3], [40, 30], seed=6)  # nothing parallel: widths decide
     source, out, report = save(model, tmp_path / "m.onnx"), tmp_path / "o.onnx", tmp_path / "r.json"
-    assert main(["reduce", source, str(out), "--round-to", "4", "--quiet", "--report", str(report)]
-                + widths) == 0
+    assert (
+        main(["reduce", source, str(out), "--round-to", "4", "--quiet", "--report", str(report)] + widths)
+        == 0
+    )
     layers = json.loads(report.read_text())["layers"]
-    after = [l["width_after"] for l in layers]
+    after = [layer["width_after"] for layer in layers]
     written = [array(onnx.load(out), f"fc{i}.weight").shape[0] for i in (1, 2)]
     assert after == written and all(w % 4 == 0 for w in after)
     if expected is not None:
@@ -331,7 +431,9 @@ def test_round_to_is_honoured_with_requested_widths(widths, expected, tmp_path):
     else:  # round(fraction * width), rounded up to a multiple of 4; the target is not exceeded
         target = json.loads(report.read_text())["target_params"]
         before = 40 * 6 + 40 + 30 * 40 + 30 + 3 * 30 + 3
-        assert after == [-(-round(target["width_fraction"] * l["width_before"]) // 4) * 4 for l in layers]
+        assert after == [
+            -(-round(target["width_fraction"] * layer["width_before"]) // 4) * 4 for layer in layers
+        ]
         params = sum(t.size for t in map(numpy_helper.to_array, onnx.load(out).graph.initializer))
         assert params / before == pytest.approx(target["achieved"])
         assert target["achieved"] <= 0.5
@@ -346,8 +448,22 @@ def test_target_params_never_cuts_a_layer_below_the_floor(tmp_path, capsys):
     line = one_line(capsys.readouterr().err)
     assert f"the smallest reachable is {floor_params / 1803:.3f}" in line and "0.1 of its width" in line
     assert not out.exists()
-    assert main(["reduce", source, str(out), "--target-params", "0.05", "--min-width-fraction", "0.02",
-                 "--report", str(report)]) == 0
+    assert (
+        main(
+            [
+                "reduce",
+                source,
+                str(out),
+                "--target-params",
+                "0.05",
+                "--min-width-fraction",
+                "0.02",
+                "--report",
+                str(report),
+            ]
+        )
+        == 0
+    )
     layer = json.loads(report.read_text())["layers"][0]
     assert array(onnx.load(out), "fc1.weight").shape[0] == layer["width_after"] < 20
     kept = 100 * layer["width_after"] / 200
@@ -355,6 +471,7 @@ def test_target_params_never_cuts_a_layer_below_the_floor(tmp_path, capsys):
 
 
 # ---- 15: exit codes; --debug after the command; a closed stdout ----------------------------------
+
 
 def test_an_unexpected_exception_exits_3_in_one_line(tmp_path, monkeypatch, capsys):
     def crash(self, model):
@@ -365,7 +482,8 @@ def test_an_unexpected_exception_exits_3_in_one_line(tmp_path, monkeypatch, caps
     assert main(["reduce", source, str(tmp_path / "o.onnx")]) == 3
     assert one_line(capsys.readouterr().err) == (
         "condense-graph: internal error (a bug in condense-graph, please report it): ZeroDivisionError: "
-        "float division by zero; rerun with --debug for the traceback")
+        "float division by zero; rerun with --debug for the traceback"
+    )
     with pytest.raises(ZeroDivisionError):
         main(["reduce", source, str(tmp_path / "o.onnx"), "--debug"])
 
@@ -381,14 +499,17 @@ def test_an_internal_error_from_the_math_says_it_is_a_bug(tmp_path, monkeypatch,
     assert main(["reduce", source, str(tmp_path / "o.onnx")]) == 3
     assert one_line(capsys.readouterr().err) == (
         "condense-graph: internal error (a bug in condense-graph, please report it): non-finite merge "
-        "factor or offset for channel(s) [3]; rerun with --debug for the traceback")
+        "factor or offset for channel(s) [3]; rerun with --debug for the traceback"
+    )
     assert not (tmp_path / "o.onnx").exists()
 
 
-CRASHING = ("import sys; from condense_graph.cli import main\n"
-            "from passes.condense_channels import CondenseChannelsPass as P\n"
-            "P.__call__ = lambda self, model: 1 / 0\n"
-            "sys.exit(main(sys.argv[1:]))")
+CRASHING = (
+    "import sys; from condense_graph.cli import main\n"
+    "from passes.condense_channels import CondenseChannelsPass as P\n"
+    "P.__call__ = lambda self, model: 1 / 0\n"
+    "sys.exit(main(sys.argv[1:]))"
+)
 
 
 def test_exit_codes_and_debug_after_the_command_in_a_subprocess(tmp_path):
@@ -411,14 +532,18 @@ def test_exit_codes_and_debug_after_the_command_in_a_subprocess(tmp_path):
 
 def test_a_closed_stdout_ends_quietly(tmp_path):
     source = save(planted_mlp([5, 12, 10, 3], [4, 6]), tmp_path / "m.onnx")
-    proc = subprocess.Popen([sys.executable, "-m", "condense_graph.cli", "inspect", source],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "condense_graph.cli", "inspect", source],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     proc.stdout.close()  # the reader is gone before anything is printed (`| head -0`)
     stderr = proc.stderr.read().decode()
     assert proc.wait() == 0 and stderr == ""
 
 
 # ---- 11 (review): non-finite values the input computes are the input's, not ours ---------------
+
 
 def _with_extra_output(model, nodes, inits, name, shape):
     model.graph.node.extend(nodes)
@@ -436,18 +561,33 @@ def test_non_finite_values_the_input_computes_pass_the_safety_net(pattern, tmp_p
     model = planted_mlp([6, 16, 4], [3])
     if pattern == "causal_mask":
         fill = helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [-np.inf])
-        model = _with_extra_output(model, [
-            helper.make_node("ConstantOfShape", ["mask_shape"], ["full"], value=fill),
-            helper.make_node("Trilu", ["full", "one"], ["mask"], upper=1),
-            helper.make_node("Add", ["s", "mask"], ["masked"])],
-            [numpy_helper.from_array(np.array([4, 4], np.int64), "mask_shape"),
-             numpy_helper.from_array(np.array(1, np.int64), "one")], "masked", [4, 4])
+        model = _with_extra_output(
+            model,
+            [
+                helper.make_node("ConstantOfShape", ["mask_shape"], ["full"], value=fill),
+                helper.make_node("Trilu", ["full", "one"], ["mask"], upper=1),
+                helper.make_node("Add", ["s", "mask"], ["masked"]),
+            ],
+            [
+                numpy_helper.from_array(np.array([4, 4], np.int64), "mask_shape"),
+                numpy_helper.from_array(np.array(1, np.int64), "one"),
+            ],
+            "masked",
+            [4, 4],
+        )
         feeds = {"s": np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)}
     else:
-        model = _with_extra_output(model, [
-            helper.make_node("Constant", [], ["hi"], value_float=float("inf")),
-            helper.make_node("Constant", [], ["lo"], value_float=0.0),
-            helper.make_node("Clip", ["s", "lo", "hi"], ["clipped"])], [], "clipped", [3])
+        model = _with_extra_output(
+            model,
+            [
+                helper.make_node("Constant", [], ["hi"], value_float=float("inf")),
+                helper.make_node("Constant", [], ["lo"], value_float=0.0),
+                helper.make_node("Clip", ["s", "lo", "hi"], ["clipped"]),
+            ],
+            [],
+            "clipped",
+            [3],
+        )
         feeds = {"s": np.array([-1.0, 0.5, 7.0], np.float32)}
     source, out = save(model, tmp_path / "m.onnx"), tmp_path / "o.onnx"
     assert main(["reduce", source, str(out), "--threshold", "1.0", "--quiet"]) == 0
@@ -455,12 +595,15 @@ def test_non_finite_values_the_input_computes_pass_the_safety_net(pattern, tmp_p
     assert len(reduced.graph.node) <= len(model.graph.node)
     feeds["x"] = np.random.default_rng(1).normal(size=(3, 6)).astype(np.float32)
     for expected, actual in zip(run(model, feeds), run(reduced, feeds)):
-        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * np.abs(expected[np.isfinite(expected)]).max())
+        np.testing.assert_allclose(
+            actual, expected, rtol=1e-5, atol=1e-5 * np.abs(expected[np.isfinite(expected)]).max()
+        )
 
 
 def test_a_non_finite_weight_the_pass_wrote_is_refused_even_if_the_input_had_one():
     from condense_graph.errors import InternalError
     from condense_graph.safety import check_output
+
     model = planted_mlp([5, 12, 3], [4])
     made = onnx.ModelProto()
     made.CopyFrom(model)
@@ -481,12 +624,39 @@ def test_a_scalar_graph_input_verifies_with_random_draws_and_data(tmp_path):
     x = np.random.default_rng(2).normal(size=(20, 6)).astype(np.float32)
     np.savez(data, x=x, temperature=np.float32(2.0))
     report = tmp_path / "v.json"
-    assert main(["verify", source, str(tmp_path / "o.onnx"), "--data", str(data), "--batch-size", "8",
-                 "--report", str(report)]) == 0
+    assert (
+        main(
+            [
+                "verify",
+                source,
+                str(tmp_path / "o.onnx"),
+                "--data",
+                str(data),
+                "--batch-size",
+                "8",
+                "--report",
+                str(report),
+            ]
+        )
+        == 0
+    )
     assert json.loads(report.read_text())["rows"] == 20
     feeds = {"x": x, "temperature": np.array(2.0, np.float32)}
     expected = run(model, feeds)[0]
     actual = run(onnx.load(tmp_path / "o.onnx"), feeds)[0]
     assert np.abs(actual - expected).max() <= 1e-5 * np.abs(expected).max()
-    assert main(["reduce", source, str(tmp_path / "o2.onnx"), "--threshold", "1.0", "--data", str(data),
-                 "--verify"]) == 0
+    assert (
+        main(
+            [
+                "reduce",
+                source,
+                str(tmp_path / "o2.onnx"),
+                "--threshold",
+                "1.0",
+                "--data",
+                str(data),
+                "--verify",
+            ]
+        )
+        == 0
+    )

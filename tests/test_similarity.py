@@ -16,10 +16,9 @@ def test_cosine_matches_definition_and_zero_rows_give_zero_not_nan(rng):
 
 def test_greedy_picks_the_neuron_with_most_neighbours_as_main():
     # neuron 1 is close to 0 and 2; 0 and 2 are not close to each other
-    cos = np.array([[1.0, 0.95, 0.5, 0.0],
-                    [0.95, 1.0, 0.95, 0.0],
-                    [0.5, 0.95, 1.0, 0.0],
-                    [0.0, 0.0, 0.0, 1.0]])
+    cos = np.array(
+        [[1.0, 0.95, 0.5, 0.0], [0.95, 1.0, 0.95, 0.0], [0.5, 0.95, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+    )
     groups = greedy_groups(cos, 0.9)
     assert [g.tolist() for g in groups] == [[1, 0, 2], [3]]
 
@@ -40,6 +39,7 @@ def test_widths_shrink_as_threshold_falls(rng):
 
 def test_round_up_splits_the_least_similar_members(rng):
     from condense_graph.similarity import round_up_groups
+
     base = rng.normal(size=(3, 12))
     v = np.repeat(base, 5, axis=0) + 0.02 * rng.normal(size=(15, 12))
     cos = cosine_similarity(v)
@@ -58,6 +58,7 @@ def test_the_weight_part_must_agree_too(rng):
     """Small unrelated weights under one large bias: the [w, b] cosine is ~1, the weight cosine is
     not, and neuron_similarity takes the smaller (issue 10, item 3). Zero weight parts agree."""
     from condense_graph.similarity import neuron_similarity, weight_cosine
+
     v = np.c_[0.01 * rng.normal(size=(3, 9)), np.full(3, 3.0)]
     v = np.r_[v, [[0.0] * 9 + [1.0], [0.0] * 9 + [2.0]]]
     full, weights = cosine_similarity(v), weight_cosine(v)
@@ -69,6 +70,7 @@ def test_the_weight_part_must_agree_too(rng):
 
 def test_constant_agreement_is_one_minus_the_relative_difference():
     from condense_graph.similarity import constant_agreement
+
     slopes = np.array([0.2, 0.2, 0.2002, -0.2, 0.0])
     agree = constant_agreement([slopes], 5)
     assert agree[0, 1] == 1.0

@@ -5,10 +5,10 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-
-import condense_graph as cg
 from builders import planted_rows
 from conftest import assert_same_outputs, check_full
+
+import condense_graph as cg
 
 torch = pytest.importorskip("torch")
 
@@ -32,14 +32,25 @@ def planted_torch_mlp(widths, distinct, activation, seed):
 def export(module, example, dynamo, path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), str(path), input_names=["x"], output_names=["y"],
-                          dynamo=dynamo, opset_version=18 if dynamo else 17,
-                          dynamic_axes=None if dynamo else {"x": {0: "batch"}, "y": {0: "batch"}})
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=["x"],
+            output_names=["y"],
+            dynamo=dynamo,
+            opset_version=18 if dynamo else 17,
+            dynamic_axes=None if dynamo else {"x": {0: "batch"}, "y": {0: "batch"}},
+        )
     return onnx.load(str(path))
 
 
-CASES = [([5, 12, 3], [4]), ([5, 12, 10, 3], [4, 6]), ([6, 16, 12, 10, 2], [5, 3, 7]),
-         ([7, 20, 16, 12, 8, 3], [6, 4, 5, 2])]
+CASES = [
+    ([5, 12, 3], [4]),
+    ([5, 12, 10, 3], [4, 6]),
+    ([6, 16, 12, 10, 2], [5, 3, 7]),
+    ([7, 20, 16, 12, 8, 3], [6, 4, 5, 2]),
+]
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
@@ -56,8 +67,9 @@ def test_exported_relu_mlp_reduces_exactly(case, dynamo, tmp_path, rng):
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-@pytest.mark.parametrize("activation,exact", [(torch.nn.GELU, False), (torch.nn.SiLU, False),
-                                              (torch.nn.LeakyReLU, True)])
+@pytest.mark.parametrize(
+    "activation,exact", [(torch.nn.GELU, False), (torch.nn.SiLU, False), (torch.nn.LeakyReLU, True)]
+)
 def test_exported_activations_on_sequences(activation, exact, dynamo, tmp_path, rng):
     module = planted_torch_mlp([6, 16, 12, 3], [5, 4], activation, seed=7)
     x = torch.from_numpy(rng.normal(size=(2, 9, 6)).astype(np.float32))  # [batch, seq, features]

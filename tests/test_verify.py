@@ -5,9 +5,9 @@ import json
 import numpy as np
 import onnx
 import pytest
+from builders import planted_mlp
 from onnx import TensorProto, helper, numpy_helper
 
-from builders import planted_mlp
 from condense_graph.cli import main
 from condense_graph.verify import compare_models
 
@@ -49,8 +49,24 @@ def files(tmp_path):
 
 def test_a_model_against_itself_has_zero_error(files, tmp_path, capsys):
     report = tmp_path / "v.json"
-    assert main(["verify", str(files["orig"]), str(files["same"]), "--atol", "0", "--rtol", "0",
-                 "--min-agreement", "1", "--report", str(report)]) == 0
+    assert (
+        main(
+            [
+                "verify",
+                str(files["orig"]),
+                str(files["same"]),
+                "--atol",
+                "0",
+                "--rtol",
+                "0",
+                "--min-agreement",
+                "1",
+                "--report",
+                str(report),
+            ]
+        )
+        == 0
+    )
     out = json.loads(report.read_text())["outputs"]["probs"]
     assert out["max_abs_err"] == 0.0 and out["max_rel_err"] == 0.0
     assert out["cosine"] == pytest.approx(1.0, abs=1e-12) and out["top1_agreement"] == 1.0
@@ -67,14 +83,31 @@ def test_a_perturbed_copy_fails_each_tolerance(flag, value, files, capsys):
 def test_data_with_labels_gives_both_accuracies(files, tmp_path):
     report = tmp_path / "v.json"
     # a copy perturbed by 0.5 fails the default tolerances (issue 10 item 12; it passed before)
-    assert main(["verify", str(files["orig"]), str(files["off"]), "--data", str(files["data"]),
-                 "--labels", "y", "--batch-size", "64", "--report", str(report)]) == 1
+    assert (
+        main(
+            [
+                "verify",
+                str(files["orig"]),
+                str(files["off"]),
+                "--data",
+                str(files["data"]),
+                "--labels",
+                "y",
+                "--batch-size",
+                "64",
+                "--report",
+                str(report),
+            ]
+        )
+        == 1
+    )
     result = json.loads(report.read_text())
     out = result["outputs"]["probs"]
     assert result["inputs"] == "data" and result["runs"] == 5  # 300 rows in batches of 64
     model_a, model_b = onnx.load(files["orig"]), onnx.load(files["off"])
     data = np.load(files["data"])
     from builders import run
+
     pa, pb = run(model_a, {"x": data["x"]})[0], run(model_b, {"x": data["x"]})[0]
     assert out["accuracy_original"] == pytest.approx(np.mean(pa.argmax(1) == data["y"]))
     assert out["accuracy_reduced"] == pytest.approx(np.mean(pb.argmax(1) == data["y"]))
@@ -90,19 +123,24 @@ def test_dynamic_dimensions_come_from_input_shape(tmp_path):
     result = compare_models(model, reduced, {"x": [3, 7, 6]}, runs=2)
     assert 0 < result["outputs"]["probs"]["max_abs_err"] < 1e-2
     onnx.save(model, tmp_path / "a.onnx")
-    assert main(["verify", str(tmp_path / "a.onnx"), str(tmp_path / "a.onnx"),
-                 "--input-shape", "x:2,5,6"]) == 0
+    assert (
+        main(["verify", str(tmp_path / "a.onnx"), str(tmp_path / "a.onnx"), "--input-shape", "x:2,5,6"]) == 0
+    )
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--data", "{missing}"], "cannot read data file"),
-    (["--labels", "y"], "--labels needs --data"),
-    (["--data", "{wrong}"], "has no array 'x'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--data", "{missing}"], "cannot read data file"),
+        (["--labels", "y"], "--labels needs --data"),
+        (["--data", "{wrong}"], "has no array 'x'"),
+    ],
+)
 def test_bad_verify_input_is_one_line_exit_2(args, message, files, tmp_path, capsys):
     np.savez(tmp_path / "wrong.npz", z=np.zeros((3, 6), np.float32))
-    argv = ["verify", str(files["orig"]), str(files["same"])] + \
-        [a.format(missing=tmp_path / "nope.npz", wrong=tmp_path / "wrong.npz") for a in args]
+    argv = ["verify", str(files["orig"]), str(files["same"])] + [
+        a.format(missing=tmp_path / "nope.npz", wrong=tmp_path / "wrong.npz") for a in args
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1

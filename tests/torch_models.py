@@ -17,8 +17,11 @@ if TYPE_CHECKING:
 
 
 def conv_bn_relu6(inp, out, kernel=3, stride=1, groups=1):
-    return nn.Sequential(nn.Conv2d(inp, out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-                         nn.BatchNorm2d(out), nn.ReLU6(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(inp, out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(out),
+        nn.ReLU6(inplace=True),
+    )
 
 
 class InvertedResidual(nn.Module):
@@ -27,8 +30,11 @@ class InvertedResidual(nn.Module):
         hidden = int(round(inp * expand_ratio))
         self.use_residual = stride == 1 and inp == out
         layers = [conv_bn_relu6(inp, hidden, kernel=1)] if expand_ratio != 1 else []
-        layers += [conv_bn_relu6(hidden, hidden, stride=stride, groups=hidden),
-                   nn.Conv2d(hidden, out, 1, bias=False), nn.BatchNorm2d(out)]
+        layers += [
+            conv_bn_relu6(hidden, hidden, stride=stride, groups=hidden),
+            nn.Conv2d(hidden, out, 1, bias=False),
+            nn.BatchNorm2d(out),
+        ]
         self.conv = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -36,8 +42,15 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-                (6, 160, 3, 2), (6, 320, 1, 1)]
+    SETTINGS = [
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ]
 
     def __init__(self, num_classes=10, first_stride=1):
         super().__init__()
@@ -61,11 +74,20 @@ class Bottleneck(nn.Module):
         super().__init__()
         out = width * 4
         self.body = nn.Sequential(
-            nn.Conv2d(inp, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, out, 1, bias=False), nn.BatchNorm2d(out))
-        self.skip = nn.Sequential() if stride == 1 and inp == out else nn.Sequential(
-            nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+            nn.Conv2d(inp, width, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, out, 1, bias=False),
+            nn.BatchNorm2d(out),
+        )
+        self.skip = (
+            nn.Sequential()
+            if stride == 1 and inp == out
+            else nn.Sequential(nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+        )
 
     def forward(self, x):
         return torch.relu(self.body(x) + self.skip(x))
@@ -106,13 +128,21 @@ def randomize_batchnorm(module: nn.Module, generator: torch.Generator) -> None:
                 bn.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
 
 
-def export(module: nn.Module, example: torch.Tensor, dynamo: bool, path) -> "onnx.ModelProto":
+def export(module: nn.Module, example: torch.Tensor, dynamo: bool, path) -> onnx.ModelProto:
     """Export with the TorchScript (dynamo=False, opset 17) or the dynamo exporter (opset 18)."""
     import warnings
 
     import onnx
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), str(path), input_names=["x"], output_names=["y"],
-                          dynamo=dynamo, opset_version=18 if dynamo else 17)
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=["x"],
+            output_names=["y"],
+            dynamo=dynamo,
+            opset_version=18 if dynamo else 17,
+        )
     return onnx.load(str(path))
