@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from condense_graph import runtime
+from condense_graph.protos import all_graphs
 
 # graphsurgeon warns on stdout about bfloat16 and missing colour support; our CLI owns stdout
 G_LOGGER.severity = G_LOGGER.ERROR
@@ -59,15 +60,6 @@ def export_like(graph: gs.Graph, original: onnx.ModelProto, warnings: list | Non
         del g.value_info[:]
         g.value_info.extend(kept)
     return model
-
-
-def all_graphs(graph: onnx.GraphProto):
-    """`graph` and every If/Loop/Scan body in it, at any depth (the one walk over ONNX protos)."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            for body in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from all_graphs(body)
 
 
 def _restore_node_docs(graph: onnx.GraphProto, original: onnx.GraphProto) -> None:

@@ -27,6 +27,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from condense_graph.errors import CondenseError
+from condense_graph.protos import all_tensors
 
 MIN_OPSET = 7
 PROTOBUF_LIMIT = 2**31 - 1  # bytes one protobuf message can hold
@@ -63,13 +64,13 @@ def _read(path: Path) -> tuple[onnx.ModelProto, bool]:
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model))
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model.graph))
 
 
 def check_external_locations(model: onnx.ModelProto, base: Path) -> None:
     """Every external-data file must lie inside `base`, reached without leaving it."""
     root = base.resolve()
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = {e.key: e.value for e in tensor.external_data}.get("location", "")
@@ -79,14 +80,6 @@ def check_external_locations(model: onnx.ModelProto, base: Path) -> None:
                 f"external data of '{tensor.name}' points outside the model's "
                 f"directory ({location!r}): refused"
             )
-
-
-def _all_tensors(model: onnx.ModelProto):
-    yield from model.graph.initializer
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
 
 
 def validate(model: onnx.ModelProto, external_path: Path | None = None) -> None:
@@ -160,4 +153,4 @@ def _write(model: onnx.ModelProto, target: Path, external: bool) -> list[str]:
 
 
 def _tensor_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in _all_tensors(model))
+    return sum(len(t.raw_data) for t in all_tensors(model.graph))

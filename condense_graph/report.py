@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from condense_graph.graph import all_graphs
+from condense_graph.protos import all_graphs
 
 
 def count_params(model: onnx.ModelProto) -> int:

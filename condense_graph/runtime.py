@@ -24,6 +24,7 @@ import onnxruntime as ort
 
 from condense_graph import model_io
 from condense_graph.errors import CondenseError
+from condense_graph.protos import all_tensors
 
 # one protobuf message holds at most this many bytes; the same limit as model_io's (tests lower it)
 PROTOBUF_LIMIT = model_io.PROTOBUF_LIMIT
@@ -108,23 +109,11 @@ def _infer_shapes_path(path: Path, data_prop: bool) -> onnx.ModelProto:
     inferred = path.with_name("inferred.onnx")  # beside the data file its tensors point to
     onnx.shape_inference.infer_shapes_path(str(path), str(inferred), data_prop=data_prop)
     model = onnx.load(str(inferred))  # external data loaded back into the tensors
-    for tensor in _tensors(model.graph):
+    for tensor in all_tensors(model.graph):
         if tensor.data_location == onnx.TensorProto.DEFAULT:
             # loading sets the default explicitly: cleared, the bytes are those of the in-memory path
             tensor.ClearField("data_location")
     return model
-
-
-def _tensors(graph: onnx.GraphProto):
-    """Initializers and tensor attributes of `graph` and of every subgraph in it."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _tensors(sub)
 
 
 def one_line(err: Exception, last: bool = True) -> str:

@@ -28,7 +28,7 @@ from onnx import numpy_helper
 
 from condense_graph import runtime
 from condense_graph.errors import CondenseError, InternalError
-from condense_graph.graph import all_graphs
+from condense_graph.protos import all_graphs, all_tensors
 
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -142,14 +142,3 @@ def fingerprint(tensor: onnx.TensorProto) -> tuple:
     whatever their name, dtype or (broadcast-equivalent) shape."""
     values = numpy_helper.to_array(tensor).astype(np.float64).reshape(-1)
     return values.size, hashlib.sha256(values.tobytes()).hexdigest()
-
-
-def all_tensors(graph: onnx.GraphProto):
-    """Initializers and tensor attributes of `graph` and of every subgraph in it."""
-    for g in all_graphs(graph):
-        yield from g.initializer
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors

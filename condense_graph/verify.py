@@ -37,8 +37,8 @@ import onnx
 
 from condense_graph import runtime
 from condense_graph.errors import CondenseError
-from condense_graph.graph import all_graphs
 from condense_graph.progress import Progress, silent
+from condense_graph.protos import all_graphs
 
 DEFAULT_RTOL = 1e-3  # largest max_rel_err (scale-relative) accepted by default
 DEFAULT_MIN_COSINE = 0.9999  # smallest output cosine accepted by default

@@ -174,6 +174,35 @@ def test_external_data_outside_the_model_directory_is_refused(where, tmp_path, c
     assert "points outside the model's directory" in reduce_fails(path, tmp_path, capsys)
 
 
+def test_external_data_of_a_tensor_inside_an_if_branch_is_checked_too(tmp_path, capsys):
+    """A weight inside an If body pointing at ../secret.bin is refused before anything is read."""
+    model = planted_mlp([6, 20, 3], [5])
+    out = model.graph.output[0].name
+    model.graph.node[-1].output[0] = "head"
+    weight = numpy_helper.from_array(np.ones((1, 3), np.float32), "branch.weight")
+    branch = helper.make_graph(
+        [helper.make_node("Add", ["head", "branch.weight"], ["b_out"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("b_out", TensorProto.FLOAT, None)],
+        [weight],
+    )
+    model.graph.node.append(helper.make_node("If", ["cond"], [out], then_branch=branch, else_branch=branch))
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    (tmp_path / "secret.bin").write_bytes(np.ones(3, np.float32).tobytes())
+    inner = tmp_path / "models"
+    inner.mkdir()
+    for body in (model.graph.node[-1].attribute[0].g, model.graph.node[-1].attribute[1].g):
+        tensor = body.initializer[0]
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", "../secret.bin"), ("offset", "0"), ("length", "12")):
+            tensor.external_data.add(key=key, value=value)
+    path = inner / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    assert "points outside the model's directory" in reduce_fails(path, tmp_path, capsys)
+
+
 # ---- never lose the input --------------------------------------------------------------------
 
 
