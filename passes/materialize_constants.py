@@ -17,6 +17,8 @@ Normalizations around the folder keep it honest:
   evaluates; folding runs again so what depended on it (an Expand of the cast) folds too.
 - `Constant(value_floats=...)` is float32, which onnx-graphsurgeon would fold into float64.
 - A Conv bias the graph computed that folds into zeros is dropped (a Conv without bias).
+- Scalars the folder computed that are byte-identical (dynamo casts one Constant once per use)
+  become one tensor, so the written file does not store them several times.
 - `If` nodes whose condition folds to a constant are not flattened: onnx-graphsurgeon 0.6.1 rebinds
   only the first output of the chosen branch and writes an invalid model for two or more.
 
@@ -46,12 +48,36 @@ def materialize_constants(graph: gs.Graph) -> bool:
         float_constants_as_tensors(g)
         bypass_identities_of_constants(g)
     computed_biases = [n for g in all_graphs(graph) for n in g.nodes if _has_computed_bias(n)]
+    stored = {
+        name for g in all_graphs(graph) for name, t in g.tensors().items() if isinstance(t, gs.Constant)
+    }
     fold(graph)
     if sum(castlike_to_cast(g) for g in all_graphs(graph)):
         fold(graph)
     drop_zero_biases(computed_biases)
+    for g in all_graphs(graph):
+        share_folded_scalars(g, stored)
     graph.cleanup()
     return len(graph.nodes) != before
+
+
+def share_folded_scalars(graph: gs.Graph, stored: set[str]) -> int:
+    """Scalars the folder made (one per `CastLike` of the same Constant, as dynamo writes them) that
+    are byte-identical become one tensor. Only scalars: a shared per-channel constant or weight
+    would look tied to the analysis and block a reduction. Returns how many uses were rewired."""
+    canonical: dict[tuple, gs.Constant] = {}
+    count = 0
+    for node in graph.nodes:
+        for i, tensor in enumerate(node.inputs):
+            if not isinstance(tensor, gs.Constant) or tensor.name in stored or tensor.values.size != 1:
+                continue
+            values = np.asarray(tensor.values)
+            key = (values.dtype.str, values.shape, values.tobytes())
+            kept = canonical.setdefault(key, tensor)
+            if kept is not tensor:
+                node.inputs[i] = kept
+                count += 1
+    return count
 
 
 def fold(graph: gs.Graph) -> None:

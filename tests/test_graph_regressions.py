@@ -217,6 +217,42 @@ def test_castlike_bounds_and_expanded_bias_are_folded(rng):
     assert_sizes_are_the_truth(model, result)
 
 
+def test_scalars_folded_from_one_constant_are_not_duplicated(rng):
+    """Dynamo writes one CastLike per use of a constant: two ReLU6 bounds from the same two Constant
+    nodes fold into four scalars unless folding's copies are deduplicated (2 stored, 2 written)."""
+    rows, _ = copies(rng, 8, 3, 3 * 9)
+    inits = [
+        f32("c1.w", rows[:, :-1].reshape(8, 3, 3, 3)),
+        f32("c1.b", rows[:, -1]),
+        f32("c2.w", rng.normal(size=(6, 8, 1, 1))),
+        f32("c3.w", rng.normal(size=(4, 6, 1, 1))),
+    ]
+    lo = helper.make_node("Constant", [], ["lo"], value=numpy_helper.from_array(np.array(0.0)))
+    hi = helper.make_node("Constant", [], ["hi"], value=numpy_helper.from_array(np.array(6.0)))
+    nodes = [lo, hi, helper.make_node("Conv", ["x", "c1.w", "c1.b"], ["c1"], name="c1", kernel_shape=[3, 3])]
+    for i, (src, out) in enumerate([("c1", "r1"), ("c2", "r2")]):
+        nodes += [
+            helper.make_node("CastLike", ["lo", src], [f"lo{i}"]),
+            helper.make_node("CastLike", ["hi", src], [f"hi{i}"]),
+            helper.make_node("Clip", [src, f"lo{i}", f"hi{i}"], [out], name=f"relu6_{i}"),
+        ]
+        if src == "c1":
+            nodes.append(helper.make_node("Conv", ["r1", "c2.w"], ["c2"], name="c2"))
+    nodes.append(helper.make_node("Conv", ["r2", "c3.w"], ["y"], name="c3"))
+    model = make_model(nodes, inits, [value("x", ["N", 3, 6, 6])], [value("y", ["N", 4, 4, 4])], opset=18)
+    result = cg.condense(model, threshold=0.9999)
+    assert [(layer["name"], layer["width_after"]) for layer in result.report["layers"]] == [
+        ("c1", 3),
+        ("c2", 6),
+    ]
+    check_full(result.model)
+    assert_equal_to_rounding(model, result.model, {"x": rng.normal(size=(2, 3, 6, 6)).astype(np.float32)})
+    scalars = [t for t in result.model.graph.initializer if not t.dims]
+    assert len(scalars) == 2, [t.name for t in scalars]
+    # c1 8*27+8 -> 3*27+3, c2 6*8 -> 6*3, c3 24, and the 2 bounds
+    assert (result.report["params_before"], result.report["params_after"]) == (298, 128)
+
+
 # ---- 9: Clip(x, min, +inf) ---------------------------------------------------------------------
 
 
