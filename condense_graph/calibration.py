@@ -53,19 +53,21 @@ def capture(model: onnx.ModelProto, names: list[str], calibration: Calibration):
 
     Only the part of the model that computes them runs: it is cut out with onnx.utils.Extractor
     (the whole model, with the tensors as extra outputs, when that fails)."""
-    sess = runtime.session(prefix(model, names, calibration.warnings))
+    sess = prefix_session(model, names, calibration.warnings)
     for feeds in data_batches(model, calibration.data, calibration.batch_size):
         yield [np.asarray(v) for v in runtime.run(sess, feeds, names)]
 
 
-def prefix(model: onnx.ModelProto, names: list[str], warnings: list | None = None) -> onnx.ModelProto:
-    """The subgraph of `model` from its inputs to the tensors `names` (the whole model with them
-    as extra outputs when it cannot be cut out: logged and added to `warnings`)."""
+def prefix_session(model: onnx.ModelProto, names: list[str], warnings: list | None = None):
+    """A session computing the tensors `names`: on the cut-out prefix of `model` when it can be cut
+    and loads (onnx.utils.Extractor does not follow what If/Loop/Scan bodies read from the outer
+    graph, so a cut through them can miss nodes), else on the whole model with them as extra
+    outputs, which is logged and added to `warnings`."""
     inputs = [i.name for i in graph_inputs(model)]
     # the Extractor finds the cut tensors' types in value_info, which written models do not keep
     inferred, _ = runtime.infer_shapes(model)
     try:
-        return onnx.utils.Extractor(inferred).extract_model(inputs, names)
+        return runtime.session(onnx.utils.Extractor(inferred).extract_model(inputs, names))
     except Exception as err:  # noqa: BLE001 - subgraphs, missing shapes: run the whole model instead
         why = runtime.one_line(err, last=False)
         runtime.degraded(
@@ -74,16 +76,21 @@ def prefix(model: onnx.ModelProto, names: list[str], warnings: list | None = Non
             "calibration runs the whole model: the part computing the "
             f"captured tensors cannot be cut out ({why})",
         )
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        present = {o.name for o in copy.graph.output}
-        typed = {v.name: v for v in copy.graph.value_info}
-        copy.graph.output.extend(
-            typed.get(n) or onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-            for n in names
-            if n not in present
-        )
-        return copy
+        return runtime.session(with_outputs(model, names))
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` that also outputs the tensors `names`."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    present = {o.name for o in copy.graph.output}
+    typed = {v.name: v for v in copy.graph.value_info}
+    copy.graph.output.extend(
+        typed.get(n) or onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+        for n in names
+        if n not in present
+    )
+    return copy
 
 
 def channel_gram(model: onnx.ModelProto, layer: Layer, calibration: Calibration) -> np.ndarray:

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from builders import IR_VERSION, planted_cnn, planted_mlp, run
+from builders import IR_VERSION, planted_cnn, planted_mlp, planted_rows, run
 from conftest import assert_equal_to_rounding
 from onnx import TensorProto, helper, numpy_helper
 
@@ -252,3 +252,49 @@ def test_depthwise_projection_is_refit(tmp_path):
     assert layer["width_after"] == 9 and layer["refit"][0]["refit"]
     assert layer["refit"][0]["calibration_err_refit"] < layer["refit"][0]["calibration_err_paper"]
     assert rms_error(model, aware.model, held) < rms_error(model, paper, held)
+
+
+def test_calibration_through_an_if_that_reads_outer_tensors(tmp_path):
+    """onnx.utils.Extractor does not see what If bodies read from the outer graph: a prefix cut
+    through such an If does not load. Calibration then runs the whole model (and says so)."""
+    rng = np.random.default_rng(3)
+    rows = planted_rows(rng, 12, 4, 8)
+
+    def branch(name):
+        bias = numpy_helper.from_array(rng.normal(size=8).astype(np.float32), f"{name}.b")
+        return helper.make_graph(
+            [helper.make_node("Add", ["a0", f"{name}.b"], [f"{name}_out"])],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, ["N", 8])],
+            [bias],
+        )
+
+    inits = {
+        "fc0.w": rng.normal(size=(8, 6)),
+        "fc1.w": rows[:, :-1],
+        "fc1.b": rows[:, -1],
+        "fc2.w": rng.normal(size=(3, 12)),
+    }
+    nodes = [
+        helper.make_node("Gemm", ["x", "fc0.w"], ["h0"], transB=1, name="fc0"),
+        helper.make_node("Relu", ["h0"], ["a0"]),
+        helper.make_node("If", ["cond"], ["b0"], then_branch=branch("then"), else_branch=branch("else")),
+        helper.make_node("Gemm", ["b0", "fc1.w", "fc1.b"], ["h1"], transB=1, name="fc1"),
+        helper.make_node("Relu", ["h1"], ["a1"]),
+        helper.make_node("Gemm", ["a1", "fc2.w"], ["y"], transB=1, name="fc2"),
+    ]
+    initializers = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()]
+    initializers.append(numpy_helper.from_array(np.array(True), "cond"))
+    graph = helper.make_graph(
+        nodes,
+        "if_outer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+    result = cg.condense(model, threshold=0.9999, calibration={"x": data(1, 200, (6,))})
+    assert [(layer["name"], layer["width_after"]) for layer in result.report["layers"]] == [("fc1", 4)]
+    assert any("calibration runs the whole model" in w for w in result.report["warnings"])
+    assert_equal_to_rounding(model, result.model, {"x": data(2, 20, (6,))})
