@@ -21,6 +21,7 @@ from condense_graph.model_io import load_model
 from condense_graph.progress import Progress
 from condense_graph.report import build_report, count_params
 from condense_graph.safety import check_output
+from condense_graph.selectors import get_selector
 from condense_graph.verify import (
     check_agreement_applies,
     check_random_draws,
@@ -88,8 +89,9 @@ def condense(
     data, held = _split_for_verification(
         _calibration(calibration, original, similarity), original, verify, holdout
     )
-    if similarity == "magnitude" and not layer_widths and target_params is None:
-        raise CondenseError("magnitude pruning needs layer widths or target_params")
+    selector = get_selector(similarity)
+    if selector.needs_width and not layer_widths and target_params is None:
+        raise CondenseError(f"{selector.label} needs layer widths or target_params")
     _check_widths(dict(layer_widths or {}), target_params)
     widths, target = planned_widths(
         original, dict(layer_widths or {}), target_params, round_to, similarity, min_width_fraction
@@ -234,7 +236,7 @@ def widths_for_params(
     before = count_params(model)
     # sizes from the analyzed graph, where Constant nodes have become initializers
     sizes = {name: int(t.values.size) for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
-    selection = "magnitude" if similarity == "magnitude" else "weights"
+    selection = get_selector(similarity).data_free().name  # the search runs without data
     free = [
         layer
         for layer in analysis.layers
@@ -279,11 +281,10 @@ def _check_widths(widths: dict, target: float | None) -> None:
 
 
 def _calibration(source, model: onnx.ModelProto, similarity: str) -> Calibration | None:
-    if similarity not in ("weights", "activations", "magnitude"):
-        raise CondenseError(f"similarity must be 'weights', 'activations' or 'magnitude', got {similarity!r}")
+    selector = get_selector(similarity)
     if source is None:
-        if similarity == "activations":
-            raise CondenseError("similarity 'activations' needs calibration data")
+        if selector.needs_calibration:
+            raise CondenseError(f"{selector.label} needs calibration data")
         return None
     if isinstance(source, dict):
         from condense_graph.verify import check_lengths, graph_inputs

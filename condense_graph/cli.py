@@ -27,6 +27,7 @@ from condense_graph.report import (
     format_verify_table,
 )
 from condense_graph.safety import BUG
+from condense_graph.selectors import names as selector_names
 from condense_graph.verify import (
     DEFAULT_BATCH,
     DEFAULT_DIM,
@@ -118,7 +119,7 @@ def _add_reduce(reduce) -> None:
     )
     reduce.add_argument(
         "--similarity",
-        choices=["weights", "activations", "magnitude"],
+        choices=selector_names(),
         default="weights",
         help="group neurons by weight vectors (the paper) or, with --data, activations; "
         "'magnitude' is the pruning baseline (keep the largest, needs widths)",

@@ -5,6 +5,8 @@ layer is judged on weights that already include the merges of the layer before i
 reduces layer by layer). Every channel count used while planning comes from those current arrays,
 never from tensor shapes recorded before earlier merges. Planning reads the graph structure from
 the analysis and never edits the graph; `passes.condense_channels` writes the arrays back.
+Which neurons merge is decided by a selection rule (`condense_graph.selectors`): dense, conv and
+depthwise layers hand it the same `Rows` of candidate channels and apply its `Selection`.
 
 Every reduced layer reports `block_error`: the error its merge makes at the output of its first
 consumer, measured with ONNX Runtime on a fixed random probe (`BlockProbe`). A depthwise block
@@ -13,23 +15,17 @@ whose measured error breaks its budget (`error_budget`) is rolled back and left 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from condense_graph.analysis import Consumer, Layer, Producer
 from condense_graph.chain_eval import affine_coefficients, evaluate_chain, float32_if_half
+from condense_graph.errors import CondenseError
 from condense_graph.merge import ChannelMap, channel_map, least_squares_rows, merge_consumer, norm_ratios
-from condense_graph.refit import activation_cosine, projection_factors
-from condense_graph.similarity import (
-    COSINE_TOLERANCE,
-    constant_agreement,
-    greedy_groups,
-    groups_for_width,
-    neuron_similarity,
-    round_up_groups,
-)
+from condense_graph.selectors import DEFAULT, SELECTORS, Grouping, Rows, Selection, Selector
+from condense_graph.similarity import COSINE_TOLERANCE
 
 PROBE_ROWS = 2  # batch of the block-error probe when the model's batch size is dynamic
 PROBE_MIN_SIDE = 8  # a dynamic spatial size is at least this, and large enough for the kernels
@@ -206,19 +202,20 @@ def plan_layer(
     store: WeightStore,
     grouping: Grouping,
     versions: tuple[int, int],
-    activations: np.ndarray | None = None,
+    selector: Selector | None = None,
+    gram: np.ndarray | None = None,
 ) -> LayerPlan:
-    """Group the layer's neurons (`grouping`: a threshold, or a target width), then update
-    `store` with the merged arrays, and attach the probe that measures the merge's block error.
-    A depthwise block whose measured error breaks its budget is rolled back (store and plan).
-    With `activations` (the Gram matrix of the channels' calibration activations) neurons are
-    grouped by the cosine of their activation vectors instead of their weight vectors, and merged
-    with the least-squares factor <a_k, a_main> / <a_main, a_main>."""
+    """Group the layer's neurons with `selector` (`condense_graph.selectors`, the paper's weight
+    cosine by default) at `grouping` (a threshold, or a target width), then update `store` with the
+    merged arrays, and attach the probe that measures the merge's block error. A depthwise block
+    whose measured error breaks its budget is rolled back (store and plan). `gram` (the Gram matrix
+    of the channels' calibration activations) is what a selector that `needs_calibration` reads."""
+    selector = (selector or SELECTORS[DEFAULT]).for_layer(layer.depthwise is not None)
+    if selector.needs_calibration and gram is None:
+        raise CondenseError(f"{selector.label} needs calibration data")
     snapshot, before = store.snapshot(), block_arrays(layer, store)
-    if layer.depthwise is not None:
-        plan = plan_depthwise_layer(layer, store, grouping, versions)
-    else:
-        plan = plan_dense_or_conv_layer(layer, store, grouping, versions, activations)
+    build = plan_dense_or_conv_layer if layer.depthwise is None else plan_depthwise_layer
+    plan = build(layer, store, Choice(selector, grouping, gram), versions)
     if plan.cmap.width_after == plan.cmap.width_before:
         return plan
     plan.probe = BlockProbe.of(layer, before, store, versions)
@@ -233,9 +230,34 @@ def plan_layer(
     return plan
 
 
-def plan_dense_or_conv_layer(
-    layer: Layer, store: WeightStore, grouping: Grouping, versions, activations: np.ndarray | None
-) -> LayerPlan:
+@dataclass
+class Choice:
+    """How a layer's channels are selected: the rule, its target and its calibration statistics."""
+
+    selector: Selector
+    grouping: Grouping
+    gram: np.ndarray | None = None  # [width, width]: the channels' activation Gram matrix
+
+    def select(self, rows: Rows, candidates, alone, silent) -> tuple[Selection, list[np.ndarray]]:
+        """The selection among `candidates` (local indices) and the layer's groups (layer indices):
+        the selected groups, then each channel of `alone` by itself (`keep_one` if none)."""
+        if self.selector.needs_calibration:  # only then is there a Gram matrix
+            rows = replace(rows, gram=self.gram[np.ix_(candidates, candidates)])
+        selection = self.selector.select(rows, self.grouping)
+        groups = [candidates[g] for g in selection.groups] + [np.array([k]) for k in alone]
+        return selection, keep_one(groups, silent)
+
+
+def spread(factors: np.ndarray | None, candidates: np.ndarray, width: int) -> np.ndarray | None:
+    """Candidates' factors as a layer's: 1 for the other channels (kept alone, or dropped)."""
+    if factors is None:
+        return None
+    full = np.ones(width)
+    full[candidates] = factors
+    return full
+
+
+def plan_dense_or_conv_layer(layer: Layer, store: WeightStore, choice: Choice, versions) -> LayerPlan:
     """The paper's merge (eq. 10-12, 36-38) of a layer without a depthwise conv."""
     vectors = neuron_vectors(layer, store, versions)
     width = len(vectors)
@@ -248,42 +270,25 @@ def plan_dense_or_conv_layer(
     # a conv layer keeps its zero-scale channels, alone: no group can be merged into them
     alone = np.flatnonzero((a == 0) & ~constant & ~silent)
     candidates = np.flatnonzero(~constant & ~silent & (a != 0))
-    cosine = None
-    if grouping.magnitude:
-        local_groups, threshold = largest(vectors[candidates], grouping.width), None
-    else:
-        if activations is None:
-            cosine = neuron_similarity(vectors[candidates].astype(np.float32))
-            similarity = np.minimum(cosine, middle_agreement(layer, store, candidates))
-        else:
-            similarity = cosine = activation_cosine(activations[np.ix_(candidates, candidates)])
-        local_groups, threshold = grouping(similarity)
-    groups = keep_one([candidates[g] for g in local_groups] + [np.array([k]) for k in alone], silent)
+    rows = Rows(vectors[candidates], [vectors[candidates]], middle_constants(layer, store, candidates))
+    selection, groups = choice.select(rows, candidates, alone, silent)
     folded = {}
     if (constant & ~zero).any():
         outputs = constant_outputs(layer, store, vectors[:, -1], a, c, versions)
         folded = {int(k): float(outputs[k]) for k in np.flatnonzero(constant & ~zero & ~silent)}
-    if activations is None:
+    factors = spread(selection.factors, candidates, width)
+    if factors is None:
         cmap = channel_map(vectors, groups, a, c, folded)
-    else:  # activations already include the post-activation affine ops: plain factors
-        cmap = channel_map(
-            vectors,
-            groups,
-            np.ones(width),
-            np.zeros(width),
-            folded,
-            factors=projection_factors(activations, groups),
-        )
-    min_cosine = min_group_cosine(cosine, local_groups)
+    else:  # measured on what the consumers read (post-activation affine ops included): plain factors
+        cmap = channel_map(vectors, groups, np.ones(width), np.zeros(width), folded, factors=factors)
+    min_cosine = min_group_cosine(selection.cosine, selection.groups)
     # the data-free merge of exact multiples is exact; pruning and activation projections are not
-    exact = (
-        is_exact(layer, store, groups, cmap, min_cosine) and not grouping.magnitude and activations is None
-    )
+    exact = selection.merges_exactly and is_exact(layer, store, groups, cmap, min_cosine)
     apply_map(layer, store, cmap)
     return LayerPlan(
         layer,
         cmap,
-        threshold,
+        selection.threshold,
         exact,
         int(constant.sum()),
         removed_silent(silent & ~constant, cmap),
@@ -311,26 +316,25 @@ def error_budget(plan: LayerPlan, grouping: Grouping) -> float | None:
     """The relative block error a merge at this threshold may make: the distance between two
     unit vectors at cosine = threshold, sqrt(2 (1 - t)), for approximate merges; float rounding
     (EXACT_BUDGET, the floor). None for width targets and pruning: the user asked for a width."""
-    if grouping.width is not None or grouping.magnitude or plan.threshold is None:
+    if grouping.width is not None or plan.threshold is None:
         return None
     return max(float(np.sqrt(2.0 * max(1.0 - grouping.threshold, 0.0))), EXACT_BUDGET)
 
 
-def middle_agreement(layer: Layer, store: WeightStore, candidates: np.ndarray) -> np.ndarray:
-    """How well the per-channel constants inside the nonlinearity (PRelu slopes, a BN or Mul
-    between two activations) agree between candidates (`similarity.constant_agreement`): with
-    different constants, parallel neurons compute different functions. The depthwise kernels and
-    their BN are judged by the depthwise vectors instead (paper A.3)."""
+def middle_constants(layer: Layer, store: WeightStore, candidates: np.ndarray) -> list[np.ndarray]:
+    """The candidates' per-channel constants inside the nonlinearity (PRelu slopes, a BN or Mul
+    between two activations), which must agree for them to group (`similarity.constant_agreement`):
+    with different constants, parallel neurons compute different functions. The depthwise kernels
+    and their BN are judged by the depthwise vectors instead (paper A.3)."""
     judged = set()
     if layer.depthwise is not None:
         judged = {id(t) for n in [layer.depthwise] + layer.depthwise_affine for t in n.inputs}
     width = current_width(layer, store)
-    values = [
+    return [
         channel_first(store[t.name], _axis_of(layer, t)).reshape(width)[candidates]
         for t in layer.middle_constants
         if id(t) not in judged
     ]
-    return constant_agreement(values, len(candidates))
 
 
 def zero_channels(layer: Layer, store: WeightStore, vectors: np.ndarray, versions) -> np.ndarray:
@@ -392,25 +396,6 @@ def kernel_extent(node: gs.Node, store: WeightStore) -> int | None:
     return max(((k - 1) * d + 1 for k, d in zip(kernel, dilations)), default=1)
 
 
-@dataclass
-class Grouping:
-    """How a layer's neurons are grouped: at a threshold, or at the threshold landing on a width."""
-
-    threshold: float = 0.95
-    round_to: int = 1
-    width: int | None = None
-    magnitude: bool = False  # the pruning baseline: keep the largest neurons, merge nothing
-
-    def __call__(self, cosine: np.ndarray) -> tuple[list[np.ndarray], float]:
-        """The groups (main neuron first) and the threshold that produced them."""
-        if self.width is not None:
-            return groups_for_width(cosine, max(self.width, 1))
-        groups = greedy_groups(cosine, self.threshold)
-        if self.round_to > 1:
-            groups = round_up_groups(cosine, groups, self.round_to)
-        return groups, self.threshold
-
-
 def constant_channels(layer: Layer, vectors: np.ndarray, a: np.ndarray) -> np.ndarray:
     """Channels with zero incoming weights (or zero post scale) output a constant.
 
@@ -435,13 +420,6 @@ def keep_one(groups: list[np.ndarray], silent: np.ndarray) -> list[np.ndarray]:
     if groups:
         return groups
     return [np.array([int(np.argmax(silent))])]
-
-
-def largest(vectors: np.ndarray, width: int) -> list[np.ndarray]:
-    """Magnitude pruning (Torch-Pruning's MagnitudeImportance, p=2): the `width` neurons with the
-    largest L2 norm, each alone; the others are dropped, not merged."""
-    order = np.argsort(-np.linalg.norm(vectors.astype(np.float64), axis=1), kind="stable")
-    return [np.array([k]) for k in sorted(order[:width])]
 
 
 def min_group_cosine(cosine: np.ndarray | None, groups: list[np.ndarray]) -> float | None:
@@ -543,7 +521,7 @@ def depthwise_vectors(layer: Layer, store: WeightStore, versions) -> np.ndarray:
     return np.concatenate([s[:, None] * kernels.reshape(width, -1), (s * bias + t)[:, None]], axis=1)
 
 
-def plan_depthwise_layer(layer: Layer, store: WeightStore, grouping: Grouping, versions) -> LayerPlan:
+def plan_depthwise_layer(layer: Layer, store: WeightStore, choice: Choice, versions) -> LayerPlan:
     """Reduce a depthwise-separable block (paper A.3): keep the main kernel, merge the consumer
     columns by eq. 48 and the producer rows by least squares (eq. 47-48, 61-63).
 
@@ -557,16 +535,9 @@ def plan_depthwise_layer(layer: Layer, store: WeightStore, grouping: Grouping, v
     silent = np.all(outgoing == 0, axis=1)
     alone = np.flatnonzero(~silent & (a == 0))
     candidates = np.flatnonzero(~silent & (a != 0))
-    cosine = None
-    if grouping.magnitude:
-        local_groups, threshold = largest(dw[candidates], grouping.width), None
-    else:
-        cosine = np.minimum(
-            neuron_similarity(dw[candidates].astype(np.float32)),
-            neuron_similarity(alpha[candidates].astype(np.float32)),
-        )
-        local_groups, threshold = grouping(np.minimum(cosine, middle_agreement(layer, store, candidates)))
-    groups = keep_one([candidates[g] for g in local_groups] + [np.array([m]) for m in alone], silent)
+    kernels, rows_in = dw[candidates], alpha[candidates]  # both must be parallel (paper A.3)
+    seen = Rows(kernels, [kernels, rows_in], middle_constants(layer, store, candidates))
+    selection, groups = choice.select(seen, candidates, alone, silent)
     cmap, rows = block_merge(dw, alpha, outgoing, groups, a, c, layer.homogeneous)
     s, t = pre_affine(layer, store, versions)
     apply_map(layer, store, cmap)
@@ -574,11 +545,11 @@ def plan_depthwise_layer(layer: Layer, store: WeightStore, grouping: Grouping, v
     return LayerPlan(
         layer,
         cmap,
-        threshold,
+        selection.threshold,
         False,
         0,
         removed_silent(silent, cmap),
-        min_group_cosine(cosine, local_groups),
+        min_group_cosine(selection.cosine, selection.groups),
         vectors=dw,
         groups=groups,
     )

@@ -23,8 +23,9 @@ from condense_graph.calibration import Calibration, channel_gram, refit_statisti
 from condense_graph.compensate import compensate
 from condense_graph.errors import CondenseError
 from condense_graph.graph import export_like, import_graph, subgraph_tensor_names
-from condense_graph.plan import Grouping, LayerPlan, WeightStore, plan_layer
+from condense_graph.plan import LayerPlan, WeightStore, plan_layer
 from condense_graph.progress import Progress, silent
+from condense_graph.selectors import Grouping, get_selector
 from passes.base import PassResult
 from passes.materialize_constants import materialize_constants
 
@@ -44,6 +45,7 @@ class CondenseChannelsPass:
     ):
         self.threshold = threshold
         self.similarity = similarity
+        self.selector = get_selector(similarity)  # the selection rule (`condense_graph.selectors`)
         self.layer_widths = dict(layer_widths or {})
         self.calibration = calibration
         self.round_to = round_to
@@ -91,9 +93,8 @@ class CondenseChannelsPass:
         plans = []
         for layer in analysis.layers:
             if self.calibration is None:
-                plans.append(
-                    plan_layer(layer, store, self.grouping_for(layer), (graph.opset, graph.ir_version))
-                )
+                versions = (graph.opset, graph.ir_version)
+                plans.append(plan_layer(layer, store, self.grouping_for(layer), versions, self.selector))
             else:
                 plans.append(self.plan_with_data(graph, layer, plans, store, model))
             self.progress.advance()
@@ -101,14 +102,15 @@ class CondenseChannelsPass:
         return plans, store
 
     def plan_with_data(self, graph, layer, plans, store, model) -> LayerPlan:
-        """Group (by weights, or by activations on the network reduced so far), merge, then refit
-        the consumers so that, fed by the reduced network, they reproduce the original network's
-        consumer outputs."""
+        """Group (by weights, or by activations on the network reduced so far: the selector says
+        whether it needs them), merge, then refit the consumers so that, fed by the reduced network,
+        they reproduce the original network's consumer outputs."""
         versions = (graph.opset, graph.ir_version)
+        selector = self.selector.for_layer(layer.depthwise is not None)
         gram = None
-        if self.similarity == "activations":
+        if selector.needs_calibration:
             gram = channel_gram(materialize(graph, plans, store, model), layer, self.calibration)
-        plan = plan_layer(layer, store, self.grouping_for(layer), versions, gram)
+        plan = plan_layer(layer, store, self.grouping_for(layer), versions, selector, gram)
         if plan.cmap.width_after < plan.cmap.width_before:
             reduced = materialize(graph, plans + [plan], store, model)
             normals = refit_statistics(reduced, model, layer, plan.cmap.width_after, self.calibration)
@@ -135,11 +137,12 @@ class CondenseChannelsPass:
             (self.layer_thresholds[k] for k in keys if k in self.layer_thresholds), self.threshold
         )
         width = next((self.layer_widths[k] for k in keys if k in self.layer_widths), None)
-        if self.similarity == "magnitude" and width is None:
+        if self.selector.needs_width and width is None:
             raise CondenseError(
-                f"magnitude pruning needs a width for layer '{layer.name}' (--layer-width or --target-params)"
+                f"{self.selector.label} needs a width for layer '{layer.name}' "
+                "(--layer-width or --target-params)"
             )
-        return Grouping(threshold, self.round_to, width, self.similarity == "magnitude")
+        return Grouping(threshold, self.round_to, width)
 
 
 def materialize(
