@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from condense_graph import runtime
 from condense_graph.api import HOLDOUT_FRACTION, MIN_WIDTH_FRACTION, condense, inspect
 from condense_graph.bench import benchmark
 from condense_graph.errors import CondenseError, InternalError
@@ -240,6 +241,8 @@ def _add_bench_options(parser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.debug:  # graph-optimizer notes ORT prints on its own logger are not ours to show
+        runtime.quiet_runtime_logs()
     commands = {"reduce": run_reduce, "inspect": run_inspect, "verify": run_verify, "bench": run_bench}
     try:
         return commands[args.command](args)

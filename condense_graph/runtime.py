@@ -69,6 +69,13 @@ def path_if_large(model: onnx.ModelProto):
         yield path
 
 
+def quiet_runtime_logs() -> None:
+    """ONNX Runtime's process-wide logger prints warnings (e.g. "UnsqueezeElimination cannot remove
+    node") while it builds sessions, whatever the session's own severity: keep it to errors. The
+    command line calls this; the library leaves the process's logger alone."""
+    ort.set_default_logger_severity(3)
+
+
 def session(model: onnx.ModelProto, threads: int = 0, arena: bool = True) -> ort.InferenceSession:
     """An ONNX Runtime CPU session (`threads` intra-op threads, 0: all cores; `arena`: ORT's CPU
     memory arena). Raises `SessionError` when ONNX Runtime cannot load the model."""
