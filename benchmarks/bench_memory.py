@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,8 +25,6 @@ import condense_graph as cg
 
 def resnet50_onnx(size: int) -> onnx.ModelProto:
     import torch
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from torch_models import randomize_batchnorm, resnet50_like
 
     torch.manual_seed(0)

@@ -24,67 +24,27 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 import onnx  # noqa: E402
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from models import paper_mlp  # noqa: E402
 
-from condense_graph.graph import export_like  # noqa: E402
+import condense_graph as cg  # noqa: E402
 from condense_graph.verify import compare_models  # noqa: E402
-from passes.condense_channels import CondenseChannelsPass, rewrite  # noqa: E402
+from passes import CondenseChannelsPass, CondenseOptions  # noqa: E402
 
-WIDTHS = [23, 3200, 1600, 800, 400, 23]
-
-
-def paper_mlp(seed: int = 0, noise: float = 0.02) -> onnx.ModelProto:
-    return mlp(WIDTHS, seed, noise)
-
-
-def mlp(widths: list[int], seed: int = 0, noise=0.02) -> onnx.ModelProto:
-    """Gemm + Relu MLP; hidden neurons cluster around width/3 directions. `noise` is the spread of
-    a neuron around its direction: a number, or (low, high) to draw one level per direction."""
-    rng = np.random.default_rng(seed)
-    nodes, inits, cur = [], [], "x"
-    for i in range(1, len(widths)):
-        fan_in, width = widths[i - 1], widths[i]
-        var = ((fan_in + width) / 2) ** -2  # paper eq. 19
-        base = rng.normal(0, np.sqrt(var), size=(max(width // 3, 1), fan_in + 1))
-        which = rng.integers(0, len(base), width)
-        rows = base[which] * rng.uniform(0.5, 2.0, (width, 1))
-        level = np.exp(rng.uniform(*np.log(noise), len(base)))[which, None] if np.ndim(noise) else noise
-        rows += level * np.sqrt(var) * rng.normal(size=rows.shape)
-        inits += [
-            numpy_helper.from_array(rows[:, :-1].astype(np.float32), f"fc{i}.weight"),
-            numpy_helper.from_array(rows[:, -1].astype(np.float32), f"fc{i}.bias"),
-        ]
-        nodes.append(
-            helper.make_node(
-                "Gemm", [cur, f"fc{i}.weight", f"fc{i}.bias"], [f"h{i}"], name=f"fc{i}", transB=1
-            )
-        )
-        cur = f"h{i}"
-        if i < len(widths) - 1:
-            nodes.append(helper.make_node("Relu", [cur], [f"a{i}"], name=f"relu{i}"))
-            cur = f"a{i}"
-    graph = helper.make_graph(
-        nodes,
-        "paper_mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", widths[0]])],
-        [helper.make_tensor_value_info(cur, TensorProto.FLOAT, ["N", widths[-1]])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+STAGES = {
+    "analyze": "analyze",
+    "plan": "plan (similarity, grouping, merge)",
+    "rewrite": "rewrite + export",
+}
 
 
 def torch_model(name: str) -> onnx.ModelProto:
-    """Export a tests/torch_models.py architecture with random weights (needs torch)."""
+    """Export a torch_models.py architecture with random weights (needs torch)."""
     import torch
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from torch_models import MobileNetV2, randomize_batchnorm, resnet50_like
 
     torch.manual_seed(0)
@@ -104,25 +64,20 @@ def torch_model(name: str) -> onnx.ModelProto:
 
 
 def run_once(model: onnx.ModelProto, threshold: float) -> dict[str, float]:
-    times, t0 = {}, time.perf_counter()
-    condense = CondenseChannelsPass(threshold)
-    graph, analysis = condense.analyze(model)
-    times["analyze"], t0 = time.perf_counter() - t0, time.perf_counter()
-    plans, store = condense.plan(graph, analysis)
-    times["plan (similarity, grouping, merge)"], t0 = time.perf_counter() - t0, time.perf_counter()
-    rewrite(graph, plans, store)
-    reduced = export_like(graph, model)
-    times["rewrite + export"], t0 = time.perf_counter() - t0, time.perf_counter()
-    compare_models(model, reduced, runs=1)
+    """Seconds of each stage, from the pass's own `timings`, then of verifying its result."""
+    result = CondenseChannelsPass(CondenseOptions(threshold))(model)
+    times = {label: result.timings[stage] for stage, label in STAGES.items()}
+    t0 = time.perf_counter()
+    compare_models(model, result.model, runs=1)
     times["verify (ONNX Runtime, both models)"] = time.perf_counter() - t0
-    times["widths"] = [(p.cmap.width_before, p.cmap.width_after) for p in plans]
+    times["widths"] = [(p.cmap.width_before, p.cmap.width_after) for p in result.plans]
     return times
 
 
 def bench(name: str, repeat: int, threshold: float, target: float) -> None:
     t0 = time.perf_counter()
     model = paper_mlp() if name == "mlp" else torch_model(name)
-    params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    params = cg.count_params(model)
     print(f"\n{name}: {params:,} params, built in {time.perf_counter() - t0:.2f} s")
     runs = [run_once(model, threshold) for _ in range(repeat)]
     widths = runs[0]["widths"]
@@ -139,7 +94,7 @@ def bench(name: str, repeat: int, threshold: float, target: float) -> None:
             + ", ".join(f"{v:.3f}" for v in values)
             + ")"
         )
-    total = [r["analyze"] + r["plan (similarity, grouping, merge)"] + r["rewrite + export"] for r in runs]
+    total = [sum(r[label] for label in STAGES.values()) for r in runs]
     label = f"analysis + rewrite (target < {target:g} s)"
     print(f"  {label:<38} median {statistics.median(total):7.3f} s")
 

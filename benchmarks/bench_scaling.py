@@ -1,6 +1,6 @@
 """Pass time against model size, 0.1M to 30M parameters, on one core; writes benchmarks/RESULTS.md.
 
-Models: MLPs 23-w-w/2-w/4-w/8-23 with planted condensation (bench_pass.paper_mlp's recipe), w chosen
+Models: MLPs 23-w-w/2-w/4-w/8-23 with planted condensation (`models.mlp`), w chosen
 so the parameter count spans 0.1M-30M; the paper's MLP is the 6.8M point. Time = analysis + plan
 (similarity, grouping, merge) + rewrite, median of --repeat runs.
 
@@ -16,26 +16,19 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
-import time  # noqa: E402
 
-import numpy as np  # noqa: E402
-from bench_pass import mlp  # noqa: E402
+from models import mlp  # noqa: E402
 from results import write_section  # noqa: E402
 
-from condense_graph.graph import export_like  # noqa: E402
-from passes.condense_channels import CondenseChannelsPass, rewrite  # noqa: E402
+import condense_graph as cg  # noqa: E402
+from passes import CondenseChannelsPass, CondenseOptions  # noqa: E402
 
 WIDTHS = [380, 850, 1700, 3200, 4800, 6760]
 
 
 def pass_seconds(model, threshold: float) -> float:
-    start = time.perf_counter()
-    condense = CondenseChannelsPass(threshold)
-    graph, analysis = condense.analyze(model)
-    plans, store = condense.plan(graph, analysis)
-    rewrite(graph, plans, store)
-    export_like(graph, model)
-    return time.perf_counter() - start
+    """Analysis + plan + rewrite, as the pass timed them."""
+    return sum(CondenseChannelsPass(CondenseOptions(threshold))(model).timings.values())
 
 
 def main() -> None:
@@ -49,7 +42,7 @@ def main() -> None:
     for w in WIDTHS:
         widths = [23, w, w // 2, w // 4, w // 8, 23]
         model = mlp(widths)
-        params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+        params = cg.count_params(model)
         times = [pass_seconds(model, args.threshold) for _ in range(args.repeat)]
         line = (
             f"| {'-'.join(map(str, widths[1:-1]))} | {params / 1e6:.2f}M | "

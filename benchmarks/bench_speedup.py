@@ -13,13 +13,12 @@ when matplotlib is installed.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
-from bench_pass import WIDTHS, mlp
+from models import WIDTHS, mlp
 from results import write_section
 
 import condense_graph as cg
@@ -31,8 +30,6 @@ THRESHOLDS = {"mlp": [0.999, 0.99, 0.97, 0.95, 0.9], "mobilenet": [0.999, 0.99, 
 def condensed_mobilenet(seed: int = 0) -> onnx.ModelProto:
     """MobileNetV2 whose expand/depthwise channels cluster in groups of ~3 with noise of varying size."""
     import torch
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from torch_models import MobileNetV2, randomize_batchnorm
 
     torch.manual_seed(seed)

@@ -1,10 +1,28 @@
 """condense-graph: shrink trained networks in ONNX by merging condensed neurons.
 
-See `condense` and `inspect`; the CLI is `condense-graph`.
+See `condense` and `inspect`; `count_params` counts a model's parameters (initializers and
+Constant nodes, subgraphs included); the CLI is `condense-graph`.
+
+The API is loaded on first use (PEP 562), so the package's modules import without it: the passes
+(`passes/`) read them and the API runs the passes.
 """
 
-from condense_graph.api import CondenseResult, condense, inspect
 from condense_graph.errors import CondenseError
+from condense_graph.report import count_params
 
-__all__ = ["CondenseError", "CondenseResult", "condense", "inspect"]
+__all__ = ["CondenseError", "CondenseResult", "condense", "count_params", "inspect"]
 __version__ = "0.1.0"
+
+_API = ("CondenseResult", "condense", "inspect")
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from condense_graph import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'condense_graph' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

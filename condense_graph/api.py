@@ -29,7 +29,7 @@ from condense_graph.verify import (
     fixed_batch,
     split_holdout,
 )
-from passes.condense_channels import CondenseChannelsPass
+from passes.condense_channels import CondenseChannelsPass, CondenseOptions
 
 INSPECT_THRESHOLDS = (0.8, 0.9, 0.95, 0.99, 0.999)
 HOLDOUT_FRACTION = 0.2  # with calibration data and verify: the last 20% of the rows verify
@@ -96,13 +96,12 @@ def condense(
     widths, target = planned_widths(
         original, dict(layer_widths or {}), target_params, round_to, similarity, min_width_fraction
     )
-    result = CondenseChannelsPass(threshold, layer_thresholds, progress, round_to, data, widths, similarity)(
-        original
-    )
-    warnings = list(result.details["warnings"]) + (data.warnings if data is not None else [])
-    checks = check_output(result.model, original, warnings, result.details["written"])
-    plans = result.details["plans"]
-    report = build_report(original, result.model, plans, result.details["skipped"])
+    options = CondenseOptions(threshold, layer_thresholds or {}, widths, similarity, round_to, data)
+    result = CondenseChannelsPass(options, progress)(original)
+    warnings = list(result.warnings) + (data.warnings if data is not None else [])
+    checks = check_output(result.model, original, warnings, result.written)
+    plans = result.plans
+    report = build_report(original, result.model, plans, result.skipped)
     report["output_checks"] = checks
     report["warnings"] = warnings
     if target is not None:
@@ -140,7 +139,7 @@ def inspect(model: ModelLike, thresholds=INSPECT_THRESHOLDS) -> dict:
     graph, analysis = CondenseChannelsPass.analyze(original)
     widths = {}
     for t in thresholds:  # a fresh plan per threshold: layers depend on the ones before them
-        plans, _ = CondenseChannelsPass(t).plan(graph, analysis)
+        plans, _ = CondenseChannelsPass(CondenseOptions(t)).plan(graph, analysis)
         for plan in plans:
             widths.setdefault(plan.layer.name, {})[str(t)] = plan.cmap.width_after
     layers = [
@@ -253,7 +252,8 @@ def widths_for_params(
         }
 
     def fraction_at(r: float) -> float:
-        condense = CondenseChannelsPass(1.0, layer_widths=widths_at(r) | fixed, similarity=selection)
+        options = CondenseOptions(1.0, layer_widths=widths_at(r) | fixed, selector=selection)
+        condense = CondenseChannelsPass(options)
         _, store = condense.plan(graph, analysis, model)
         delta = sum(values.size - sizes.get(name, 0) for name, values in store.changed.items())
         return (before + delta) / before

@@ -578,8 +578,9 @@ def block_merge(dw, alpha, outgoing, groups, a, c, homogeneous: bool) -> tuple[C
 
 
 def block_nodes(layer: Layer) -> list[gs.Node]:
-    """Producer, region and first consumer, with the bias Adds an earlier rewrite inserted after the
-    producer or the consumer (`passes.condense_channels.add_bias`, calibration rewrites as it goes)."""
+    """Producer, region and first consumer, with the bias Adds a rewrite inserted after the producer
+    or the consumer (`passes.condense_channels.add_bias`: a model reduced before). Planning itself
+    never writes the graph: the biases it creates are attached by `with_planned_biases`."""
     nodes = []
     for node in [layer.producer.node] + layer.pre + layer.middle + layer.post + [layer.consumers[0].node]:
         nodes.append(node)

@@ -1,10 +1,22 @@
 """Graph rewrite passes of condense-graph, one module each.
 
-`condense_channels.CondenseChannelsPass` takes an `onnx.ModelProto` and returns a `PassResult` with
-the new model and whether it changed; the input model is never modified. `materialize_constants`
-is a normalization step on a graphsurgeon graph, run by the pass before analysis.
+Every pass follows `base.PassBase`: called on an `onnx.ModelProto`, it returns a `PassResult` with
+the new model and whether it changed; the input model is never modified.
+`condense_channels.CondenseChannelsPass(CondenseOptions(...))` is the reduction (its result,
+`CondenseChannelsResult`, adds the plans, skipped layers, warnings, written arrays and stage
+timings); `materialize_constants.MaterializeConstantsPass` turns constant subexpressions into
+initializers (the reduction runs the same step on its graph before analysis).
 """
 
-from passes.base import PassResult
+from passes.base import PassBase, PassResult
+from passes.condense_channels import CondenseChannelsPass, CondenseChannelsResult, CondenseOptions
+from passes.materialize_constants import MaterializeConstantsPass
 
-__all__ = ["PassResult"]
+__all__ = [
+    "CondenseChannelsPass",
+    "CondenseChannelsResult",
+    "CondenseOptions",
+    "MaterializeConstantsPass",
+    "PassBase",
+    "PassResult",
+]

@@ -15,64 +15,103 @@ untouched and reported.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
 import onnx
 import onnx_graphsurgeon as gs
 
-from condense_graph.analysis import Analysis, analyze
+from condense_graph.analysis import Analysis, Skipped, analyze
 from condense_graph.calibration import Calibration, channel_gram, refit_statistics
 from condense_graph.compensate import compensate
 from condense_graph.errors import CondenseError
 from condense_graph.graph import export_like, import_graph, subgraph_tensor_names
 from condense_graph.plan import LayerPlan, WeightStore, plan_layer
 from condense_graph.progress import Progress, silent
-from condense_graph.selectors import Grouping, get_selector
-from passes.base import PassResult
+from condense_graph.selectors import DEFAULT, Grouping, Selector, get_selector
+from passes.base import PassBase, PassResult
 from passes.materialize_constants import materialize_constants
 
+STAGES = ("analyze", "plan", "rewrite")  # the keys of `CondenseChannelsResult.timings`
 
-class CondenseChannelsPass:
-    """`CondenseChannelsPass(thresholds)(model)` -> PassResult with `details["plans"]`."""
 
-    def __init__(
-        self,
-        threshold: float = 0.95,
-        layer_thresholds: dict[str, float] | None = None,
-        progress: Progress | None = None,
-        round_to: int = 1,
-        calibration: Calibration | None = None,
-        layer_widths: dict[str, int] | None = None,
-        similarity: str = "weights",
-    ):
-        self.threshold = threshold
-        self.similarity = similarity
-        self.selector = get_selector(similarity)  # the selection rule (`condense_graph.selectors`)
-        self.layer_widths = dict(layer_widths or {})
-        self.calibration = calibration
-        self.round_to = round_to
-        self.layer_thresholds = dict(layer_thresholds or {})
+@dataclass(frozen=True)
+class CondenseOptions:
+    """What the reduction computes, in one frozen value (assigning a field raises).
+
+    `layer_thresholds` / `layer_widths` map a layer (producer node name or weight name) to its own
+    threshold / width; `selector` is a registered rule name (`condense_graph.selectors`) or a
+    `Selector`, and is held as the `Selector`; `round_to` rounds new widths up to a multiple of it;
+    `calibration` turns on the data-aware merge (refit, activation similarity)."""
+
+    threshold: float = 0.95
+    layer_thresholds: Mapping[str, float] = field(default_factory=dict)
+    layer_widths: Mapping[str, int] = field(default_factory=dict)
+    selector: Selector | str = DEFAULT
+    round_to: int = 1
+    calibration: Calibration | None = None
+
+    def __post_init__(self):
+        rule = get_selector(self.selector) if isinstance(self.selector, str) else self.selector
+        object.__setattr__(self, "selector", rule)
+        for name in ("layer_thresholds", "layer_widths"):  # read-only copies
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name) or {})))
+
+
+@dataclass
+class CondenseChannelsResult(PassResult):
+    """What `CondenseChannelsPass` returns: the model, whether it changed, the per-layer plans, the
+    layers the analysis skipped, the degraded paths taken (warnings), the initializer names the
+    pass wrote (`written`) and the seconds each stage took (`timings`, keys `STAGES`)."""
+
+    plans: list[LayerPlan] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    written: set[str] = field(default_factory=set)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class CondenseChannelsPass(PassBase):
+    """`CondenseChannelsPass(CondenseOptions(...))(model)` -> `CondenseChannelsResult`.
+
+    The stages are public: `analyze` (reads the model), `plan` (writes only the weight store it
+    returns; the graph is left as analyzed, so one analysis can be planned many times), `rewrite`
+    (writes the graph). Calling the pass runs the three and times them."""
+
+    def __init__(self, options: CondenseOptions | None = None, progress: Progress | None = None):
+        self.options = options or CondenseOptions()
         self.progress = progress or silent()
 
-    def __call__(self, model: onnx.ModelProto) -> PassResult:
+    @property
+    def selector(self) -> Selector:
+        return self.options.selector
+
+    def call(self, model: onnx.ModelProto) -> CondenseChannelsResult:
         warnings: list[str] = []  # degraded paths (a failed shape inference), for the report
+        clock = [time.perf_counter()]
+
+        def lap() -> None:
+            clock.append(time.perf_counter())
+
         graph, analysis = self.analyze(model, warnings)
+        lap()
         plans, store = self.plan(graph, analysis, model)
+        lap()
         modified = any(p.cmap.width_after < p.cmap.width_before for p in plans)
         if modified:
             rewrite(graph, plans, store)
             model = export_like(graph, model, warnings)
-        return PassResult(
-            model,
-            modified,
-            {
-                "plans": plans,
-                "skipped": analysis.skipped,
-                "warnings": warnings,
-                "written": set(store.changed),
-            },
+        lap()
+        timings = {stage: clock[i + 1] - clock[i] for i, stage in enumerate(STAGES)}
+        return CondenseChannelsResult(
+            model, modified, plans, analysis.skipped, warnings, set(store.changed), timings
         )
 
     @staticmethod
     def analyze(model: onnx.ModelProto, warnings: list | None = None) -> tuple[gs.Graph, Analysis]:
+        """The imported graph (constants materialized) and its layers; `model` is only read."""
         graph = import_graph(model, warnings)
         if materialize_constants(graph):  # folded Pad/Reshape parameters give shapes: infer again
             graph = import_graph(export_like(graph, model, warnings), warnings)
@@ -82,17 +121,18 @@ class CondenseChannelsPass:
         self, graph: gs.Graph, analysis: Analysis, model: onnx.ModelProto | None = None
     ) -> tuple[list[LayerPlan], WeightStore]:
         """Plan every layer in graph order; with calibration data each layer is judged and refit on
-        the activations of the network reduced so far (`model` is the pass's input)."""
+        the activations of the network reduced so far (`model` is the pass's input). Writes only
+        the returned weight store: `graph` stays as analyzed (calibration runs on copies)."""
         self.check_layer_names(analysis)
         tensors = graph.tensors()
         constants = {name: t for name, t in tensors.items() if isinstance(t, gs.Constant)}
-        # shapes as analyzed: calibration rewrites forget them, block-error probes need them
+        # shapes as analyzed: block-error probes need them
         shapes = {name: list(t.shape) for name, t in tensors.items() if t.shape is not None}
         store = WeightStore(constants, shapes)
         self.progress.total = max(len(analysis.layers), 1)
         plans = []
         for layer in analysis.layers:
-            if self.calibration is None:
+            if self.options.calibration is None:
                 versions = (graph.opset, graph.ir_version)
                 plans.append(plan_layer(layer, store, self.grouping_for(layer), versions, self.selector))
             else:
@@ -106,14 +146,15 @@ class CondenseChannelsPass:
         whether it needs them), merge, then refit the consumers so that, fed by the reduced network,
         they reproduce the original network's consumer outputs."""
         versions = (graph.opset, graph.ir_version)
+        calibration = self.options.calibration
         selector = self.selector.for_layer(layer.depthwise is not None)
         gram = None
         if selector.needs_calibration:
-            gram = channel_gram(materialize(graph, plans, store, model), layer, self.calibration)
+            gram = channel_gram(materialize(graph, plans, store, model), layer, calibration)
         plan = plan_layer(layer, store, self.grouping_for(layer), versions, selector, gram)
         if plan.cmap.width_after < plan.cmap.width_before:
             reduced = materialize(graph, plans + [plan], store, model)
-            normals = refit_statistics(reduced, model, layer, plan.cmap.width_after, self.calibration)
+            normals = refit_statistics(reduced, model, layer, plan.cmap.width_after, calibration)
             plan.refit = compensate(layer, store, normals)
             # report what the written block does: the refit consumer. (A depthwise block's budget
             # was judged on the paper's merge, the refit's starting point and fallback.)
@@ -124,7 +165,7 @@ class CondenseChannelsPass:
         """Every per-layer threshold or width must name a reducible layer (node or weight name)."""
         known = {key for layer in analysis.layers for key in (layer.name, layer.producer.weight.name)}
         skipped = {s.name: s.reason for s in analysis.skipped}
-        for name in list(self.layer_thresholds) + list(self.layer_widths):
+        for name in list(self.options.layer_thresholds) + list(self.options.layer_widths):
             if name in skipped and name not in known:
                 raise CondenseError(f"layer '{name}' cannot be reduced: {skipped[name]}")
             if name not in known:
@@ -132,46 +173,53 @@ class CondenseChannelsPass:
                 raise CondenseError(f"no reducible layer named '{name}' (layers: {names})")
 
     def grouping_for(self, layer) -> Grouping:
+        options = self.options
         keys = (layer.name, layer.producer.weight.name)
         threshold = next(
-            (self.layer_thresholds[k] for k in keys if k in self.layer_thresholds), self.threshold
+            (options.layer_thresholds[k] for k in keys if k in options.layer_thresholds), options.threshold
         )
-        width = next((self.layer_widths[k] for k in keys if k in self.layer_widths), None)
+        width = next((options.layer_widths[k] for k in keys if k in options.layer_widths), None)
         if self.selector.needs_width and width is None:
             raise CondenseError(
                 f"{self.selector.label} needs a width for layer '{layer.name}' "
                 "(--layer-width or --target-params)"
             )
-        return Grouping(threshold, self.round_to, width)
+        return Grouping(threshold, options.round_to, width)
 
 
 def materialize(
     graph: gs.Graph, plans: list[LayerPlan], store: WeightStore, model: onnx.ModelProto
 ) -> onnx.ModelProto:
-    """The model as planned so far (calibration runs on it)."""
-    rewrite(graph, plans, store)
-    return export_like(graph, model)
+    """The model as planned so far (calibration runs on it), rewritten on a copy of `graph`."""
+    copy = graph.copy()
+    twins = {id(node): twin for node, twin in zip(graph.nodes, copy.nodes)}
+    rewrite(copy, plans, store, lambda node: twins[id(node)])
+    return export_like(copy, model)
 
 
-def rewrite(graph: gs.Graph, plans: list[LayerPlan], store: WeightStore) -> None:
-    """Write the planned arrays into the graph and forget the shapes that changed. Idempotent:
-    calibration rewrites after every layer."""
+def rewrite(graph: gs.Graph, plans: list[LayerPlan], store: WeightStore, node_of=None) -> None:
+    """Write the planned arrays into the graph and forget the shapes that changed: the one step
+    that writes the graph. `node_of` maps a node of the analyzed graph to its copy in `graph`
+    (when `graph` is a copy of it)."""
+    node_of = node_of or (lambda node: node)
     tensors = graph.tensors()
     for name, values in store.changed.items():
         if name in store.created and name not in tensors:
-            node = store.created[name]
+            node = node_of(store.created[name])
             dtype = store.original_dtype(node.inputs[1].name)
             add_bias(graph, node, gs.Constant(name, values.astype(dtype)))
         elif name in store.created:
             tensors[name].values = values.astype(tensors[name].values.dtype)
         else:  # back to the model's own dtype (float16, bfloat16...)
             tensors[name].values = values.astype(store.original_dtype(name))
+    tensors = graph.tensors()
     for plan in plans:
-        if plan.layer.depthwise is not None:  # one filter per channel: group follows the width
-            plan.layer.depthwise.attrs["group"] = plan.cmap.width_after
-        plan.layer.start.shape = None  # may be an inserted bias Add's output by now
-        for node in [plan.layer.producer.node] + plan.layer.pre + plan.layer.middle + plan.layer.post:
-            for out in node.outputs:
+        layer = plan.layer
+        if layer.depthwise is not None:  # one filter per channel: group follows the width
+            node_of(layer.depthwise).attrs["group"] = plan.cmap.width_after
+        tensors[layer.start.name].shape = None  # may be an inserted bias Add's output by now
+        for node in [layer.producer.node] + layer.pre + layer.middle + layer.post:
+            for out in node_of(node).outputs:
                 out.shape = None  # shape inference fills in the new widths
     graph.cleanup().toposort()
 

@@ -24,17 +24,34 @@ Normalizations around the folder keep it honest:
 
 Tensors above `size_threshold` bytes are left unfolded so a folded Expand or Tile cannot blow up
 the file; quantized graphs are not folded at all.
+
+`MaterializeConstantsPass()(model)` is the step as a pass (a new model, the input unchanged);
+`materialize_constants(graph)` is the same rewrite on a graphsurgeon graph, which
+`CondenseChannelsPass.analyze` runs before the analysis.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
 
+from condense_graph.graph import export_like, import_graph
 from condense_graph.ops import QUANTIZED
+from passes.base import PassBase, PassResult
 
 SIZE_THRESHOLD = 16 << 20
+
+
+class MaterializeConstantsPass(PassBase):
+    """Constant subexpressions become initializers; `modified` when any node disappeared."""
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        graph = import_graph(model)
+        if not materialize_constants(graph):
+            return PassResult(model, False)
+        return PassResult(export_like(graph, model), True)
 
 
 def materialize_constants(graph: gs.Graph) -> bool:

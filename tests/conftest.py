@@ -6,6 +6,8 @@ import onnx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# the torch architectures (`torch_models`) live with the benchmarks, which import them as scripts
+sys.path.insert(1, str(Path(__file__).parents[1] / "benchmarks"))
 
 from builders import run  # noqa: E402,F401
 

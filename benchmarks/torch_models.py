@@ -1,4 +1,4 @@
-"""PyTorch architectures for tests and benchmarks (torchvision cannot be installed here).
+"""PyTorch architectures for the benchmarks and the tests (torchvision cannot be installed here).
 
 `MobileNetV2` follows torchvision's definition (the paper's Table 2 network): with 10 classes it
 has exactly 2,236,682 parameters. `ResidualCNN` is a small ResNet-style network with residual
