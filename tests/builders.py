@@ -154,3 +154,16 @@ def planted_cnn(
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+
+
+def x_to_y_model(nodes, inits: dict, x_shape, y_shape) -> onnx.ModelProto:
+    """A float32 model from input x to output y with `inits` (name -> array) as initializers."""
+    tensors = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()]
+    graph = helper.make_graph(
+        nodes,
+        "m",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        tensors,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)

@@ -10,23 +10,11 @@ report documents: standard normals from `np.random.default_rng(0)`, batch 2.
 import numpy as np
 import onnx
 import pytest
-from builders import IR_VERSION, OPSET, planted_rows, run
+from builders import IR_VERSION, OPSET, planted_rows, run, x_to_y_model
 from conftest import assert_equal_to_rounding, check_full
 from onnx import TensorProto, helper, numpy_helper
 
 import condense_graph as cg
-
-
-def make_model(nodes, inits, x_shape, y_shape):
-    inits = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()]
-    graph = helper.make_graph(
-        nodes,
-        "m",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
 
 
 def conv(x, w, y, name, bias=None, group=1, pad=0):
@@ -99,7 +87,7 @@ def separable_chain(rng, noise: float, pad: int, spatial) -> onnx.ModelProto:
     nodes.append(conv(cur, "pw3.w", "y", "pw3"))
     side = spatial if isinstance(spatial, int) else "S"
     out_side = spatial - BLOCKS * (2 - 2 * pad) if isinstance(spatial, int) else "T"
-    return make_model(nodes, inits, ["N", 4, side, side], ["N", 3, out_side, out_side])
+    return x_to_y_model(nodes, inits, ["N", 4, side, side], ["N", 3, out_side, out_side])
 
 
 def test_chained_separable_blocks_report_the_error_each_block_really_makes():
@@ -149,7 +137,7 @@ def test_a_channel_zeroed_by_a_folded_batchnorm_is_removed_without_nan(rng):
     s, t = rng.uniform(0.5, 2.0, 6), rng.normal(size=6)
     s[2] = t[2] = 0.0
     w[4], s[4], t[4] = w[1], 2.0 * s[1], 2.0 * t[1]  # folded vector 4 = 2 x folded vector 1
-    m = make_model(
+    m = x_to_y_model(
         [
             conv("x", "w", "c", "conv1", pad=1),
             helper.make_node("Mul", ["c", "s"], ["m"]),
@@ -188,7 +176,7 @@ def test_small_kernels_with_large_biases_are_not_called_parallel(rng):
     w = 0.01 * rng.normal(size=(8, 3, 3, 3))
     b = rng.uniform(2.0, 4.0, 8)
     w[7], b[7] = 3.0 * w[0], 3.0 * b[0]
-    m = make_model(
+    m = x_to_y_model(
         [
             conv("x", "w", "c", "conv1", "b", pad=1),
             helper.make_node("Relu", ["c"], ["r"]),
@@ -216,7 +204,7 @@ def prelu_mlp(rng, slopes) -> onnx.ModelProto:
     """Gemm 4 -> 6 (three pairs of exact positive multiples) -> PRelu(slopes) -> Gemm 6 -> 3."""
     base = rng.normal(size=(3, 5))
     rows = base[[0, 0, 1, 1, 2, 2]] * np.array([1.0, 2.0, 1.0, 0.5, 1.0, 3.0])[:, None]
-    return make_model(
+    return x_to_y_model(
         [
             helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
             helper.make_node("PRelu", ["h", "slope"], ["a"]),
@@ -262,7 +250,7 @@ def separable_block(expand, kernels, project, activation="Relu", pad=2) -> onnx.
         if activation == "Clip"
         else (lambda i, o: helper.make_node("Relu", [i], [o]))
     )
-    return make_model(
+    return x_to_y_model(
         [
             conv("x", "we", "e", "expand", "be"),
             act("e", "r"),

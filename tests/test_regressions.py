@@ -3,24 +3,12 @@
 import numpy as np
 import onnx
 import pytest
-from builders import IR_VERSION, OPSET, planted_mlp
+from builders import planted_mlp, x_to_y_model
 from conftest import assert_same_outputs, check_full
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 import condense_graph as cg
 from condense_graph.cli import main
-
-
-def model(nodes, inits, x_shape, y_shape):
-    inits = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()]
-    graph = helper.make_graph(
-        nodes,
-        "m",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
 
 
 def test_bias_add_inserted_before_a_reduced_layer_keeps_shapes_valid(rng):
@@ -30,7 +18,7 @@ def test_bias_add_inserted_before_a_reduced_layer_keeps_shapes_valid(rng):
     b1[2] = 1.0
     w2 = rng.normal(size=(6, 5))
     w2[:, 4] = 2.5 * w2[:, 1]  # layer 2: a planted multiple
-    m = model(
+    m = x_to_y_model(
         [
             helper.make_node("MatMul", ["x", "w1"], ["m1"]),
             helper.make_node("Add", ["m1", "b1"], ["h1"]),
@@ -50,7 +38,7 @@ def test_bias_add_inserted_before_a_reduced_layer_keeps_shapes_valid(rng):
 
 
 def test_conv_channels_read_by_a_matmul_over_width_are_left_alone(rng):
-    m = model(
+    m = x_to_y_model(
         [
             helper.make_node("Conv", ["x", "w"], ["c"]),
             helper.make_node("Relu", ["c"], ["r"]),
@@ -66,7 +54,7 @@ def test_conv_channels_read_by_a_matmul_over_width_are_left_alone(rng):
 
 
 def test_resize_with_sizes_is_refused(rng):
-    m = model(
+    m = x_to_y_model(
         [
             helper.make_node("Conv", ["x", "w"], ["c"]),
             helper.make_node("Relu", ["c"], ["r"]),
@@ -86,7 +74,7 @@ def test_zero_post_scale_in_a_conv_layer_gives_no_nan(rng):
     scale = np.ones((1, 4, 1, 1))
     scale[0, 1] = 0.0
     w = np.repeat(rng.normal(size=(1, 3, 1, 1)), 4, axis=0)
-    m = model(
+    m = x_to_y_model(
         [
             helper.make_node("Conv", ["x", "w"], ["c"]),
             helper.make_node("Relu", ["c"], ["r"]),

@@ -291,25 +291,16 @@ def conv_model():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
 
 
+def reduce_and_verify(source, out, report) -> int:
+    return main(
+        ["reduce", source, str(out), "--threshold", "0.9999", "--verify", "--quiet", "--report", str(report)]
+    )
+
+
 def test_random_draws_give_dynamic_dimensions_a_realistic_size(tmp_path):
     model = conv_model()
     source, out, report = save(model, tmp_path / "m.onnx"), tmp_path / "o.onnx", tmp_path / "r.json"
-    assert (
-        main(
-            [
-                "reduce",
-                source,
-                str(out),
-                "--threshold",
-                "0.9999",
-                "--verify",
-                "--quiet",
-                "--report",
-                str(report),
-            ]
-        )
-        == 0
-    )
+    assert reduce_and_verify(source, out, report) == 0
     verify = json.loads(report.read_text())
     assert [layer["width_after"] for layer in verify["layers"]] == [4]
     verify = verify["verify"]
@@ -344,22 +335,7 @@ def lookup_model(extra_use=False):
 def test_random_integer_inputs_index_inside_the_table(tmp_path):
     model = lookup_model()
     source, out, report = save(model, tmp_path / "m.onnx"), tmp_path / "o.onnx", tmp_path / "r.json"
-    assert (
-        main(
-            [
-                "reduce",
-                source,
-                str(out),
-                "--threshold",
-                "0.9999",
-                "--verify",
-                "--quiet",
-                "--report",
-                str(report),
-            ]
-        )
-        == 0
-    )
+    assert reduce_and_verify(source, out, report) == 0
     verify = json.loads(report.read_text())["verify"]
     rng, reduced, worst = np.random.default_rng(0), onnx.load(out), 0.0
     for _ in range(4):
