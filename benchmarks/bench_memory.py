@@ -25,23 +25,14 @@ import condense_graph as cg
 
 def resnet50_onnx(size: int) -> onnx.ModelProto:
     import torch
-    from torch_models import randomize_batchnorm, resnet50_like
+    from torch_models import export, randomize_batchnorm, resnet50_like
 
     torch.manual_seed(0)
     net = resnet50_like(num_classes=10).eval()
     randomize_batchnorm(net, torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "r50.onnx"
-        torch.onnx.export(
-            net,
-            (torch.randn(1, 3, size, size),),
-            str(path),
-            dynamo=False,
-            opset_version=17,
-            input_names=["x"],
-            dynamic_axes={"x": {0: "batch"}},
-        )
-        return onnx.load(str(path))
+        return export(net, torch.randn(1, 3, size, size), False, path, dynamic_batch=True)
 
 
 def peak_rss_gb() -> float:

@@ -45,22 +45,14 @@ STAGES = {
 def torch_model(name: str) -> onnx.ModelProto:
     """Export a torch_models.py architecture with random weights (needs torch)."""
     import torch
-    from torch_models import MobileNetV2, randomize_batchnorm, resnet50_like
+    from torch_models import MobileNetV2, export, randomize_batchnorm, resnet50_like
 
     torch.manual_seed(0)
     net, size = (MobileNetV2(), 32) if name == "mobilenet" else (resnet50_like(), 224)
     randomize_batchnorm(net.eval(), torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        torch.onnx.export(
-            net,
-            (torch.randn(1, 3, size, size),),
-            str(path),
-            dynamo=False,
-            opset_version=17,
-            input_names=["x"],
-        )
-        return onnx.load(str(path))
+        return export(net, torch.randn(1, 3, size, size), False, path)
 
 
 def run_once(model: onnx.ModelProto, threshold: float) -> dict[str, float]:

@@ -128,8 +128,11 @@ def randomize_batchnorm(module: nn.Module, generator: torch.Generator) -> None:
                 bn.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
 
 
-def export(module: nn.Module, example: torch.Tensor, dynamo: bool, path) -> onnx.ModelProto:
-    """Export with the TorchScript (dynamo=False, opset 17) or the dynamo exporter (opset 18)."""
+def export(
+    module: nn.Module, example: torch.Tensor, dynamo: bool, path, dynamic_batch: bool = False
+) -> onnx.ModelProto:
+    """Export with the TorchScript (dynamo=False, opset 17) or the dynamo exporter (opset 18);
+    `dynamic_batch` makes the TorchScript export's batch dimension symbolic."""
     import warnings
 
     import onnx
@@ -144,5 +147,6 @@ def export(module: nn.Module, example: torch.Tensor, dynamo: bool, path) -> onnx
             output_names=["y"],
             dynamo=dynamo,
             opset_version=18 if dynamo else 17,
+            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}} if dynamic_batch and not dynamo else None,
         )
     return onnx.load(str(path))

@@ -165,32 +165,22 @@ def neuron_vectors(layer: Layer, store: WeightStore, versions: tuple[int, int]) 
     return np.concatenate([s[:, None] * weights, (s * bias + t)[:, None]], axis=1)
 
 
+def chain_affine(layer: Layer, nodes, source: gs.Tensor, sink: gs.Tensor, store: WeightStore, versions):
+    """Scale and shift of an affine per-channel chain of the layer (`affine_coefficients`), probed
+    in the layer's dtype with the channel count of the current arrays."""
+    dtype = store[layer.producer.weight.name].dtype
+    shape = probe_shape(layer, source, store)
+    return affine_coefficients(nodes, source, sink, store, shape, dtype, versions)
+
+
 def pre_affine(layer: Layer, store: WeightStore, versions) -> tuple[np.ndarray, np.ndarray]:
     """Scale and shift of the affine ops between the producer and the nonlinearity."""
-    dtype = store[layer.producer.weight.name].dtype
-    return affine_coefficients(
-        layer.pre,
-        layer.start,
-        layer.middle_input,
-        store,
-        probe_shape(layer, layer.start, store),
-        dtype,
-        versions,
-    )
+    return chain_affine(layer, layer.pre, layer.start, layer.middle_input, store, versions)
 
 
 def post_affine(layer: Layer, store: WeightStore, versions) -> tuple[np.ndarray, np.ndarray]:
     """Scale a and shift c of the affine ops between the nonlinearity and the consumers."""
-    dtype = store[layer.producer.weight.name].dtype
-    return affine_coefficients(
-        layer.post,
-        layer.middle_output,
-        layer.end,
-        store,
-        probe_shape(layer, layer.middle_output, store),
-        dtype,
-        versions,
-    )
+    return chain_affine(layer, layer.post, layer.middle_output, layer.end, store, versions)
 
 
 def producer_bias(producer: Producer, store: WeightStore, width: int) -> np.ndarray:
@@ -509,15 +499,7 @@ def depthwise_vectors(layer: Layer, store: WeightStore, versions) -> np.ndarray:
         else np.zeros(width)
     )
     sink = layer.depthwise_affine[-1].outputs[0] if layer.depthwise_affine else node.outputs[0]
-    s, t = affine_coefficients(
-        layer.depthwise_affine,
-        node.outputs[0],
-        sink,
-        store,
-        probe_shape(layer, node.outputs[0], store),
-        kernels.dtype,
-        versions,
-    )
+    s, t = chain_affine(layer, layer.depthwise_affine, node.outputs[0], sink, store, versions)
     return np.concatenate([s[:, None] * kernels.reshape(width, -1), (s * bias + t)[:, None]], axis=1)
 
 

@@ -1,9 +1,6 @@
 """Planted duplicates in PyTorch MLPs, exported with both torch exporters, then reduced."""
 
-import warnings
-
 import numpy as np
-import onnx
 import pytest
 from builders import planted_rows
 from conftest import assert_same_outputs, check_full
@@ -11,6 +8,7 @@ from conftest import assert_same_outputs, check_full
 import condense_graph as cg
 
 torch = pytest.importorskip("torch")
+from torch_models import export  # noqa: E402
 
 
 def planted_torch_mlp(widths, distinct, activation, seed):
@@ -29,22 +27,6 @@ def planted_torch_mlp(widths, distinct, activation, seed):
     return torch.nn.Sequential(*layers).eval()
 
 
-def export(module, example, dynamo, path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (example,),
-            str(path),
-            input_names=["x"],
-            output_names=["y"],
-            dynamo=dynamo,
-            opset_version=18 if dynamo else 17,
-            dynamic_axes=None if dynamo else {"x": {0: "batch"}, "y": {0: "batch"}},
-        )
-    return onnx.load(str(path))
-
-
 CASES = [
     ([5, 12, 3], [4]),
     ([5, 12, 10, 3], [4, 6]),
@@ -59,7 +41,7 @@ def test_exported_relu_mlp_reduces_exactly(case, dynamo, tmp_path, rng):
     widths, distinct = CASES[case]
     module = planted_torch_mlp(widths, distinct, torch.nn.ReLU, seed=case)
     x = torch.from_numpy(rng.normal(size=(6, widths[0])).astype(np.float32))
-    model = export(module, x, dynamo, tmp_path / "m.onnx")
+    model = export(module, x, dynamo, tmp_path / "m.onnx", dynamic_batch=True)
     result = cg.condense(model, threshold=0.9999)
     assert [layer["width_after"] for layer in result.report["layers"]] == distinct
     check_full(result.model)
@@ -73,7 +55,7 @@ def test_exported_relu_mlp_reduces_exactly(case, dynamo, tmp_path, rng):
 def test_exported_activations_on_sequences(activation, exact, dynamo, tmp_path, rng):
     module = planted_torch_mlp([6, 16, 12, 3], [5, 4], activation, seed=7)
     x = torch.from_numpy(rng.normal(size=(2, 9, 6)).astype(np.float32))  # [batch, seq, features]
-    model = export(module, x, dynamo, tmp_path / "m.onnx")
+    model = export(module, x, dynamo, tmp_path / "m.onnx", dynamic_batch=True)
     result = cg.condense(model, threshold=0.9999)
     layers = result.report["layers"]
     assert [layer["width_after"] for layer in layers] == [5, 4]
