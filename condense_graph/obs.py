@@ -24,8 +24,9 @@ import numpy as np
 
 # Candidates per step: this fraction of what is left to remove, at most MAX_BATCH. Larger batches
 # mean fewer full-matrix updates but a staler bound (costs outside the batch move as it is removed).
-BATCH_FRACTION = 1 / 16
-MAX_BATCH = 256
+BATCH_FRACTION = 1 / 4
+MAX_BATCH = 512
+MIN_BATCH = 32
 # Below this size the recursive triangular helpers hand over to LAPACK directly.
 _RECURSION_BASE = 256
 
@@ -145,8 +146,15 @@ def _validate(terms: list[ConsumerTerm], floor: int) -> int:
 
 
 def _batch_size(remaining: int, fraction: float, cap: int) -> int:
-    """Candidates to consider this step: a fraction of what is left to remove, at least one."""
-    return max(1, min(remaining, cap, math.ceil(remaining * fraction)))
+    """Candidates to consider this step: a fraction of what is left to remove, at least one.
+
+    Near the end a fraction would mean many one-channel steps, each a full-matrix update, so the
+    batch is at least MIN_BATCH (what is left, when less) while batching is on.
+    """
+    size = max(1, min(cap, math.ceil(remaining * fraction)))
+    if fraction > 0 and cap > 1:
+        size = max(size, min(MIN_BATCH, cap))
+    return min(size, remaining)
 
 
 def _output_energy(term: ConsumerTerm) -> float:
@@ -248,21 +256,16 @@ def _greedy_in_batch(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact sequential greedy OBS among `candidates` while each pick costs at most `bound`.
 
-    Works on the candidates' own Hinv block A and weight Gram G = W_S W_S^T per consumer: removing
-    member c maps W_S to T W_S with T = I - A[:, c] A_cc^-1 E_c^T, so G becomes T G T^T and A is
-    downdated, without touching the outputs dimension. The first pick is always accepted. Returns
-    the accepted candidates' positions in removal order and each one's added cost.
+    Works on the candidates' own Hinv block A and weight Gram G = W_S W_S^T per consumer (see
+    `_Batch`), never touching the outputs dimension. The first pick is always accepted. Returns the
+    accepted candidates' positions in removal order and each one's added cost.
     """
-    smalls = []
-    for term in state:
-        rows = _block_features(candidates, term.block)
-        weights = term.weights[rows]
-        smalls.append((term.hinv[np.ix_(rows, rows)], weights @ weights.T, term.block))
+    batches = [_Batch(term, candidates) for term in state]
     waiting = np.ones(len(candidates), dtype=bool)
     accepted, step_costs = [], []
     while waiting.any():
         members = np.flatnonzero(waiting)
-        member_costs = sum(_member_costs(hinv, gram, block, members) for hinv, gram, block in smalls)
+        member_costs = sum(batch.costs(members) for batch in batches)
         pick = int(np.argmin(member_costs))
         if accepted and member_costs[pick] > bound:
             break
@@ -270,29 +273,60 @@ def _greedy_in_batch(
         accepted.append(member)
         step_costs.append(float(member_costs[pick]))
         waiting[member] = False
-        smalls = [_remove_member(hinv, gram, block, member) for hinv, gram, block in smalls]
+        for batch in batches:
+            batch.remove(member)
     return candidates[np.array(accepted)], np.array(step_costs)
 
 
-def _member_costs(hinv: np.ndarray, gram: np.ndarray, block: int, members: np.ndarray) -> np.ndarray:
-    """Current removal cost of the waiting batch members, from the batch's small matrices."""
-    if block == 1:
-        return np.diag(gram)[members] / np.diag(hinv)[members]
-    return _block_costs(_diagonal_blocks(hinv, block)[members], _diagonal_blocks(gram, block)[members])
+class _Batch:
+    """One consumer's small matrices over a batch of candidates, downdated lazily.
 
+    Removing member c (columns B) maps W_S to T W_S with T = I - V E_B^T, V = A[:, B] A_BB^-1, so
+    A -= A[:, B] A_BB^-1 A[B, :] = a a^T (a = A[:, B] L^-T, A_BB = L L^T) and G = W_S W_S^T becomes
+    T G T^T = G - V h^T - h V^T with h = G[:, B] - V G_BB / 2. The rank-b factors are stored instead
+    of applied: a removal reads only its own columns and the diagonal blocks (the costs), so a batch
+    of k channels costs O(k^3 b^3) in matrix-vector products rather than k full rank updates.
+    """
 
-def _remove_member(
-    hinv: np.ndarray, gram: np.ndarray, block: int, member: int
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Small matrices after removing one batch member (its rows and columns become zero)."""
-    own = slice(member * block, (member + 1) * block)
-    column = hinv[:, own]
-    # V = A[:, c] A_cc^-1, so T = I - V E_c^T.
-    transfer = np.linalg.solve(hinv[own, own], column.T).T
-    spread = transfer @ gram[own, :]
-    gram = gram - spread - spread.T + transfer @ gram[own, own] @ transfer.T
-    hinv = hinv - transfer @ column.T
-    return hinv, gram, block
+    def __init__(self, term: _Term, candidates: np.ndarray):
+        rows = _block_features(candidates, term.block)
+        weights = term.weights[rows]
+        self.block = term.block
+        self.hinv = term.hinv[np.ix_(rows, rows)]
+        self.gram = weights @ weights.T
+        self.hinv_blocks = _diagonal_blocks(self.hinv, self.block).copy()
+        self.gram_blocks = _diagonal_blocks(self.gram, self.block).copy()
+        # Row r of each factor matrix is one rank-1 term; `used` rows are filled.
+        self.hinv_factors = np.empty_like(self.hinv)
+        self.gram_left = np.empty_like(self.gram)
+        self.gram_right = np.empty_like(self.gram)
+        self.used = 0
+
+    def costs(self, members: np.ndarray) -> np.ndarray:
+        """Current removal cost of the given (waiting) members."""
+        return _block_costs(self.hinv_blocks[members], self.gram_blocks[members])
+
+    def remove(self, member: int) -> None:
+        own, used, block = slice(member * self.block, (member + 1) * self.block), self.used, self.block
+        hinv_factors, left, right = self.hinv_factors[:used], self.gram_left[:used], self.gram_right[:used]
+        hinv_columns = self.hinv[:, own] - hinv_factors.T @ hinv_factors[:, own]
+        gram_columns = self.gram[:, own] - left.T @ right[:, own] - right.T @ left[:, own]
+        own_hinv, own_gram = hinv_columns[own], gram_columns[own]
+        factor = _cholesky_or_eigen(own_hinv)
+        scaled = np.linalg.solve(factor, hinv_columns.T)  # (A[:, B] L^-T)^T
+        transfer = np.linalg.solve(own_hinv, hinv_columns.T)  # V^T
+        half = gram_columns.T - 0.5 * own_gram @ transfer  # h^T
+        self.hinv_factors[used : used + block] = scaled
+        self.gram_left[used : used + block] = transfer
+        self.gram_right[used : used + block] = half
+        self.used += block
+        count = len(self.hinv_blocks)
+        scaled_blocks = scaled.T.reshape(count, block, block)
+        transfer_blocks = transfer.T.reshape(count, block, block)
+        half_blocks = half.T.reshape(count, block, block)
+        self.hinv_blocks -= scaled_blocks @ scaled_blocks.transpose(0, 2, 1)
+        spread = transfer_blocks @ half_blocks.transpose(0, 2, 1)
+        self.gram_blocks -= spread + spread.transpose(0, 2, 1)
 
 
 def _remove_features(term: _Term, positions: np.ndarray) -> None:
