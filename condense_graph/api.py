@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from condense_graph.analysis import Analysis
 from condense_graph.calibration import Calibration, load_calibration
 from condense_graph.errors import CondenseError
 from condense_graph.model_io import load_model
@@ -29,7 +30,7 @@ from condense_graph.verify import (
     fixed_batch,
     split_holdout,
 )
-from passes.condense_channels import CondenseChannelsPass, CondenseOptions
+from passes.condense_channels import CondenseChannelsPass, CondenseChannelsResult, CondenseOptions
 
 INSPECT_THRESHOLDS = (0.8, 0.9, 0.95, 0.99, 0.999)
 HOLDOUT_FRACTION = 0.2  # with calibration data and verify: the last 20% of the rows verify
@@ -89,30 +90,79 @@ def condense(
     data, held = _split_for_verification(
         _calibration(calibration, original, similarity), original, verify, holdout
     )
+    options, target = _pass_options(
+        original,
+        threshold,
+        layer_thresholds,
+        similarity,
+        round_to,
+        data,
+        layer_widths,
+        target_params,
+        min_width_fraction,
+    )
+    result = CondenseChannelsPass(options, progress)(original)
+    report = _reduction_report(original, result, data, target)
+    if verify:
+        report["verify"] = _verification(original, result.model, input_shapes, data, held, all_class_scores)
+    return CondenseResult(result.model, report, result.plans)
+
+
+def _pass_options(
+    model: onnx.ModelProto,
+    threshold: float,
+    layer_thresholds: dict[str, float] | None,
+    similarity: str,
+    round_to: int,
+    data: Calibration | None,
+    layer_widths: dict[str, int] | None,
+    target_params: float | None,
+    min_width_fraction: float,
+) -> tuple[CondenseOptions, dict | None]:
+    """The pass's options, with the width of every layer that gets one, and the target's report
+    entry (None without `target_params`). The one place condense builds its rule and options."""
     selector = get_selector(similarity)
     if selector.needs_width and not layer_widths and target_params is None:
         raise CondenseError(f"{selector.label} needs layer widths or target_params")
     _check_widths(dict(layer_widths or {}), target_params)
     widths, target = planned_widths(
-        original, dict(layer_widths or {}), target_params, round_to, similarity, min_width_fraction
+        model, dict(layer_widths or {}), target_params, round_to, similarity, min_width_fraction
     )
     options = CondenseOptions(threshold, layer_thresholds or {}, widths, similarity, round_to, data)
-    result = CondenseChannelsPass(options, progress)(original)
+    return options, target
+
+
+def _reduction_report(
+    original: onnx.ModelProto, result: CondenseChannelsResult, data: Calibration | None, target: dict | None
+) -> dict:
+    """The report of the pass's `result`: layers, params, file sizes, output checks, warnings (the
+    pass's, then the calibration's) and the target's entry with the fraction achieved. Raises
+    `InternalError` when the reduced model fails the output checks."""
     warnings = list(result.warnings) + (data.warnings if data is not None else [])
+    # checked before the report is built: a failing model gets no report, and checks add warnings
     checks = check_output(result.model, original, warnings, result.written)
-    plans = result.plans
-    report = build_report(original, result.model, plans, result.skipped)
+    report = build_report(original, result.model, result.plans, result.skipped)
     report["output_checks"] = checks
     report["warnings"] = warnings
     if target is not None:
         report["target_params"] = target | {"achieved": report["params_after"] / report["params_before"]}
-    if verify:
-        report["verify"] = compare_models(
-            original, result.model, input_shapes, data=held, all_class_scores=all_class_scores
-        )
-        if held is not None:
-            report["verify"] |= {"inputs": "held-out data", "calibration_rows": data.samples}
-    return CondenseResult(result.model, report, plans)
+    return report
+
+
+def _verification(
+    original: onnx.ModelProto,
+    reduced: onnx.ModelProto,
+    input_shapes: dict[str, list[int]] | None,
+    data: Calibration | None,
+    held: dict | None,
+    all_class_scores: bool,
+) -> dict:
+    """The report's `verify` entry: both models compared on the held-out rows, or on random draws
+    when there is no data."""
+    numbers = compare_models(original, reduced, input_shapes, data=held, all_class_scores=all_class_scores)
+    if held is not None:
+        numbers |= {"inputs": "held-out data", "calibration_rows": data.samples}
+    return numbers
 
 
 def _split_for_verification(
@@ -174,12 +224,7 @@ def planned_widths(
     if target is None and (round_to == 1 or not layer_widths):
         return layer_widths, None
     graph, analysis = CondenseChannelsPass.analyze(model)
-    sizes = {
-        key: layer.producer.width
-        for layer in analysis.layers
-        for key in (layer.name, layer.producer.weight.name)
-    }
-    fixed = {name: round_width(width, sizes.get(name), round_to) for name, width in layer_widths.items()}
+    fixed = _rounded_widths(layer_widths, analysis, round_to)
     if target is None:
         return fixed, None
     fraction, free = widths_for_params(
@@ -191,18 +236,41 @@ def planned_widths(
         min_fraction=min_fraction,
         analyzed=(graph, analysis),
     )
+    return free | fixed, _target_entry(target, fraction, free, analysis, min_fraction, round_to)
+
+
+def _rounded_widths(layer_widths: dict[str, int], analysis: Analysis, round_to: int) -> dict[str, int]:
+    """The requested widths rounded up to `round_to`, never above their layer's width (a layer is
+    named by its producer node or its weight)."""
+    sizes = {
+        key: layer.producer.width
+        for layer in analysis.layers
+        for key in (layer.name, layer.producer.weight.name)
+    }
+    return {name: round_width(width, sizes.get(name), round_to) for name, width in layer_widths.items()}
+
+
+def _target_entry(
+    target: float,
+    fraction: float,
+    free: dict[str, int],
+    analysis: Analysis,
+    min_fraction: float,
+    round_to: int,
+) -> dict:
+    """The report's `target_params` entry (before the fraction achieved is known): the width
+    fraction found and the searched layers left at their floor."""
     floors = {
         layer.name: width_floor(layer.producer.width, min_fraction, round_to)
         for layer in analysis.layers
         if layer.name in free
     }
-    entry = {
+    return {
         "requested": target,
         "width_fraction": fraction,
         "min_width_fraction": min_fraction,
         "at_floor": sorted(name for name, width in free.items() if width == floors[name]),
     }
-    return free | fixed, entry
 
 
 def round_width(width: int, layer_width: int | None, round_to: int) -> int:
@@ -231,45 +299,87 @@ def widths_for_params(
     parameters (layers in `fixed` keep their requested width). Each step plans the reduction on one
     analysis of the model and counts parameters from the plan. A target that is not reached with
     every free layer at its floor is a CondenseError saying what is reachable."""
+    search = width_search(model, fixed, similarity, round_to, min_fraction, analyzed)
+    _check_reachable(search, target)
+    low, high = 0.0, 1.0
+    for _ in range(steps):
+        mid = (low + high) / 2
+        low, high = (mid, high) if fraction_at(search, mid) <= target else (low, mid)
+    return low, widths_at(search, low)
+
+
+@dataclass(frozen=True)
+class WidthSearch:
+    """What each step of the `target_params` bisection reads: one analysis of the model, the layers
+    whose width follows the fraction r, and the parameter count to compare with."""
+
+    model: onnx.ModelProto
+    graph: gs.Graph  # the analyzed graph (Constant nodes have become initializers)
+    analysis: Analysis  # the layers of `graph`
+    free: list  # the layers not in `fixed`: their width is r times theirs
+    fixed: dict[str, int]  # requested widths, kept at every step
+    selector: str  # the rule's stand-in without data: the search runs without calibration data
+    round_to: int
+    min_fraction: float
+    params: int  # parameters of `model`
+    sizes: dict[str, int]  # element count of every constant of `graph`
+
+
+def width_search(
+    model: onnx.ModelProto,
+    fixed: dict[str, int],
+    similarity: str = "weights",
+    round_to: int = 1,
+    min_fraction: float = MIN_WIDTH_FRACTION,
+    analyzed: tuple | None = None,
+) -> WidthSearch:
+    """The search over `model` (analyzed now unless `analyzed` gives (graph, analysis))."""
     graph, analysis = analyzed or CondenseChannelsPass.analyze(model)
-    before = count_params(model)
-    # sizes from the analyzed graph, where Constant nodes have become initializers
-    sizes = {name: int(t.values.size) for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
-    selection = get_selector(similarity).data_free().name  # the search runs without data
     free = [
         layer
         for layer in analysis.layers
         if layer.name not in fixed and layer.producer.weight.name not in fixed
     ]
+    # sizes from the analyzed graph, where Constant nodes have become initializers
+    sizes = {name: int(t.values.size) for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    selector = get_selector(similarity).data_free().name
+    return WidthSearch(
+        model, graph, analysis, free, fixed, selector, round_to, min_fraction, count_params(model), sizes
+    )
 
-    def widths_at(r: float) -> dict[str, int]:
-        return {
-            layer.name: max(
-                width_floor(layer.producer.width, min_fraction, round_to),
-                round_width(max(1, round(r * layer.producer.width)), layer.producer.width, round_to),
-            )
-            for layer in free
-        }
 
-    def fraction_at(r: float) -> float:
-        options = CondenseOptions(1.0, layer_widths=widths_at(r) | fixed, selector=selection)
-        condense = CondenseChannelsPass(options)
-        _, store = condense.plan(graph, analysis, model)
-        delta = sum(values.size - sizes.get(name, 0) for name, values in store.changed.items())
-        return (before + delta) / before
+def widths_at(search: WidthSearch, r: float) -> dict[str, int]:
+    """The width of every free layer at fraction r: round(r * width) rounded up to `round_to`,
+    never below `width_floor`."""
+    return {
+        layer.name: max(
+            width_floor(layer.producer.width, search.min_fraction, search.round_to),
+            round_width(max(1, round(r * layer.producer.width)), layer.producer.width, search.round_to),
+        )
+        for layer in search.free
+    }
 
-    smallest = fraction_at(0.0)
+
+def fraction_at(search: WidthSearch, r: float) -> float:
+    """The fraction of the parameters the reduced model keeps at fraction r, counted from the
+    plan (nothing is rewritten)."""
+    widths = widths_at(search, r) | search.fixed
+    options = CondenseOptions(1.0, layer_widths=widths, selector=search.selector)
+    _, store = CondenseChannelsPass(options).plan(search.graph, search.analysis, search.model)
+    delta = sum(values.size - search.sizes.get(name, 0) for name, values in store.changed.items())
+    return (search.params + delta) / search.params
+
+
+def _check_reachable(search: WidthSearch, target: float) -> None:
+    """A CondenseError saying what is reachable when `target` is not, with every free layer at its
+    floor."""
+    smallest = fraction_at(search, 0.0)
     if smallest > target:
         raise CondenseError(
             f"target_params {target:g} cannot be reached without cutting a layer below "
-            f"{min_fraction:g} of its width (--min-width-fraction): the smallest reachable "
+            f"{search.min_fraction:g} of its width (--min-width-fraction): the smallest reachable "
             f"is {smallest:.3f} of the parameters"
         )
-    low, high = 0.0, 1.0
-    for _ in range(steps):
-        mid = (low + high) / 2
-        low, high = (mid, high) if fraction_at(mid) <= target else (low, mid)
-    return low, widths_at(low)
 
 
 def _check_widths(widths: dict, target: float | None) -> None:

@@ -14,6 +14,10 @@ tensor (`condense_graph.analysis.nonfinite_reason`).
 Saving writes to temporary files in the destination directory and renames them into place, so an
 interrupted run leaves the old file or the new one, never half of one. Models over the 2 GB
 protobuf limit (or with `external_data=True`) are saved with their weights in `<name>.data`.
+
+`PROTOBUF_LIMIT` is the one limit of the package: saving, validation and `condense_graph.runtime`
+read it at call time through `is_large`, so a test that lowers it (monkeypatch) sends every path of
+a small model the way of a large one.
 """
 
 from __future__ import annotations
@@ -21,16 +25,18 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from condense_graph.errors import CondenseError
 from condense_graph.protos import all_tensors
 
 MIN_OPSET = 7
-PROTOBUF_LIMIT = 2**31 - 1  # bytes one protobuf message can hold
+PROTOBUF_LIMIT = 2**31 - 1  # bytes one protobuf message can hold; read at call time (tests lower it)
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
@@ -42,6 +48,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     else:
         model, external = _read(Path(source))
         validate(model, Path(source) if external else None)
+        clear_default_locations(model)
     return model
 
 
@@ -61,6 +68,15 @@ def _read(path: Path) -> tuple[onnx.ModelProto, bool]:
         except (OSError, ValueError) as err:
             raise CondenseError(f"cannot read the external data of {path}: {err}") from None
     return model, external
+
+
+def clear_default_locations(model: onnx.ModelProto) -> None:
+    """Clear `data_location` where it says DEFAULT (tensor bytes in the message). onnx sets it
+    explicitly when it loads external data; cleared, a model read from a file with external data
+    has the bytes of the same model read from one file, whichever way it went since."""
+    for tensor in all_tensors(model.graph):
+        if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.DEFAULT:
+            tensor.ClearField("data_location")
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
@@ -92,6 +108,9 @@ def validate(model: onnx.ModelProto, external_path: Path | None = None) -> None:
     try:
         if external_path is not None:
             onnx.checker.check_model(str(external_path))
+        elif is_large(model):  # onnx refuses to check a > 2 GB message in memory
+            with external_copy(model) as path:
+                onnx.checker.check_model(str(path))
         else:
             onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as err:
@@ -120,7 +139,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     path = Path(path)
     if not path.parent.is_dir():
         raise CondenseError(f"output directory does not exist: {path.parent}")
-    external = external_data or model.ByteSize() >= PROTOBUF_LIMIT or _tensor_bytes(model) >= PROTOBUF_LIMIT
+    external = external_data or is_large(model)
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     except OSError as err:
@@ -132,6 +151,27 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return sum((path.parent / name).stat().st_size for name in files)
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """Whether the model is too large for one protobuf message (`PROTOBUF_LIMIT`, read now): it
+    must be written with its tensors in an external-data file."""
+    if tensor_bytes(model) >= PROTOBUF_LIMIT:
+        return True
+    try:
+        return model.ByteSize() >= PROTOBUF_LIMIT
+    except EncodeError:  # upb cannot even measure a message over 2 GB
+        return True
+
+
+@contextmanager
+def external_copy(model: onnx.ModelProto, prefix: str = "condense-") -> Iterator[Path]:
+    """Context: the path of a temporary copy of `model` with every tensor in `model.onnx.data`
+    beside it (the directory is removed on exit). `model` itself is left as it was."""
+    with tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True) as directory:
+        path = Path(directory) / "model.onnx"
+        _write(model, path, external=True)
+        yield path
 
 
 def _write(model: onnx.ModelProto, target: Path, external: bool) -> list[str]:
@@ -152,5 +192,6 @@ def _write(model: onnx.ModelProto, target: Path, external: bool) -> list[str]:
     return [target.name] + ([data] if (target.parent / data).exists() else [])
 
 
-def _tensor_bytes(model: onnx.ModelProto) -> int:
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data the model holds in memory (computable at any size, unlike ByteSize)."""
     return sum(len(t.raw_data) for t in all_tensors(model.graph))

@@ -1,8 +1,9 @@
 """The one place that opens ONNX Runtime and runs onnx shape inference.
 
-A model that fits one protobuf message (under `PROTOBUF_LIMIT` bytes) goes to ONNX Runtime and to
-shape inference as bytes. A larger one cannot be serialized: it is saved to a temporary directory
-with its tensors in an external-data file, and ONNX Runtime (`session`) or onnx
+A model that fits one protobuf message (under `model_io.PROTOBUF_LIMIT` bytes, the package's one
+limit, read at each call) goes to ONNX Runtime and to shape inference as bytes. A larger one cannot
+be serialized: it is saved to a temporary directory with its tensors in an external-data file
+(`model_io.external_copy`), and ONNX Runtime (`session`) or onnx
 (`infer_shapes`, through `onnx.shape_inference.infer_shapes_path`) read it from there, the way
 onnxscript's test utilities open large models.
 
@@ -15,7 +16,6 @@ what the failure costs, logs it with its module logger and lists it in its warni
 from __future__ import annotations
 
 import logging
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,10 +24,7 @@ import onnxruntime as ort
 
 from condense_graph import model_io
 from condense_graph.errors import CondenseError
-from condense_graph.protos import all_tensors
 
-# one protobuf message holds at most this many bytes; the same limit as model_io's (tests lower it)
-PROTOBUF_LIMIT = model_io.PROTOBUF_LIMIT
 PROVIDERS = ["CPUExecutionProvider"]
 
 logger = logging.getLogger(__name__)
@@ -42,8 +39,9 @@ class SessionError(CondenseError):
 
 
 def is_large(model: onnx.ModelProto) -> bool:
-    """Whether the model is too large for one protobuf message (it must go through a file)."""
-    return model.ByteSize() >= PROTOBUF_LIMIT
+    """Whether the model is too large for one protobuf message (it must go through a file); the
+    limit is model_io's, read now: no copy of it here that a lowered limit would miss."""
+    return model_io.is_large(model)
 
 
 @contextmanager
@@ -53,19 +51,9 @@ def path_if_large(model: onnx.ModelProto):
     if not is_large(model):
         yield None
         return
-    with tempfile.TemporaryDirectory(prefix="condense-runtime-", ignore_cleanup_errors=True) as directory:
-        path = Path(directory) / "model.onnx"
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)  # onnx.save rewrites the tensors it externalizes
-        onnx.save(
-            copy,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location="model.onnx.data",
-            size_threshold=1024,
-        )
-        logger.debug("model of %d bytes goes through the file %s", model.ByteSize(), path)
+    with model_io.external_copy(model, prefix="condense-runtime-") as path:
+        # tensor bytes, not ByteSize(): upb raises EncodeError measuring a message over 2 GB
+        logger.debug("model of %d tensor bytes goes through the file %s", model_io.tensor_bytes(model), path)
         yield path
 
 
@@ -116,10 +104,8 @@ def _infer_shapes_path(path: Path, data_prop: bool) -> onnx.ModelProto:
     inferred = path.with_name("inferred.onnx")  # beside the data file its tensors point to
     onnx.shape_inference.infer_shapes_path(str(path), str(inferred), data_prop=data_prop)
     model = onnx.load(str(inferred))  # external data loaded back into the tensors
-    for tensor in all_tensors(model.graph):
-        if tensor.data_location == onnx.TensorProto.DEFAULT:
-            # loading sets the default explicitly: cleared, the bytes are those of the in-memory path
-            tensor.ClearField("data_location")
+    # loading sets the default location explicitly: cleared, the bytes are the in-memory path's
+    model_io.clear_default_locations(model)
     return model
 
 

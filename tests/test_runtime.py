@@ -1,9 +1,9 @@
 """condense_graph.runtime: large models go through temporary external-data files; degraded paths
 are logged and listed as warnings.
 
-A model over the real 2 GB protobuf limit is too big for the test machine, so the limit
-(`runtime.PROTOBUF_LIMIT`) is lowered to a few KB: the models below then count as large, and every
-session and shape inference of them goes through a file. The numbers must be those of the
+A model over the real 2 GB protobuf limit is too big for most test machines, so the limit (the
+package's one, `model_io.PROTOBUF_LIMIT`) is lowered to a few KB: the models below then count as
+large, and every session and shape inference of them goes through a file. The numbers must be those of the
 in-memory path, exactly (the same graph runs in the same ONNX Runtime).
 """
 
@@ -16,7 +16,7 @@ import pytest
 from builders import planted_mlp
 from onnx import helper
 
-from condense_graph import api, runtime
+from condense_graph import api, model_io, runtime
 from condense_graph.bench import benchmark, count_macs
 from condense_graph.report import format_reduce_table
 from condense_graph.verify import compare_models
@@ -40,7 +40,7 @@ def over_limit(monkeypatch, caplog):
     """Lower the limit and record runtime's DEBUG lines (how often the file path was taken)."""
 
     def lower():
-        monkeypatch.setattr(runtime, "PROTOBUF_LIMIT", SMALL_LIMIT)
+        monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", SMALL_LIMIT)
         caplog.set_level(logging.DEBUG, logger="condense_graph.runtime")
 
     return lower
