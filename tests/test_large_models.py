@@ -7,7 +7,7 @@ external data, every shape inference reads a file, and every save writes `<name>
 must be those of the small-model path, exactly: the same graphs run in the same ONNX Runtime.
 
 One test builds a genuinely > 2 GB model; it needs RAM and minutes, and runs only with
-`CONDENSE_SLOW=1` (and at least 16 GB of available memory).
+`CONDENSE_SLOW=1` (and at least 24 GB of available memory: a run was seen past 19 GB resident).
 """
 
 import json
@@ -249,7 +249,7 @@ def huge_mlp() -> onnx.ModelProto:
     "for a message over 2 GB",
 )
 @pytest.mark.skipif(os.environ.get("CONDENSE_SLOW") != "1", reason="set CONDENSE_SLOW=1 to run")
-@pytest.mark.skipif(available_memory() < 16 * GIB, reason="needs 16 GB of available memory")
+@pytest.mark.skipif(available_memory() < 24 * GIB, reason="needs 24 GB of available memory")
 def test_a_model_over_2gb_reduces_verifies_and_saves(tmp_path):
     src, out, report = tmp_path / "huge.onnx", tmp_path / "huge.reduced.onnx", tmp_path / "r.json"
     model = huge_mlp()
