@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from condense_graph.allocate import Budget, allocate
 from condense_graph.analysis import Analysis
 from condense_graph.calibration import Calibration, load_calibration
 from condense_graph.errors import CondenseError
@@ -22,7 +24,7 @@ from condense_graph.model_io import load_model
 from condense_graph.progress import Progress
 from condense_graph.report import build_report, count_params
 from condense_graph.safety import check_output
-from condense_graph.selectors import get_selector
+from condense_graph.selectors import AUTO, Selector, StructuredOBS, choose, get_selector
 from condense_graph.verify import (
     check_agreement_applies,
     check_random_draws,
@@ -55,12 +57,15 @@ def condense(
     progress: Progress | None = None,
     round_to: int = 1,
     calibration: str | os.PathLike | dict | None = None,
-    similarity: str = "weights",
+    similarity: str | None = None,
     layer_widths: dict[str, int] | None = None,
     target_params: float | None = None,
     holdout: float = HOLDOUT_FRACTION,
     min_width_fraction: float = MIN_WIDTH_FRACTION,
     all_class_scores: bool = False,
+    method: str | Selector = AUTO,
+    target_macs: float | None = None,
+    max_error: float | None = None,
 ) -> CondenseResult:
     """Merge condensed neurons of every reducible layer; the input model is never modified.
 
@@ -68,13 +73,19 @@ def condense(
     `round_to` rounds every new width up to a multiple of it (8 or 16 suit CPU GEMM kernels),
     requested widths too (never above the layer's width).
     `calibration` (an .npz path or a dict of arrays named after the graph inputs) turns on the
-    data-aware merge: consumers are refit by least squares on the calibration activations, and
-    `similarity="activations"` groups neurons by their activations instead of their weights;
-    `similarity="magnitude"` is the pruning baseline (keep the largest neurons, drop the rest).
+    data-aware merge: consumers are refit by least squares on the calibration activations.
+    `method` picks the rule (`condense_graph.selectors`): "auto" (default) is "obs" with
+    calibration data (exact merges, then structured OBS, then the refit) and "condense" (the
+    paper's merge) without; "activations" groups by activation cosine; "magnitude" is the pruning
+    baseline (keep the largest neurons, drop the rest); a `Selector` object is used as given
+    (`StructuredOBS(damping)`). `similarity` is the deprecated spelling ("weights": "condense").
     `layer_widths` asks for a width per layer (the threshold that lands on it is found);
     `target_params` (a fraction of the original parameters) picks those widths for every layer,
     none below `min_width_fraction` of the layer's width (a CondenseError when that cannot reach
-    the target).
+    the target): one fraction for all layers without data, per-layer widths chosen globally by
+    their OBS costs with it (`condense_graph.allocate`). `target_macs` does the same for the
+    multiply-accumulates (needs data); `max_error` (needs data) finds the smallest model whose
+    held-out max_rel_err stays within it (the last `holdout` rows measure it and do not calibrate).
     With `verify`, both models run in ONNX Runtime and the report gets `verify`: on random inputs,
     or with calibration data on its last `holdout` fraction of rows, which then do not calibrate.
     `all_class_scores` makes every [batch, classes] output class scores (top-1 agreement).
@@ -87,22 +98,30 @@ def condense(
     original = load_model(model)
     if verify and all_class_scores:
         check_agreement_applies(original)
+    selector = _selector(method, similarity, calibration is not None)
+    budget = _budget(target_params, target_macs, max_error, calibration is not None)
     data, held = _split_for_verification(
-        _calibration(calibration, original, similarity), original, verify, holdout
+        _calibration(calibration, original, selector), original, verify or max_error is not None, holdout
     )
     options, target = _pass_options(
         original,
         threshold,
         layer_thresholds,
-        similarity,
+        selector,
         round_to,
         data,
         layer_widths,
         target_params,
         min_width_fraction,
     )
-    result = CondenseChannelsPass(options, progress)(original)
+    result = None
+    if budget is not None and selector.needs_consumer_statistics:
+        options, target, result = _allocated_options(original, options, budget, held, min_width_fraction)
+    result = result or CondenseChannelsPass(options, progress)(original)
     report = _reduction_report(original, result, data, target)
+    report["method"] = selector.name
+    if isinstance(selector, StructuredOBS):
+        report["obs_damping"] = selector.damping
     if verify:
         report["verify"] = _verification(original, result.model, input_shapes, data, held, all_class_scores)
     return CondenseResult(result.model, report, result.plans)
@@ -112,7 +131,7 @@ def _pass_options(
     model: onnx.ModelProto,
     threshold: float,
     layer_thresholds: dict[str, float] | None,
-    similarity: str,
+    selector: Selector,
     round_to: int,
     data: Calibration | None,
     layer_widths: dict[str, int] | None,
@@ -120,16 +139,67 @@ def _pass_options(
     min_width_fraction: float,
 ) -> tuple[CondenseOptions, dict | None]:
     """The pass's options, with the width of every layer that gets one, and the target's report
-    entry (None without `target_params`). The one place condense builds its rule and options."""
-    selector = get_selector(similarity)
+    entry (None without `target_params`). The one place condense builds its rule and options.
+    With a rule that allocates widths globally (OBS), `target_params` is left to
+    `_allocated_options`."""
     if selector.needs_width and not layer_widths and target_params is None:
         raise CondenseError(f"{selector.label} needs layer widths or target_params")
     _check_widths(dict(layer_widths or {}), target_params)
+    uniform = None if selector.needs_consumer_statistics else target_params
     widths, target = planned_widths(
-        model, dict(layer_widths or {}), target_params, round_to, similarity, min_width_fraction
+        model, dict(layer_widths or {}), uniform, round_to, selector.name, min_width_fraction
     )
-    options = CondenseOptions(threshold, layer_thresholds or {}, widths, similarity, round_to, data)
+    options = CondenseOptions(threshold, layer_thresholds or {}, widths, selector, round_to, data)
     return options, target
+
+
+def _selector(method: str | Selector, similarity: str | None, with_data: bool) -> Selector:
+    """The rule: `method`, or the deprecated `similarity` when given."""
+    if similarity is not None:
+        warnings.warn("similarity= is deprecated; use method=", DeprecationWarning, stacklevel=3)
+        method = similarity
+    return choose(method, with_data)
+
+
+def _budget(target_params, target_macs, max_error, with_data: bool) -> Budget | None:
+    """The size or error budget asked for (at most one), checked."""
+    given = [v is not None for v in (target_params, target_macs, max_error)]
+    if sum(given) > 1:
+        raise CondenseError(
+            "give one of target_params (--target-params), target_macs (--target-macs) "
+            "and max_error (--max-error)"
+        )
+    for name, value in (("target_macs", target_macs), ("max_error", max_error)):
+        if value is not None and not with_data:
+            raise CondenseError(f"{name} needs calibration data (--data)")
+    if target_macs is not None and not 0.0 < target_macs <= 1.0:
+        raise CondenseError(f"target_macs is a fraction of the MACs in (0, 1], got {target_macs!r}")
+    if max_error is not None and not (isinstance(max_error, (int, float)) and max_error > 0):
+        raise CondenseError(f"max_error must be a positive relative error, got {max_error!r}")
+    return Budget(target_params, target_macs, max_error) if any(given) else None
+
+
+def _allocated_options(
+    model: onnx.ModelProto, options: CondenseOptions, budget: Budget, held, min_fraction: float
+) -> tuple[CondenseOptions, dict, object]:
+    """`options` with per-layer widths allocated globally to meet `budget` (`allocate.allocate`),
+    the report entry, and the pass's result at those widths when the search computed it."""
+    _, analysis = CondenseChannelsPass.analyze(model)
+    fixed = set(options.layer_widths)
+    floors = {
+        layer.name: width_floor(layer.producer.width, min_fraction, options.round_to)
+        for layer in analysis.layers
+        if layer.name not in fixed and layer.producer.weight.name not in fixed
+    }
+    widths, entry, result = allocate(model, budget, options, held, floors)
+    if budget.error is None and not any(step["accepted"] for step in entry["steps"]):
+        last = entry["steps"][-1]  # every layer at its floor
+        raise CondenseError(
+            f"{budget.what} {entry['requested']:g} cannot be reached without cutting a layer below "
+            f"{min_fraction:g} of its width (--min-width-fraction): the smallest reachable is "
+            f"{last['value']:.3f}"
+        )
+    return replace(options, layer_widths=dict(options.layer_widths) | widths), entry, result
 
 
 def _reduction_report(
@@ -144,7 +214,10 @@ def _reduction_report(
     report = build_report(original, result.model, result.plans, result.skipped)
     report["output_checks"] = checks
     report["warnings"] = warnings
-    if target is not None:
+    if target is not None and "by" in target:  # a global allocation (`allocate`)
+        achieved = {"params_fraction": report["params_after"] / report["params_before"]}
+        report["allocation"] = target | achieved
+    elif target is not None:
         report["target_params"] = target | {"achieved": report["params_after"] / report["params_before"]}
     return report
 
@@ -390,8 +463,7 @@ def _check_widths(widths: dict, target: float | None) -> None:
         raise CondenseError(f"target_params is a fraction of the parameters in (0, 1], got {target!r}")
 
 
-def _calibration(source, model: onnx.ModelProto, similarity: str) -> Calibration | None:
-    selector = get_selector(similarity)
+def _calibration(source, model: onnx.ModelProto, selector: Selector) -> Calibration | None:
     if source is None:
         if selector.needs_calibration:
             raise CondenseError(f"{selector.label} needs calibration data")

@@ -17,7 +17,7 @@ import onnx
 from condense_graph import runtime
 from condense_graph.analysis import Consumer, Layer
 from condense_graph.errors import CondenseError
-from condense_graph.refit import Gram, Normal, channel_rows, im2col
+from condense_graph.refit import Gram, LayerStatistics, Normal, channel_rows, im2col
 from condense_graph.verify import data_batches, graph_inputs, load_data, row_count
 
 MAX_FEATURES = 6144  # a consumer with more input features is not refit (its Gram would be huge)
@@ -95,10 +95,26 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 def channel_gram(model: onnx.ModelProto, layer: Layer, calibration: Calibration) -> np.ndarray:
     """Gram matrix [C, C] of the layer's channels' activations (for activation similarity)."""
-    gram = Gram(layer.producer.width)
+    return layer_statistics(model, layer, calibration, consumers=False).gram
+
+
+def layer_statistics(
+    model: onnx.ModelProto, layer: Layer, calibration: Calibration, consumers: bool = True
+) -> LayerStatistics:
+    """The layer's channel Gram and (with `consumers`) each consumer's input-feature Gram, from one
+    run of `model` (the network reduced so far) over the calibration data, in float64."""
+    width = layer.producer.width
+    channels = Gram(width)
+    features = [consumer_features(c, width, layer.block) if consumers else None for c in layer.consumers]
+    grams = [Gram(f) if f else None for f in features]
     for (values,) in capture(model, [layer.end.name], calibration):
-        gram.add(_channels_of(values, layer))
-    return gram.matrix[:-1, :-1]
+        channels.add(_channels_of(values, layer))
+        for consumer, gram in zip(layer.consumers, grams):
+            if gram is not None:
+                gram.add(feature_rows(consumer, values))
+    hessians = [g.matrix if g is not None else channels.matrix for g in grams]
+    blocks = [f // width if f else 1 for f in features]
+    return LayerStatistics(channels.matrix[:-1, :-1], hessians, blocks, [f is None for f in features])
 
 
 def refit_statistics(

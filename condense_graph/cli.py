@@ -28,7 +28,7 @@ from condense_graph.report import (
     format_verify_table,
 )
 from condense_graph.safety import BUG
-from condense_graph.selectors import names as selector_names
+from condense_graph.selectors import ALIASES, AUTO, OBS_DAMPING, StructuredOBS, method_names, names
 from condense_graph.verify import (
     DEFAULT_BATCH,
     DEFAULT_DIM,
@@ -103,7 +103,21 @@ def _add_reduce(reduce) -> None:
         "--target-params",
         type=float,
         metavar="R",
-        help="keep this fraction of the parameters: a width for every layer",
+        help="keep this fraction of the parameters: one width fraction for all layers, or with --data "
+        "(--method obs) per-layer widths chosen globally by their OBS costs",
+    )
+    reduce.add_argument(
+        "--target-macs",
+        type=float,
+        metavar="R",
+        help="keep this fraction of the multiply-accumulates (needs --data): widths chosen globally",
+    )
+    reduce.add_argument(
+        "--max-error",
+        type=float,
+        metavar="E",
+        help="the smallest model whose relative output error (max_rel_err) on held-out rows of --data "
+        "stays within E: per-layer widths chosen globally by their OBS costs, each step measured",
     )
     reduce.add_argument(
         "--min-width-fraction",
@@ -119,11 +133,23 @@ def _add_reduce(reduce) -> None:
         help="calibration data (arrays named after the graph inputs): refit consumers",
     )
     reduce.add_argument(
-        "--similarity",
-        choices=selector_names(),
-        default="weights",
-        help="group neurons by weight vectors (the paper) or, with --data, activations; "
-        "'magnitude' is the pruning baseline (keep the largest, needs widths)",
+        "--method",
+        choices=method_names(),
+        default=AUTO,
+        help="how channels are chosen: 'auto' (default) is 'obs' with --data and 'condense' without; "
+        "'obs': exact merges, then structured Optimal Brain Surgeon on --data, then a refit; "
+        "'condense': the paper's cosine merge; 'activations': cosine of --data activations; "
+        "'magnitude': the pruning baseline (needs widths)",
+    )
+    reduce.add_argument(
+        "--obs-damping",
+        type=float,
+        default=OBS_DAMPING,
+        metavar="D",
+        help=f"--method obs damps each consumer's Hessian by D * its mean diagonal (default {OBS_DAMPING:g})",
+    )
+    reduce.add_argument(  # deprecated: --method; 'weights' is 'condense'
+        "--similarity", choices=sorted(ALIASES) + names(), help=argparse.SUPPRESS
     )
     reduce.add_argument(
         "--round-to",
@@ -285,6 +311,18 @@ def _progress(args, label: str) -> Progress:
     return Progress(1, label, enabled=None if not getattr(args, "quiet", False) else False)
 
 
+def _method(args):
+    """The rule --method names (or the deprecated --similarity), with --obs-damping applied."""
+    method = args.method
+    if args.similarity is not None:
+        print("condense-graph: --similarity is deprecated; use --method", file=sys.stderr)
+        method = ALIASES.get(args.similarity, args.similarity)
+    if not args.obs_damping > 0:
+        raise CondenseError(f"--obs-damping must be positive, got {args.obs_damping:g}")
+    with_obs = method == "obs" or (method == AUTO and args.data is not None)
+    return StructuredOBS(args.obs_damping) if with_obs else method
+
+
 def run_reduce(args) -> int:
     _check_paths(args)
     layer_thresholds = dict(_parse_layer(spec) for spec in args.layer)
@@ -304,9 +342,11 @@ def run_reduce(args) -> int:
         progress=_progress(args, "condensing layers"),
         round_to=args.round_to,
         calibration=args.data,
-        similarity=args.similarity,
+        method=_method(args),
         layer_widths=layer_widths,
         target_params=args.target_params,
+        target_macs=args.target_macs,
+        max_error=args.max_error,
         holdout=args.holdout,
         min_width_fraction=args.min_width_fraction,
         all_class_scores=args.min_agreement is not None,

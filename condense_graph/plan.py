@@ -22,8 +22,11 @@ import onnx_graphsurgeon as gs
 
 from condense_graph.analysis import Consumer, Layer, Producer
 from condense_graph.chain_eval import affine_coefficients, evaluate_chain, float32_if_half
+from condense_graph.compensate import weight_rows
 from condense_graph.errors import CondenseError
 from condense_graph.merge import ChannelMap, channel_map, least_squares_rows, merge_consumer, norm_ratios
+from condense_graph.obs import ConsumerTerm
+from condense_graph.refit import LayerStatistics
 from condense_graph.selectors import DEFAULT, SELECTORS, Grouping, Rows, Selection, Selector
 from condense_graph.similarity import COSINE_TOLERANCE
 
@@ -107,11 +110,16 @@ class LayerPlan:
     groups: list[np.ndarray] = field(default_factory=list, repr=False)
     refit: list[dict] | None = None  # with calibration data: each consumer's refit errors
     rejected: str | None = None  # why a merge was measured and not applied
+    costs: dict[int, float] | None = None  # the selector's predicted error per width (OBS)
+    # the merge's error at the first consumer's output (`BlockProbe`): None until `measure` ran
+    block_error: dict | None = None
 
-    @property
-    def block_error(self) -> dict | None:
-        """Error of the merge at the first consumer's output (`BlockProbe`), None when unreduced."""
-        return self.probe.error() if self.probe is not None else None
+    def measure(self) -> LayerPlan:
+        """Measure `block_error` with ONNX Runtime (a reduced layer only; planning many times, as
+        width searches do, measures nothing until the plan that is kept)."""
+        if self.probe is not None:
+            self.block_error = self.probe.error()
+        return self
 
     def report(self) -> dict:
         return (
@@ -127,7 +135,7 @@ class LayerPlan:
                 "zero_output_removed": self.silent_channels,
                 "min_group_cosine": self.min_cosine,
             }
-            | ({"block_error": self.block_error} if self.probe is not None else {})
+            | ({"block_error": self.block_error} if self.block_error is not None else {})
             | ({"rejected": self.rejected} if self.rejected else {})
             | ({"refit": self.refit} if self.refit is not None else {})
         )
@@ -193,26 +201,28 @@ def plan_layer(
     grouping: Grouping,
     versions: tuple[int, int],
     selector: Selector | None = None,
-    gram: np.ndarray | None = None,
+    statistics: LayerStatistics | None = None,
 ) -> LayerPlan:
     """Group the layer's neurons with `selector` (`condense_graph.selectors`, the paper's weight
     cosine by default) at `grouping` (a threshold, or a target width), then update `store` with the
     merged arrays, and attach the probe that measures the merge's block error. A depthwise block
-    whose measured error breaks its budget is rolled back (store and plan). `gram` (the Gram matrix
-    of the channels' calibration activations) is what a selector that `needs_calibration` reads."""
+    whose measured error breaks its budget is rolled back (store and plan). `statistics` (the
+    layer's calibration statistics, `refit.LayerStatistics`) is what a selector that
+    `needs_calibration` reads."""
     selector = (selector or SELECTORS[DEFAULT]).for_layer(layer.depthwise is not None)
-    if selector.needs_calibration and gram is None:
+    if selector.needs_calibration and statistics is None:
         raise CondenseError(f"{selector.label} needs calibration data")
     snapshot, before = store.snapshot(), block_arrays(layer, store)
+    terms = consumer_terms(layer, store, statistics) if selector.needs_consumer_statistics else None
     build = plan_dense_or_conv_layer if layer.depthwise is None else plan_depthwise_layer
-    plan = build(layer, store, Choice(selector, grouping, gram), versions)
+    plan = build(layer, store, Choice(selector, grouping, statistics, terms), versions)
     if plan.cmap.width_after == plan.cmap.width_before:
         return plan
     plan.probe = BlockProbe.of(layer, before, store, versions)
     budget = error_budget(plan, grouping)
     if layer.depthwise is None or budget is None:
-        return plan  # other layers only report their error (measured when the report asks)
-    error = plan.block_error["max_rel_err"]
+        return plan  # other layers only report their error (`LayerPlan.measure`)
+    error = plan.measure().block_error["max_rel_err"]
     if not error <= budget:  # NaN breaks it too
         store.restore(snapshot)
         reason = f"block error {error:.3g} > budget {budget:.3g} at threshold {grouping.threshold:g}"
@@ -220,22 +230,51 @@ def plan_layer(
     return plan
 
 
+def consumer_terms(layer: Layer, store: WeightStore, statistics: LayerStatistics) -> list[ConsumerTerm]:
+    """Each consumer's OBS term on the current arrays: its input-feature Hessian and its weights as
+    feature rows [features + 1, outputs] (last row: bias), with the op's alpha/beta applied. A
+    proxy consumer (features not gathered) reads the channels with its weights folded per channel."""
+    terms = []
+    for consumer, hessian, block, proxy in zip(
+        layer.consumers, statistics.hessians, statistics.blocks, statistics.proxy, strict=True
+    ):
+        weight = store[consumer.weight.name]
+        rows = consumer_rows(consumer, store, layer) if proxy else weight_rows(consumer, weight)
+        rows = consumer.scale * rows.astype(np.float64)
+        bias = np.zeros(rows.shape[1])
+        if not proxy:
+            bias = consumer.bias_scale * store.bias(consumer.bias, rows.shape[1])
+        terms.append(ConsumerTerm(hessian, np.vstack([rows, bias[None, :]]), 1 if proxy else block))
+    return terms
+
+
 @dataclass
 class Choice:
-    """How a layer's channels are selected: the rule, its target and its calibration statistics."""
+    """How a layer's channels are selected: the rule, its target and its calibration statistics
+    (the channels' activation Gram matrix, and the consumers' OBS terms when the rule reads them)."""
 
     selector: Selector
     grouping: Grouping
-    gram: np.ndarray | None = None  # [width, width]: the channels' activation Gram matrix
+    statistics: LayerStatistics | None = None
+    terms: list[ConsumerTerm] | None = None  # over every channel of the layer
 
     def select(self, rows: Rows, candidates, alone, silent) -> tuple[Selection, list[np.ndarray]]:
         """The selection among `candidates` (local indices) and the layer's groups (layer indices):
         the selected groups, then each channel of `alone` by itself (`keep_one` if none)."""
-        if self.selector.needs_calibration:  # only then is there a Gram matrix
-            rows = replace(rows, gram=self.gram[np.ix_(candidates, candidates)])
+        if self.selector.needs_calibration:  # only then are there statistics
+            rows = replace(rows, gram=self.statistics.gram[np.ix_(candidates, candidates)])
+        if self.terms is not None:
+            rows = replace(rows, terms=[restrict(term, candidates) for term in self.terms])
         selection = self.selector.select(rows, self.grouping)
         groups = [candidates[g] for g in selection.groups] + [np.array([k]) for k in alone]
         return selection, keep_one(groups, silent)
+
+
+def restrict(term: ConsumerTerm, channels: np.ndarray) -> ConsumerTerm:
+    """`term` over `channels` only (their feature blocks, and the bias row / ones column)."""
+    features = len(term.weights) - 1
+    keep = np.concatenate([(channels[:, None] * term.block + np.arange(term.block)).reshape(-1), [features]])
+    return ConsumerTerm(term.hessian[np.ix_(keep, keep)], term.weights[keep], term.block)
 
 
 def spread(factors: np.ndarray | None, candidates: np.ndarray, width: int) -> np.ndarray | None:
@@ -285,6 +324,7 @@ def plan_dense_or_conv_layer(layer: Layer, store: WeightStore, choice: Choice, v
         min_cosine,
         vectors=vectors,
         groups=groups,
+        costs=selection.costs,
     )
 
 
@@ -534,6 +574,7 @@ def plan_depthwise_layer(layer: Layer, store: WeightStore, choice: Choice, versi
         min_group_cosine(selection.cosine, selection.groups),
         vectors=dw,
         groups=groups,
+        costs=selection.costs,
     )
 
 

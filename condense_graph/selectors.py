@@ -5,19 +5,23 @@ layer's candidate channels (`Rows`, built the same way for dense, conv and depth
 `condense_graph.plan`) and returns a `Selection`: the groups (main neuron first), the factors the
 consumers absorb them with, and whether the data-free merge may be exact. A rule declares what it
 needs, so nothing is computed for nothing: `needs_calibration` (the channels' activation Gram
-matrix, `Rows.gram`), `needs_width` (it selects at a width only, no threshold).
+matrix, `Rows.gram`), `needs_consumer_statistics` (each consumer's input-feature Gram and weights,
+`Rows.terms`), `needs_width` (it selects at a width only, no threshold).
 
-Three rules ship, registered by name (the API's `similarity=`, the CLI's `--similarity`):
-  weights      the paper's cosine of weight vectors (eq. 4, 8-9, greedy grouping of 2.2.3);
+Four rules ship, registered by name (the API's `method=`, the CLI's `--method`; "auto" is `obs`
+with calibration data and `condense` without):
+  condense     the paper's cosine of weight vectors (eq. 4, 8-9, greedy grouping of 2.2.3);
   activations  the cosine of calibration activations, least-squares factors;
-  magnitude    the pruning baseline: keep the largest-norm neurons, merge nothing.
+  magnitude    the pruning baseline: keep the largest-norm neurons, merge nothing;
+  obs          exact merges of positive multiples, then greedy structured Optimal Brain Surgeon
+               on the consumers' input statistics (then the pass refits the consumers).
 Adding a rule is one `@register` class here (or anywhere: the registry is all the rest reads).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import reduce
 from typing import ClassVar
 
@@ -33,7 +37,10 @@ from condense_graph.similarity import (
     round_up_groups,
 )
 
-DEFAULT = "weights"
+DEFAULT = "condense"  # the paper's rule: the rule without calibration data
+AUTO = "auto"  # structured OBS with calibration data, the paper's rule without
+ALIASES = {"weights": DEFAULT}  # the names of the deprecated `similarity=` / `--similarity`
+OBS_DAMPING = 1e-3  # structured OBS damps a Hessian by this times its mean diagonal
 
 
 @dataclass
@@ -67,6 +74,7 @@ class Rows:
     parallel: list[np.ndarray]  # [n, d_i] each
     constants: list[np.ndarray] = field(default_factory=list)  # [n] each: constants inside g
     gram: np.ndarray | None = None  # [n, n] Gram matrix of the channels' calibration activations
+    terms: list | None = None  # per consumer: `obs.ConsumerTerm` over the candidates' features
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -84,6 +92,8 @@ class Selection:
     cosine: np.ndarray | None = None
     factors: np.ndarray | None = None
     merges_exactly: bool = False
+    # predicted relative output error at each width the rule passed through (OBS: width -> cost)
+    costs: dict[int, float] | None = None
 
 
 class Selector(ABC):
@@ -93,6 +103,7 @@ class Selector(ABC):
     name: ClassVar[str]
     label: ClassVar[str]  # how messages name it
     needs_calibration: ClassVar[bool] = False
+    needs_consumer_statistics: ClassVar[bool] = False  # `Rows.terms` too (implies calibration)
     needs_width: ClassVar[bool] = False
     blocks: ClassVar[bool] = True
 
@@ -119,15 +130,29 @@ def register(cls: type[Selector]) -> type[Selector]:
 
 
 def names() -> list[str]:
+    """The registered rules' names (the API's `method=`, the CLI's `--method`, after "auto")."""
     return list(SELECTORS)
 
 
+def method_names() -> list[str]:
+    return [AUTO] + names()
+
+
 def get_selector(name: str) -> Selector:
+    name = ALIASES.get(name, name)
     if name not in SELECTORS:
-        quoted = [f"'{n}'" for n in SELECTORS]
-        choices = ", ".join(quoted[:-1]) + " or " + quoted[-1] if len(quoted) > 1 else quoted[0]
-        raise CondenseError(f"similarity must be {choices}, got {name!r}")
+        quoted = [f"'{n}'" for n in method_names()]
+        raise CondenseError(f"method must be {', '.join(quoted[:-1])} or {quoted[-1]}, got {name!r}")
     return SELECTORS[name]
+
+
+def choose(method: str | Selector, with_data: bool) -> Selector:
+    """The rule `method` names; "auto" is structured OBS with calibration data, else the paper's."""
+    if isinstance(method, Selector):
+        return method
+    if method == AUTO:
+        return SELECTORS["obs" if with_data else DEFAULT]
+    return get_selector(method)
 
 
 @register
@@ -135,8 +160,8 @@ class WeightCosine(Selector):
     """The paper: min over `rows.parallel` of the cosines of [w, b] and of w (`neuron_similarity`),
     and of the agreement of the constants inside the activation; norm-ratio factors."""
 
-    name = "weights"
-    label = "similarity 'weights'"
+    name = DEFAULT
+    label = "the paper's merge"
 
     def select(self, rows: Rows, target: Grouping) -> Selection:
         cosine = reduce(np.minimum, [neuron_similarity(v.astype(np.float32)) for v in rows.parallel])
@@ -150,7 +175,7 @@ class ActivationCosine(Selector):
     (any activation; depthwise blocks keep the paper's rule)."""
 
     name = "activations"
-    label = "similarity 'activations'"
+    label = "activation similarity"
     needs_calibration = True
     blocks = False
 
@@ -177,3 +202,70 @@ def largest(vectors: np.ndarray, width: int) -> list[np.ndarray]:
     """The `width` rows of largest L2 norm, each alone, in index order."""
     order = np.argsort(-np.linalg.norm(vectors.astype(np.float64), axis=1), kind="stable")
     return [np.array([k]) for k in sorted(order[:width])]
+
+
+EXACT = Grouping(threshold=1.0)  # positive multiples to float rounding (`COSINE_TOLERANCE`)
+
+
+@register
+class StructuredOBS(Selector):
+    """Exact merges first, then greedy structured Optimal Brain Surgeon (`condense_graph.obs`).
+
+    1. Channels that are exact positive multiples merge by the paper's rule (eq. 10, threshold 1):
+       exact, and OBS under damping would not keep them so.
+    2. The groups' main channels are ranked by the OBS cost of removing them from every consumer
+       (the consumers' input-feature Gram matrices, damped by `damping` * mean diagonal; costs
+       summed over consumers), and the cheapest go until `target.width` groups are left. Without a
+       width, the width is what the paper's rule gives at `target.threshold`: same size, chosen
+       and compensated by the data.
+    The consumers are then refit toward the original network's outputs (`compensate`), which
+    folds each removed channel's contribution into the kept ones by least squares: eq. 10 when it
+    is an exact multiple. Factors stay eq. 10's (None): removed channels are dropped, not merged."""
+
+    name = "obs"
+    label = "structured OBS"
+    needs_calibration = True
+    needs_consumer_statistics = True
+
+    def __init__(self, damping: float = OBS_DAMPING):
+        self.damping = damping
+
+    def select(self, rows: Rows, target: Grouping) -> Selection:
+        exact = SELECTORS[DEFAULT].select(rows, EXACT)
+        width = target.width if target.width is not None else self.paper_width(rows, target)
+        n = len(exact.groups)
+        if width >= n:
+            return replace(exact, threshold=None, costs={n: 0.0})
+        order = self.removal_order(rows, exact.groups, width)
+        kept = [exact.groups[i] for i in order.kept(width)]
+        costs = {w: order.relative_cost(w) for w in range(width, n + 1)}
+        return Selection(kept, None, exact.cosine, merges_exactly=False, costs=costs)
+
+    @staticmethod
+    def paper_width(rows: Rows, target: Grouping) -> int:
+        return len(SELECTORS[DEFAULT].select(rows, target).groups)
+
+    def removal_order(self, rows: Rows, groups: list[np.ndarray], floor: int):
+        """The OBS removal order of the groups, each seen as its main channel with the others'
+        consumer weights folded in (factor <a_k, a_main> / <a_main, a_main>: exact multiples)."""
+        from condense_graph.obs import removal_order
+
+        factors = projection_factors(rows.gram, groups)
+        terms = [fold_groups(term, groups, factors) for term in rows.terms]
+        return removal_order(terms, floor=floor, damping=self.damping)
+
+
+def fold_groups(term, groups: list[np.ndarray], factors: np.ndarray):
+    """`term` over the groups' main channels: each main's weight rows plus factor * its members'
+    (what the consumer reads once the group is merged), the Hessian restricted to the mains."""
+    from condense_graph.obs import ConsumerTerm
+
+    block = term.block
+    weights = term.weights.astype(np.float64)
+    features = len(weights) - 1
+    blocks = weights[:-1].reshape(features // block, block, -1)
+    folded = np.stack([np.tensordot(factors[g], blocks[g], axes=1) for g in groups])
+    mains = np.array([g[0] for g in groups])
+    keep = np.concatenate([(mains[:, None] * block + np.arange(block)).reshape(-1), [features]])
+    merged = np.concatenate([folded.reshape(-1, weights.shape[1]), weights[-1:]])
+    return ConsumerTerm(term.hessian[np.ix_(keep, keep)], merged, block)

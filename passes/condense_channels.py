@@ -24,7 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from condense_graph.analysis import Analysis, Skipped, analyze
-from condense_graph.calibration import Calibration, channel_gram, refit_statistics
+from condense_graph.calibration import Calibration, layer_statistics, refit_statistics
 from condense_graph.compensate import compensate
 from condense_graph.errors import CondenseError
 from condense_graph.graph import export_like, import_graph, subgraph_tensor_names
@@ -98,6 +98,7 @@ class CondenseChannelsPass(PassBase):
         graph, analysis = self.analyze(model, warnings)
         lap()
         plans, store = self.plan(graph, analysis, model)
+        plans = [plan.measure() for plan in plans]  # the block errors of the plans kept
         lap()
         modified = any(p.cmap.width_after < p.cmap.width_before for p in plans)
         if modified:
@@ -148,17 +149,18 @@ class CondenseChannelsPass(PassBase):
         versions = (graph.opset, graph.ir_version)
         calibration = self.options.calibration
         selector = self.selector.for_layer(layer.depthwise is not None)
-        gram = None
-        if selector.needs_calibration:
-            gram = channel_gram(materialize(graph, plans, store, model), layer, calibration)
-        plan = plan_layer(layer, store, self.grouping_for(layer), versions, selector, gram)
+        statistics = None
+        if selector.needs_calibration:  # on the network reduced so far
+            reduced = materialize(graph, plans, store, model)
+            statistics = layer_statistics(reduced, layer, calibration, selector.needs_consumer_statistics)
+        plan = plan_layer(layer, store, self.grouping_for(layer), versions, selector, statistics)
         if plan.cmap.width_after < plan.cmap.width_before:
             reduced = materialize(graph, plans + [plan], store, model)
             normals = refit_statistics(reduced, model, layer, plan.cmap.width_after, calibration)
             plan.refit = compensate(layer, store, normals)
             # report what the written block does: the refit consumer. (A depthwise block's budget
             # was judged on the paper's merge, the refit's starting point and fallback.)
-            plan.probe = plan.probe.after_refit(store)
+            plan.probe, plan.block_error = plan.probe.after_refit(store), None
         return plan
 
     def check_layer_names(self, analysis: Analysis) -> None:

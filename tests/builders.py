@@ -167,3 +167,43 @@ def x_to_y_model(nodes, inits: dict, x_shape, y_shape) -> onnx.ModelProto:
         tensors,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+
+
+def near_duplicate_mlp(activation, seed=0, noise=0.05, width=24, distinct=6):
+    """x[8] -> Gemm(width) -> activation -> Gemm(width) -> activation -> Gemm(3); hidden neurons are
+    noisy positive multiples of `distinct` directions."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, cur, fan_in = [], [], "x", 8
+    for i, out in enumerate([width, width, 3]):
+        base = rng.normal(size=(distinct, fan_in + 1))
+        rows = base[rng.integers(0, distinct, out)] * rng.uniform(0.5, 2, (out, 1))
+        rows = rows + noise * rng.normal(size=rows.shape) if i < 2 else rng.normal(size=(out, fan_in + 1))
+        inits += [
+            numpy_helper.from_array(rows[:, :-1].astype(np.float32), f"w{i}"),
+            numpy_helper.from_array(rows[:, -1].astype(np.float32), f"b{i}"),
+        ]
+        nodes.append(helper.make_node("Gemm", [cur, f"w{i}", f"b{i}"], [f"h{i}"], name=f"fc{i}", transB=1))
+        cur, fan_in = f"h{i}", out
+        if i < 2:
+            cur = _activation(nodes, activation, cur, i)
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info(cur, TensorProto.FLOAT, ["N", 3])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=IR_VERSION + 1)
+
+
+def _activation(nodes, activation, cur, i):
+    if activation == "SiLU":
+        nodes += [
+            helper.make_node("Sigmoid", [cur], [f"s{i}"]),
+            helper.make_node("Mul", [cur, f"s{i}"], [f"a{i}"]),
+        ]
+    elif activation == "GELU":
+        nodes.append(helper.make_node("Gelu", [cur], [f"a{i}"]))
+    else:
+        nodes.append(helper.make_node(activation, [cur], [f"a{i}"]))
+    return f"a{i}"

@@ -6,52 +6,12 @@ import json
 import numpy as np
 import onnx
 import pytest
-from builders import IR_VERSION, planted_cnn, planted_mlp, planted_rows, run
+from builders import IR_VERSION, near_duplicate_mlp, planted_cnn, planted_mlp, planted_rows, run
 from conftest import assert_equal_to_rounding
 from onnx import TensorProto, helper, numpy_helper
 
 import condense_graph as cg
 from condense_graph.cli import main
-
-
-def near_duplicate_mlp(activation, seed=0, noise=0.05, width=24, distinct=6):
-    """x[8] -> Gemm(width) -> activation -> Gemm(width) -> activation -> Gemm(3); hidden neurons are
-    noisy positive multiples of `distinct` directions."""
-    rng = np.random.default_rng(seed)
-    nodes, inits, cur, fan_in = [], [], "x", 8
-    for i, out in enumerate([width, width, 3]):
-        base = rng.normal(size=(distinct, fan_in + 1))
-        rows = base[rng.integers(0, distinct, out)] * rng.uniform(0.5, 2, (out, 1))
-        rows = rows + noise * rng.normal(size=rows.shape) if i < 2 else rng.normal(size=(out, fan_in + 1))
-        inits += [
-            numpy_helper.from_array(rows[:, :-1].astype(np.float32), f"w{i}"),
-            numpy_helper.from_array(rows[:, -1].astype(np.float32), f"b{i}"),
-        ]
-        nodes.append(helper.make_node("Gemm", [cur, f"w{i}", f"b{i}"], [f"h{i}"], name=f"fc{i}", transB=1))
-        cur, fan_in = f"h{i}", out
-        if i < 2:
-            cur = _activation(nodes, activation, cur, i)
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
-        [helper.make_tensor_value_info(cur, TensorProto.FLOAT, ["N", 3])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=IR_VERSION + 1)
-
-
-def _activation(nodes, activation, cur, i):
-    if activation == "SiLU":
-        nodes += [
-            helper.make_node("Sigmoid", [cur], [f"s{i}"]),
-            helper.make_node("Mul", [cur, f"s{i}"], [f"a{i}"]),
-        ]
-    elif activation == "GELU":
-        nodes.append(helper.make_node("Gelu", [cur], [f"a{i}"]))
-    else:
-        nodes.append(helper.make_node(activation, [cur], [f"a{i}"]))
-    return f"a{i}"
 
 
 def rms_error(reference, model, x):
@@ -81,7 +41,7 @@ def test_refit_beats_the_paper_formula_on_held_out_data(activation, noise, thres
     model = near_duplicate_mlp(activation, noise=noise)
     calib, held = data(1, 600), data(2, 600)
     paper = cg.condense(model, threshold=threshold)
-    aware = cg.condense(model, threshold=threshold, calibration={"x": calib})
+    aware = cg.condense(model, threshold=threshold, calibration={"x": calib}, method="condense")
     widths = [layer["width_after"] for layer in aware.report["layers"]]
     assert widths[0] < 24 and all(layer["exact"] is False for layer in aware.report["layers"])
     assert widths[0] == paper.report["layers"][0]["width_after"]  # same groups in the first layer
@@ -92,7 +52,7 @@ def test_on_relu_the_refit_is_never_worse_on_the_calibration_set():
     model = near_duplicate_mlp("Relu", noise=0.2)
     calib = data(1, 400)
     for threshold in (0.99, 0.95, 0.8):
-        aware = cg.condense(model, threshold=threshold, calibration={"x": calib})
+        aware = cg.condense(model, threshold=threshold, calibration={"x": calib}, method="condense")
         widths = {layer["name"]: layer["width_after"] for layer in aware.report["layers"]}
         paper = cg.condense(model, layer_widths=widths).model
         assert rms_error(model, aware.model, calib) <= rms_error(model, paper, calib) * (1 + 1e-6)
@@ -200,7 +160,7 @@ def test_bad_data_aware_options(args, message, tmp_path, capsys):
 
 def test_magnitude_baseline_keeps_the_largest_neurons():
     model = near_duplicate_mlp("Relu")
-    result = cg.condense(model, layer_widths={"fc0": 5, "fc1": 4}, similarity="magnitude")
+    result = cg.condense(model, layer_widths={"fc0": 5, "fc1": 4}, method="magnitude")
     assert [layer["width_after"] for layer in result.report["layers"]] == [5, 4]
     assert all(layer["threshold"] is None for layer in result.report["layers"])
     rows = numpy_helper.to_array(model.graph.initializer[0])
@@ -210,7 +170,7 @@ def test_magnitude_baseline_keeps_the_largest_neurons():
     expected = rows[np.sort(np.argsort(-norms)[:5])]
     np.testing.assert_array_equal(kept, expected)
     with pytest.raises(cg.CondenseError, match="needs layer widths"):
-        cg.condense(model, similarity="magnitude")
+        cg.condense(model, method="magnitude")
 
 
 def test_depthwise_projection_is_refit(tmp_path):

@@ -113,7 +113,7 @@ def test_timings_are_per_stage_non_negative_and_within_the_wall_time():
 
 
 def test_an_unreduced_model_still_times_every_stage():
-    result = CondenseChannelsPass(CondenseOptions(1.0, selector="weights"))(
+    result = CondenseChannelsPass(CondenseOptions(1.0, selector="condense"))(
         planted_mlp([5, 6, 3], [6], seed=1)
     )
     assert not result.modified and tuple(result.timings) == STAGES
@@ -127,7 +127,7 @@ def test_options_are_frozen():
         options.layer_thresholds["fc1"] = 0.1
     with pytest.raises(TypeError):
         options.layer_widths["fc2"] = 1
-    assert options.selector.name == "weights"
+    assert options.selector.name == "condense"
 
 
 def test_options_copy_the_mappings_they_are_given():
@@ -140,7 +140,7 @@ def test_options_copy_the_mappings_they_are_given():
 def test_an_unknown_selector_is_refused_when_the_options_are_made():
     from condense_graph.errors import CondenseError
 
-    with pytest.raises(CondenseError, match="similarity must be"):
+    with pytest.raises(CondenseError, match="method must be"):
         CondenseOptions(selector="cosine")
 
 

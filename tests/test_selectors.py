@@ -81,21 +81,24 @@ def test_depthwise_blocks_and_the_width_search_fall_back_to_the_papers_rule():
     assert ACTIVATIONS.data_free() is WEIGHTS and MAGNITUDE.data_free() is MAGNITUDE
 
 
-def test_registry_names_the_three_rules_and_refuses_others():
-    assert selectors.names()[:3] == ["weights", "activations", "magnitude"]
-    with pytest.raises(cg.CondenseError, match="similarity must be 'weights', 'activations' or"):
+def test_registry_names_the_rules_and_refuses_others():
+    assert selectors.names()[:4] == ["condense", "activations", "magnitude", "obs"]
+    assert selectors.method_names()[0] == "auto"
+    assert get_selector("weights") is get_selector("condense")  # the deprecated spelling
+    with pytest.raises(cg.CondenseError, match="method must be 'auto', 'condense', 'activations',"):
         get_selector("cosine")
 
 
 def test_calibration_statistics_are_computed_only_for_a_rule_that_needs_them(monkeypatch):
     import passes.condense_channels as pass_module
 
-    def no_gram(*args):
-        raise AssertionError("channel_gram computed for a rule that does not need it")
+    def no_statistics(*args):
+        raise AssertionError("calibration statistics computed for a rule that does not need them")
 
-    monkeypatch.setattr(pass_module, "channel_gram", no_gram)
+    monkeypatch.setattr(pass_module, "layer_statistics", no_statistics)
     model, data = tiny_mlp()
-    result = cg.condense(model, layer_widths={"fc0": 3}, calibration=data)  # weights, refit: no Gram
+    # the paper's rule with data: refit, no statistics
+    result = cg.condense(model, layer_widths={"fc0": 3}, calibration=data, method="condense")
     assert result.report["layers"][0]["width_after"] == 3 and result.report["layers"][0]["refit"]
 
 
@@ -150,7 +153,7 @@ def energy_rule():
 
 def test_a_registered_rule_is_used_by_the_api(energy_rule):
     model, data = tiny_mlp()
-    result = cg.condense(model, layer_widths={"fc0": 3}, similarity="energy", calibration=data)
+    result = cg.condense(model, layer_widths={"fc0": 3}, method="energy", calibration=data)
     arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     hidden = np.maximum(data["x"] @ arrays["w0"].T + arrays["b0"], 0)
     expected = np.sort(np.argsort(-(hidden.astype(np.float64) ** 2).sum(axis=0))[:3])
@@ -158,9 +161,9 @@ def test_a_registered_rule_is_used_by_the_api(energy_rule):
     np.testing.assert_array_equal(kept, arrays["w0"][expected])
     assert result.report["layers"][0]["threshold"] is None
     with pytest.raises(cg.CondenseError, match="similarity 'energy' needs calibration data"):
-        cg.condense(model, layer_widths={"fc0": 3}, similarity="energy")
+        cg.condense(model, layer_widths={"fc0": 3}, method="energy")
     with pytest.raises(cg.CondenseError, match="similarity 'energy' needs layer widths"):
-        cg.condense(model, similarity="energy", calibration=data)
+        cg.condense(model, method="energy", calibration=data)
 
 
 def test_a_registered_rule_is_a_cli_choice(energy_rule, tmp_path):

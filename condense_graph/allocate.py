@@ -1,0 +1,304 @@
+"""Per-layer widths chosen globally, under a size target or an error budget (issue 12, item 4).
+
+Structured OBS (`selectors.StructuredOBS`) predicts, for every width of a layer, the squared error
+its removals add at the layer's consumer outputs, relative to their energy (`RemovalOrder`). Those
+curves are measured once per layer on the original network (`removal_curves`), so they are on one
+scale: a *level* L gives every layer the smallest width whose predicted relative cost is at most L
+(`widths_at`), which is the same as ranking every candidate removal of every layer by its cost and
+taking a prefix of that ranking. Raising L only shrinks widths, so one number orders all
+allocations from the original model (L = 0: exact merges only) to every layer at its floor.
+
+- A size target (`--target-params`, `--target-macs`) is met by bisection over the levels: the
+  largest model that keeps at most the target fraction (`search_size`).
+- An error budget (`--max-error E`) is met by measuring: the model at a level is reduced with data
+  (OBS and the refit) and compared with the original on held-out rows in ONNX Runtime (verify's
+  max_rel_err). Levels are tried on a fixed geometric grid from the cheapest upward until one
+  breaks E, then the levels between the last that held and the first that broke are bisected
+  (`search_error`).
+  For a looser budget the walk stops no earlier and every bisection step moves no lower, so a
+  looser budget never gives a bigger model, whatever the measured errors do.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+GRID_POINTS = 10  # levels of the error search's first walk (geometric between the cheapest and dearest)
+
+
+@dataclass
+class Curve:
+    """One layer's predicted relative cost at each width from `floor` to `width` (non-increasing
+    in the width: OBS costs are cumulative)."""
+
+    name: str
+    width: int
+    floor: int
+    costs: dict[int, float]
+
+    def __post_init__(self):
+        # cumulative costs may dip by rounding; a level must map to one width, so make them monotone
+        running = 0.0
+        for w in range(self.width, self.floor - 1, -1):
+            running = max(running, self.costs.get(w, running))
+            self.costs[w] = running
+
+    def width_at(self, level: float) -> int:
+        """The smallest width whose cost is at most `level` (the floor at the very most)."""
+        return min((w for w, c in self.costs.items() if c <= level), default=self.width)
+
+
+def widths_at(curves: list[Curve], level: float, round_to: int = 1) -> dict[str, int]:
+    """Every layer's width at `level`, rounded up to a multiple of `round_to` (never above its width)."""
+    return {c.name: min(c.width, -(-c.width_at(level) // round_to) * round_to) for c in curves if c.width > 0}
+
+
+def levels(curves: list[Curve]) -> np.ndarray:
+    """Every distinct cost of every curve, ascending, 0 first: the levels where a width changes."""
+    values = {0.0} | {c for curve in curves for c in curve.costs.values()}
+    return np.array(sorted(values))
+
+
+def predicted_error(curves: list[Curve], widths: dict[str, int]) -> float:
+    """A rough prediction of the relative output error: the square root of the layers' summed
+    relative costs (each a relative squared error at that layer's consumers)."""
+    total = sum(c.costs.get(widths.get(c.name, c.width), 0.0) for c in curves)
+    return math.sqrt(max(total, 0.0))
+
+
+@dataclass
+class Step:
+    """One allocation tried: its level, widths, what it keeps (or its measured error)."""
+
+    level: float
+    widths: dict[str, int]
+    predicted: float
+    value: float  # the kept fraction (size search) or the measured error (error search)
+    accepted: bool
+
+    def report(self) -> dict:
+        return {
+            "level": self.level,
+            "widths": dict(self.widths),
+            "predicted_error": self.predicted,
+            "value": self.value,
+            "accepted": self.accepted,
+        }
+
+
+@dataclass
+class Allocation:
+    """The widths chosen and every step that led there."""
+
+    widths: dict[str, int]
+    level: float
+    steps: list[Step] = field(default_factory=list)
+
+    def report(self, what: str) -> dict:
+        return {
+            "by": what,
+            "level": self.level,
+            "widths": dict(self.widths),
+            "steps": [s.report() for s in self.steps],
+        }
+
+
+def search_size(
+    curves: list[Curve],
+    fraction: Callable[[dict[str, int]], float],
+    target: float,
+    round_to: int = 1,
+    announce: Callable[[Step], None] | None = None,
+) -> Allocation:
+    """The allocation at the smallest level (the largest model) whose `fraction(widths)` (of
+    parameters or MACs, non-increasing in the level) is at most `target`; every layer at its floor
+    when none is. Bisection over `levels`."""
+    grid = levels(curves)
+    steps: list[Step] = []
+
+    def keeps(index: int) -> bool:
+        widths = widths_at(curves, float(grid[index]), round_to)
+        value = fraction(widths)
+        step = Step(float(grid[index]), widths, predicted_error(curves, widths), value, value <= target)
+        steps.append(step)
+        if announce:
+            announce(step)
+        return step.accepted
+
+    low, high = 0, len(grid) - 1  # invariant: the answer is in [low, high]
+    if not keeps(high):
+        return Allocation(widths_at(curves, float(grid[high]), round_to), float(grid[high]), steps)
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if keeps(mid) else (mid + 1, high)
+    return Allocation(widths_at(curves, float(grid[low]), round_to), float(grid[low]), steps)
+
+
+def error_grid(curves: list[Curve]) -> list[float]:
+    """0 (exact merges only), then GRID_POINTS levels geometric between the smallest non-zero cost
+    and the largest: a fixed grid, the same for every budget."""
+    costs = levels(curves)
+    positive = costs[costs > 0]
+    if not len(positive):
+        return [0.0]
+    return [0.0] + list(np.geomspace(positive[0], positive[-1], GRID_POINTS))
+
+
+def search_error(
+    curves: list[Curve],
+    error: Callable[[dict[str, int]], float],
+    budget: float,
+    round_to: int = 1,
+    announce: Callable[[Step], None] | None = None,
+) -> Allocation | None:
+    """The largest level whose measured `error(widths)` is within `budget`: walk up `error_grid`
+    until a level breaks it, then bisect over the `levels` between the last that held and the
+    first that broke. None when even level 0 breaks it (the model stays as it is)."""
+    steps: list[Step] = []
+    measured: dict[tuple, float] = {}
+
+    def holds(level: float) -> bool:
+        widths = widths_at(curves, level, round_to)
+        key = tuple(sorted(widths.items()))
+        if key not in measured:  # equal widths are one model: measure once
+            measured[key] = error(widths)
+        value = measured[key]
+        step = Step(level, widths, predicted_error(curves, widths), value, value <= budget)  # NaN breaks
+        steps.append(step)
+        if announce:
+            announce(step)
+        return step.accepted
+
+    grid = error_grid(curves)
+    last = None
+    for level in grid:
+        if not holds(level):
+            break
+        last = level
+    else:
+        return Allocation(widths_at(curves, grid[-1], round_to), grid[-1], steps)
+    if last is None:
+        return None
+    # bisect over the levels strictly between: each one changes some width (invariant: `last`
+    # holds, `between[high]` or `level` broke)
+    grid_levels = levels(curves)
+    between = grid_levels[(grid_levels > last) & (grid_levels < level)]
+    low, high = -1, len(between)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if holds(float(between[mid])) else (low, mid)
+    last = float(between[low]) if low >= 0 else last
+    return Allocation(widths_at(curves, last, round_to), last, steps)
+
+
+def removal_curves(model, calibration, selector, floors: dict[str, int], progress=None) -> list[Curve]:
+    """Each layer in `floors` planned alone on the original `model` down to its floor with
+    `selector` (structured OBS) and its calibration statistics: its predicted cost at every width.
+    Layers are measured independently (none sees another's reduction), so costs share one scale."""
+    from condense_graph.calibration import layer_statistics
+    from condense_graph.plan import WeightStore, plan_layer
+    from condense_graph.selectors import Grouping
+    from passes.condense_channels import CondenseChannelsPass
+
+    graph, analysis = CondenseChannelsPass.analyze(model)
+    versions = (graph.opset, graph.ir_version)
+    tensors = graph.tensors()
+    constants = {name: t for name, t in tensors.items() if hasattr(t, "values")}
+    shapes = {name: list(t.shape) for name, t in tensors.items() if t.shape is not None}
+    layers = [layer for layer in analysis.layers if layer.name in floors]
+    if progress is not None:
+        progress.total = max(len(layers), 1)
+    curves = []
+    for layer in layers:
+        statistics = layer_statistics(model, layer, calibration)
+        store = WeightStore(constants, shapes)
+        grouping = Grouping(width=floors[layer.name])
+        plan = plan_layer(layer, store, grouping, versions, selector, statistics)
+        curves.append(Curve(layer.name, layer.producer.width, floors[layer.name], dict(plan.costs or {})))
+        logger.info("layer %s: predicted cost %s at width %d", layer.name, plan.costs, floors[layer.name])
+        if progress is not None:
+            progress.advance()
+    if progress is not None:
+        progress.close()
+    return curves
+
+
+@dataclass
+class Budget:
+    """What the global allocation must meet: a fraction of the parameters or of the MACs, or a
+    relative output error on held-out rows (verify's max_rel_err). Exactly one is set."""
+
+    params: float | None = None
+    macs: float | None = None
+    error: float | None = None
+
+    @property
+    def what(self) -> str:
+        return "target_params" if self.params is not None else "target_macs" if self.macs else "max_error"
+
+
+def allocate(model, budget: Budget, base, held: dict | None, floors: dict[str, int], progress=None):
+    """Per-layer widths for the layers in `floors` meeting `budget`, and the report entry.
+
+    `base` is the pass's `CondenseOptions` (structured OBS with calibration data, the widths the
+    user fixed); `held` are the held-out rows an error budget is measured on. Returns (widths,
+    entry, result): `result` is the pass's result at those widths when the search ran it (an error
+    budget), so the caller need not run it again."""
+    from dataclasses import replace
+
+    from condense_graph.bench import count_macs
+    from condense_graph.report import count_params
+    from condense_graph.verify import compare_models, data_batches
+    from passes.condense_channels import CondenseChannelsPass
+
+    curves = removal_curves(model, base.calibration, base.selector, floors, progress)
+    fixed = dict(base.layer_widths)
+    runs: dict[tuple, object] = {}
+
+    def reduced(widths: dict[str, int], calibration):
+        key = (tuple(sorted(widths.items())), calibration is not None)
+        if key not in runs:
+            options = replace(base, layer_widths=widths | fixed, calibration=calibration)
+            if calibration is None:  # sizes only: the paper's rule plans the same widths, no data
+                options = replace(options, selector="condense")
+            runs[key] = CondenseChannelsPass(options)(model)
+        return runs[key]
+
+    def announce(step: Step) -> None:
+        logger.info("%s: level %.3g widths %s -> %.4g", budget.what, step.level, step.widths, step.value)
+
+    if budget.error is not None:
+
+        def error(widths):
+            return compare_models(model, reduced(widths, base.calibration).model, data=held)["max_rel_err"]
+
+        allocation = search_error(curves, error, budget.error, base.round_to, announce)
+        if allocation is None:  # even exact merges alone break the budget: nothing is removed
+            allocation = Allocation({c.name: c.width for c in curves}, 0.0, [])
+        widths = allocation.widths
+        result = reduced(widths, base.calibration) if allocation.steps else None
+        return widths, allocation.report(budget.what) | {"requested": budget.error}, result
+    if budget.params is not None:
+        before = count_params(model)
+
+        def fraction(widths):
+            return count_params(reduced(widths, None).model) / before
+
+        target = budget.params
+    else:
+        feeds = next(iter(data_batches(model, base.calibration.data, 1)))
+        before = count_macs(model, feeds)
+
+        def fraction(widths):
+            return count_macs(reduced(widths, None).model, feeds) / max(before, 1)
+
+        target = budget.macs
+    allocation = search_size(curves, fraction, target, base.round_to, announce)
+    return allocation.widths, allocation.report(budget.what) | {"requested": target}, None
