@@ -19,7 +19,7 @@ from condense_graph import runtime
 from condense_graph.api import HOLDOUT_FRACTION, MIN_WIDTH_FRACTION, condense, inspect
 from condense_graph.bench import benchmark
 from condense_graph.errors import CondenseError, InternalError
-from condense_graph.model_io import load_model, save_model
+from condense_graph.model_io import load_model, save_model, serialized_size
 from condense_graph.progress import Progress
 from condense_graph.report import (
     format_bench_table,
@@ -465,7 +465,7 @@ def run_bench(args) -> int:
 def _bench(args, models, input_shapes) -> dict:
     if args.batch < 1 or args.bench_runs < 1 or args.threads < 0 or args.warmup < 0:
         raise CondenseError("--batch and --runs must be positive, --threads and --warmup not negative")
-    entries = [(label, model, model.ByteSize()) for label, model in models]
+    entries = [(label, model, serialized_size(model)) for label, model in models]
     return benchmark(
         entries,
         args.batch,

@@ -192,6 +192,14 @@ def _write(model: onnx.ModelProto, target: Path, external: bool) -> list[str]:
     return [target.name] + ([data] if (target.parent / data).exists() else [])
 
 
+def serialized_size(model: onnx.ModelProto) -> int:
+    """The model's size in bytes: its serialized size, or for a model too large for one protobuf
+    message (which upb cannot even measure) the bytes of its tensors, nearly all of it."""
+    if is_large(model):
+        return tensor_bytes(model)
+    return model.ByteSize()
+
+
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of tensor data the model holds in memory (computable at any size, unlike ByteSize)."""
     return sum(len(t.raw_data) for t in all_tensors(model.graph))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from condense_graph.model_io import serialized_size
 from condense_graph.protos import all_graphs
 
 
@@ -36,8 +37,8 @@ def build_report(original: onnx.ModelProto, reduced: onnx.ModelProto, plans, ski
     return {
         "params_before": count_params(original),
         "params_after": count_params(reduced),
-        "file_size_before": original.ByteSize(),
-        "file_size_after": reduced.ByteSize(),
+        "file_size_before": serialized_size(original),
+        "file_size_after": serialized_size(reduced),
         "layers": [plan.report() for plan in plans],
         "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
     }
