@@ -1,6 +1,7 @@
 """condense-graph: shrink trained networks in ONNX by merging condensed neurons.
 
-See `condense` and `inspect`; `count_params` counts a model's parameters (initializers and
+See `condense` and `inspect` (`StructuredOBS` is the data-aware rule `method=` takes as an
+object, to set its damping); `count_params` counts a model's parameters (initializers and
 Constant nodes, subgraphs included); the CLI is `condense-graph`.
 
 The API is loaded on first use (PEP 562), so the package's modules import without it: the passes
@@ -9,8 +10,17 @@ The API is loaded on first use (PEP 562), so the package's modules import withou
 
 from condense_graph.errors import CondenseError
 from condense_graph.report import count_params
+from condense_graph.selectors import Selector, StructuredOBS
 
-__all__ = ["CondenseError", "CondenseResult", "condense", "count_params", "inspect"]
+__all__ = [
+    "CondenseError",
+    "CondenseResult",
+    "Selector",
+    "StructuredOBS",
+    "condense",
+    "count_params",
+    "inspect",
+]
 __version__ = "0.1.0"
 
 _API = ("CondenseResult", "condense", "inspect")

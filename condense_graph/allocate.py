@@ -73,6 +73,17 @@ def predicted_error(curves: list[Curve], widths: dict[str, int]) -> float:
     return math.sqrt(max(total, 0.0))
 
 
+def step_line(budget: Budget, step: Step, number: int) -> str:
+    """One line per step tried, for people watching a long search."""
+    value = "measured error" if budget.error is not None else "keeps"
+    verdict = "ok" if step.accepted else "over"
+    widths = " ".join(f"{w}" for w in step.widths.values())
+    return (
+        f"{budget.what} step {number}: widths {widths}, predicted error {step.predicted:.3g}, "
+        f"{value} {step.value:.4g} ({verdict})"
+    )
+
+
 @dataclass
 class Step:
     """One allocation tried: its level, widths, what it keeps (or its measured error)."""
@@ -244,12 +255,13 @@ class Budget:
         return "target_params" if self.params is not None else "target_macs" if self.macs else "max_error"
 
 
-def allocate(model, budget: Budget, base, held: dict | None, floors: dict[str, int], progress=None):
+def allocate(model, budget: Budget, base, held: dict | None, floors: dict[str, int], progress=None, say=None):
     """Per-layer widths for the layers in `floors` meeting `budget`, and the report entry.
 
     `base` is the pass's `CondenseOptions` (structured OBS with calibration data, the widths the
-    user fixed); `held` are the held-out rows an error budget is measured on. Returns (widths,
-    entry, result): `result` is the pass's result at those widths when the search ran it (an error
+    user fixed); `held` are the held-out rows an error budget is measured on; `progress` follows
+    the curves, `say` (a line printer) gets one line per step tried. Returns (widths, entry,
+    result): `result` is the pass's result at those widths when the search ran it (an error
     budget), so the caller need not run it again."""
     from dataclasses import replace
 
@@ -272,7 +284,13 @@ def allocate(model, budget: Budget, base, held: dict | None, floors: dict[str, i
         return runs[key]
 
     def announce(step: Step) -> None:
-        logger.info("%s: level %.3g widths %s -> %.4g", budget.what, step.level, step.widths, step.value)
+        line = step_line(budget, step, len(steps_seen) + 1)
+        steps_seen.append(step)
+        logger.info(line)
+        if say is not None:
+            say(line)
+
+    steps_seen: list[Step] = []
 
     if budget.error is not None:
 

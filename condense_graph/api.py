@@ -116,7 +116,9 @@ def condense(
     )
     result = None
     if budget is not None and selector.needs_consumer_statistics:
-        options, target, result = _allocated_options(original, options, budget, held, min_width_fraction)
+        options, target, result = _allocated_options(
+            original, options, budget, held, min_width_fraction, progress
+        )
     result = result or CondenseChannelsPass(options, progress)(original)
     report = _reduction_report(original, result, data, target)
     report["method"] = selector.name
@@ -180,10 +182,16 @@ def _budget(target_params, target_macs, max_error, with_data: bool) -> Budget | 
 
 
 def _allocated_options(
-    model: onnx.ModelProto, options: CondenseOptions, budget: Budget, held, min_fraction: float
+    model: onnx.ModelProto,
+    options: CondenseOptions,
+    budget: Budget,
+    held,
+    min_fraction: float,
+    progress: Progress | None = None,
 ) -> tuple[CondenseOptions, dict, object]:
     """`options` with per-layer widths allocated globally to meet `budget` (`allocate.allocate`),
-    the report entry, and the pass's result at those widths when the search computed it."""
+    the report entry, and the pass's result at those widths when the search computed it. With a
+    visible `progress`, each step tried is printed as a line on its stream."""
     _, analysis = CondenseChannelsPass.analyze(model)
     fixed = set(options.layer_widths)
     floors = {
@@ -191,7 +199,14 @@ def _allocated_options(
         for layer in analysis.layers
         if layer.name not in fixed and layer.producer.weight.name not in fixed
     }
-    widths, entry, result = allocate(model, budget, options, held, floors)
+    say = None
+    if progress is not None and progress.enabled:
+
+        def say(line: str) -> None:
+            progress.stream.write(f"\r{line}\n")
+            progress.stream.flush()
+
+    widths, entry, result = allocate(model, budget, options, held, floors, progress, say)
     if budget.error is None and not any(step["accepted"] for step in entry["steps"]):
         last = entry["steps"][-1]  # every layer at its floor
         raise CondenseError(

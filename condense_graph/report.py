@@ -48,10 +48,12 @@ def format_reduce_table(report: dict) -> str:
     """Before/after table in the spirit of onnxslim's summary."""
     # "Exact" = exact for parallel neurons (homogeneous activation); "Min cos" says how parallel
     rows = [("Layer", "Activation", "Width", "Threshold", "Min cos", "Exact")]
+    # a rule that selects without a threshold: OBS (data-aware) or pruning
+    no_threshold = "obs" if report.get("method") == "obs" else "pruned"
     for layer in report["layers"]:
         width = _width_change(layer["width_before"], layer["width_after"])
         cos = "-" if layer["min_group_cosine"] is None else f"{layer['min_group_cosine']:.4f}"
-        threshold = "pruned" if layer["threshold"] is None else f"{layer['threshold']:.4g}"
+        threshold = no_threshold if layer["threshold"] is None else f"{layer['threshold']:.4g}"
         rows.append(
             (layer["name"], layer["activation"], width, threshold, cos, "yes" if layer["exact"] else "no")
         )
@@ -59,8 +61,39 @@ def format_reduce_table(report: dict) -> str:
     rows.append(
         ("File size", "", _change(report["file_size_before"], report["file_size_after"], _bytes), "", "", "")
     )
-    text = _table(rows, footer_from=len(rows) - 2)
+    text = _table(rows, footer_from=len(rows) - 2) + _method_line(report) + _allocation_lines(report)
     return text + _skipped_lines(report["skipped"]) + _warning_lines(report.get("warnings", []))
+
+
+def _method_line(report: dict) -> str:
+    if "method" not in report:
+        return ""
+    damping = f" (damping {report['obs_damping']:g})" if "obs_damping" in report else ""
+    return f"\nMethod: {report['method']}{damping}"
+
+
+def _allocation_lines(report: dict) -> str:
+    """The global allocation's steps: the widths tried, predicted and measured error or the kept
+    fraction, and which were within the budget."""
+    allocation = report.get("allocation")
+    if not allocation:
+        return ""
+    measured = allocation["by"] == "max_error"
+    rows = [("Step", "Widths", "Predicted err", "Measured err" if measured else "Kept", "Within")]
+    for number, step in enumerate(allocation["steps"], 1):
+        widths = " ".join(str(w) for w in step["widths"].values())
+        rows.append(
+            (
+                str(number),
+                widths,
+                f"{step['predicted_error']:.3g}",
+                f"{step['value']:.4g}",
+                "yes" if step["accepted"] else "no",
+            )
+        )
+    chosen = " ".join(f"{name}={w}" for name, w in allocation["widths"].items())
+    head = f"\n\nWidths chosen per layer for {allocation['by']} {allocation['requested']:g}: {chosen}\n"
+    return head + _table(rows)
 
 
 def _width_change(before: int, after: int) -> str:

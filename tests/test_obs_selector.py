@@ -3,6 +3,8 @@
 Everything runs through `condense_graph.condense` / the CLI on models built in code and is measured
 with ONNX Runtime on held-out rows that did not calibrate."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -277,3 +279,22 @@ def test_similarity_is_a_deprecated_spelling_of_method():
         old = cg.condense(model, threshold=0.99, similarity="weights")
     new = cg.condense(model, threshold=0.99, method="condense")
     assert old.report["method"] == "condense" and old.report["layers"] == new.report["layers"]
+
+
+def test_cli_max_error_and_target_macs(tmp_path, capsys):
+    model = deep_tanh_mlp()
+    src, data, report = tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "r.json"
+    onnx.save(model, str(src))
+    np.savez(data, x=normals(1, (400, 8)))
+    out = str(tmp_path / "o.onnx")
+    base = ["reduce", str(src), out, "--data", str(data), "--report", str(report)]
+    assert main([*base, "--max-error", "0.05", "--verify", "--rtol", "0.05", "--min-cosine", "0.99"]) == 0
+    printed = capsys.readouterr().out
+    assert "Widths chosen per layer for max_error 0.05" in printed and "Method: obs" in printed
+    got = json.loads(report.read_text())
+    assert got["allocation"]["by"] == "max_error" and got["verify"]["max_rel_err"] <= 0.05
+    assert main([*base, "--target-macs", "0.5"]) == 0
+    got = json.loads(report.read_text())
+    assert got["allocation"]["by"] == "target_macs"
+    assert main(["reduce", str(src), out, "--max-error", "0.05"]) == 2
+    assert "max_error needs calibration data (--data)" in capsys.readouterr().err

@@ -76,7 +76,10 @@ def test_reduce_through_files_gives_the_same_report_and_model(over_limit, caplog
         layer["block_error"] for layer in expected.report["layers"]
     ]
     assert result.report["verify"]["max_rel_err"] == expected.report["verify"]["max_rel_err"] < 1e-5
-    assert json.dumps(result.report, sort_keys=True) == json.dumps(expected.report, sort_keys=True)
+    # file sizes of a large model are its tensor bytes (`model_io.serialized_size`); all else is equal
+    sizes = ("file_size_before", "file_size_after")
+    same = [{k: v for k, v in r.report.items() if k not in sizes} for r in (result, expected)]
+    assert json.dumps(same[0], sort_keys=True) == json.dumps(same[1], sort_keys=True)
     assert result.model.SerializeToString() == expected.model.SerializeToString()
     assert result.report["warnings"] == []
 
