@@ -104,10 +104,10 @@ def plot(rows: list[dict], path: Path) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
-    for (name, batch), marker in zip([(m, b) for m in THRESHOLDS for b in (1, 256)], "osv^"):
+    for (name, batch), marker in zip([(m, b) for m in THRESHOLDS for b in (1, 256)], "osv^", strict=True):
         pts = [(r["ideal"], r["speedup"]) for r in rows if r["model"] == name and r["batch"] == batch]
         if pts:
-            ax.plot(*zip(*pts), marker=marker, linestyle="", label=f"{name}, batch {batch}")
+            ax.plot(*zip(*pts, strict=True), marker=marker, linestyle="", label=f"{name}, batch {batch}")
     top = max(max(r["ideal"], r["speedup"]) for r in rows) * 1.05
     ax.plot([1, top], [1, top], "k--", lw=1, label="ideal (MAC ratio)")
     ax.plot([1, top], [0.8, 0.8 * top], "k:", lw=1, label="0.8 x ideal")

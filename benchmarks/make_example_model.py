@@ -188,7 +188,7 @@ def split(n: int, rng: np.random.Generator):
 def build_model(n_features: int) -> nn.Sequential:
     sizes = (n_features, *HIDDEN_SIZES, n_features)
     layers: list[nn.Module] = []
-    for m_in, m_out in zip(sizes[:-1], sizes[1:]):
+    for m_in, m_out in zip(sizes[:-1], sizes[1:], strict=True):
         linear = nn.Linear(m_in, m_out)
         # Paper eq. 19: N(0, var), var = ((m_in + m_out)/2)^-2. This is much smaller than the
         # default init and is what drives neurons to condense early in training.

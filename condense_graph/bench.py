@@ -65,7 +65,8 @@ def inferred_shapes(
     for value in fixed.graph.input:
         if value.name in input_shapes:
             dims = value.type.tensor_type.shape.dim
-            for dim, size in zip(dims, input_shapes[value.name]):
+            # strict=False: an input declared without a shape has no dims to set (inference fills them)
+            for dim, size in zip(dims, input_shapes[value.name], strict=False):
                 dim.Clear()
                 dim.dim_value = size
     fixed, error = runtime.infer_shapes(fixed, data_prop=True)
@@ -156,7 +157,7 @@ def benchmark(
     sessions = [make_session(model, threads) for _, model, _ in models]
     times = interleaved_times(sessions, feeds, runs, warmup, progress)
     entries, warnings = [], []
-    for (label, model, size), seconds in zip(models, times):
+    for (label, model, size), seconds in zip(models, times, strict=True):
         entries.append(
             {
                 "model": label,

@@ -109,7 +109,7 @@ def layer_statistics(
     grams = [Gram(f) if f else None for f in features]
     for (values,) in capture(model, [layer.end.name], calibration):
         channels.add(_channels_of(values, layer))
-        for consumer, gram in zip(layer.consumers, grams):
+        for consumer, gram in zip(layer.consumers, grams, strict=True):
             if gram is not None:
                 gram.add(feature_rows(consumer, values))
     hessians = [g.matrix if g is not None else channels.matrix for g in grams]
@@ -130,8 +130,8 @@ def refit_statistics(
     ]
     inputs = capture(reduced, [layer.end.name], calibration)
     targets = capture(original, [c.output_name for c in layer.consumers], calibration)
-    for (values,), outputs in zip(inputs, targets):
-        for consumer, normal, out in zip(layer.consumers, normals, outputs):
+    for (values,), outputs in zip(inputs, targets, strict=True):
+        for consumer, normal, out in zip(layer.consumers, normals, outputs, strict=True):
             if normal is not None:
                 normal.add(feature_rows(consumer, values), _output_rows(consumer, out))
     return normals

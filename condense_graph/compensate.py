@@ -47,7 +47,7 @@ def refit_consumer(consumer: Consumer, normal, store) -> dict:
 def compensate(layer: Layer, store, normals: list) -> list[dict]:
     """Refit every consumer that has normal equations; report the calibration errors."""
     results = []
-    for consumer, normal in zip(layer.consumers, normals):
+    for consumer, normal in zip(layer.consumers, normals, strict=True):
         if normal is None:
             results.append({"consumer": consumer.node.name, "refit": False})
             continue

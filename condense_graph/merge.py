@@ -124,7 +124,7 @@ def least_squares_rows(alpha: np.ndarray, outgoing: np.ndarray, cmap: ChannelMap
     the consumer weights of each channel. Returns the rows of the kept channels [width_after, d].
     """
     merged = alpha[cmap.keep].astype(np.float64)
-    for new, main in enumerate(cmap.keep):
+    for new in range(len(cmap.keep)):
         members = np.flatnonzero(cmap.target == new)
         if len(members) < 2:
             continue

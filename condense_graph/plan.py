@@ -423,7 +423,7 @@ def kernel_extent(node: gs.Node, store: WeightStore) -> int | None:
     else:
         return None
     dilations = node.attrs.get("dilations", [1] * len(kernel))
-    return max(((k - 1) * d + 1 for k, d in zip(kernel, dilations)), default=1)
+    return max(((k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)), default=1)
 
 
 def constant_channels(layer: Layer, vectors: np.ndarray, a: np.ndarray) -> np.ndarray:

@@ -147,7 +147,7 @@ def _table(rows: list[tuple], footer_from: int | None = None) -> str:
     for i, row in enumerate(rows):
         if i == footer_from:
             lines.append(rule)
-        lines.append("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
+        lines.append("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
         if i == 0:
             lines.append(rule)
     lines.append(rule)

@@ -222,7 +222,7 @@ def compare_models(
         actual = runtime.run(candidate, feeds, names, hint)
         rows = row_count(feeds)
         batch_labels = labels[start : start + rows] if labels is not None else None
-        for name, e, a in zip(names, expected, actual):
+        for name, e, a in zip(names, expected, actual, strict=True):
             stats[name].add(np.asarray(e), np.asarray(a), batch_labels)
         start += rows
         progress.advance()

@@ -194,7 +194,7 @@ def materialize(
 ) -> onnx.ModelProto:
     """The model as planned so far (calibration runs on it), rewritten on a copy of `graph`."""
     copy = graph.copy()
-    twins = {id(node): twin for node, twin in zip(graph.nodes, copy.nodes)}
+    twins = {id(node): twin for node, twin in zip(graph.nodes, copy.nodes, strict=True)}
     rewrite(copy, plans, store, lambda node: twins[id(node)])
     return export_like(copy, model)
 

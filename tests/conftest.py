@@ -16,7 +16,7 @@ def assert_same_outputs(
     original: onnx.ModelProto, reduced: onnx.ModelProto, feeds: dict, rtol: float = 1e-5
 ) -> None:
     """Outputs agree within `rtol` relative to each output's largest magnitude."""
-    for expected, actual in zip(run(original, feeds), run(reduced, feeds)):
+    for expected, actual in zip(run(original, feeds), run(reduced, feeds), strict=True):
         assert actual.shape == expected.shape
         scale = float(np.abs(expected).max())
         np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
@@ -50,7 +50,7 @@ def assert_equal_to_rounding(
 ) -> None:
     """Outputs agree within `rtol` of the magnitude of the sums that produce them (ReLU-type nets)."""
     scales = rounding_scale(original, feeds)
-    for expected, actual, scale in zip(run(original, feeds), run(reduced, feeds), scales):
+    for expected, actual, scale in zip(run(original, feeds), run(reduced, feeds), scales, strict=True):
         assert actual.shape == expected.shape
         assert np.all(np.abs(actual - expected) <= rtol * scale + 1e-30), (
             f"max error {np.abs(actual - expected).max()} vs scale {scale.max()}"

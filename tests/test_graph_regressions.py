@@ -440,7 +440,7 @@ def test_identity_of_a_constant_read_inside_if_branches_is_folded_validly(rng):
     assert "Identity" not in [n.op_type for g in _graphs(folded.graph) for n in g.node]
     x = rng.normal(size=(2, 4)).astype(np.float32)
     for feeds in ({"x": np.abs(x)}, {"x": -np.abs(x)}):  # both branches
-        for expected, actual in zip(run(model, feeds), run(folded, feeds)):
+        for expected, actual in zip(run(model, feeds), run(folded, feeds), strict=True):
             np.testing.assert_array_equal(actual, expected)
 
 

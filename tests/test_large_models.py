@@ -73,7 +73,7 @@ def assert_external(path: Path) -> None:
 
 
 def assert_same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, x: np.ndarray) -> None:
-    for expected, actual in zip(run(a, {"x": x}), run(b, {"x": x})):
+    for expected, actual in zip(run(a, {"x": x}), run(b, {"x": x}), strict=True):
         np.testing.assert_array_equal(actual, expected)
 
 

@@ -138,7 +138,9 @@ def measured_errors(case: Exported, reduced: Path) -> list[tuple[float, float]]:
     for shape in case.shapes:
         for _ in range(DRAWS):
             feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
-            for name, want, got in zip(case.lookalike.outputs, *run_both(original, candidate, feeds)):
+            for name, want, got in zip(
+                case.lookalike.outputs, *run_both(original, candidate, feeds), strict=True
+            ):
                 assert np.all(np.isfinite(want)), f"original output {name} is not finite"
                 assert got.shape == want.shape, f"output {name}: shape {got.shape} != {want.shape}"
                 assert np.all(np.isfinite(got)), f"reduced output {name} has NaN/Inf at input shape {shape}"
@@ -258,7 +260,7 @@ def check_failed_verdict(case: Exported, tmp_path: Path, threshold: float, capsy
     capsys.readouterr()
     original, reduced = ort_session(case.path), ort_session(forced)
     outputs = json.loads(verify_json.read_text())["outputs"]
-    for name, want, got in zip(case.lookalike.outputs, *run_both(original, reduced, {"x": x})):
+    for name, want, got in zip(case.lookalike.outputs, *run_both(original, reduced, {"x": x}), strict=True):
         measured = float(np.abs(got.astype(np.float64) - want).max() / np.abs(want).max())
         assert np.isclose(outputs[name]["max_rel_err"], measured, rtol=1e-5, atol=0), (name, outputs[name])
 

@@ -153,7 +153,7 @@ def test_depthwise_block_error_in_the_report_is_what_the_block_does(dynamic, tmp
     if dynamic:  # batch and spatial sizes symbolic: the probe is 2 rows of 8 x 8 (plan.PROBE_ROWS,
         del model.graph.value_info[:]  # PROBE_MIN_SIDE: the block's receptive field is only 3)
         for value, names in ((model.graph.input[0], "NCHW"), (model.graph.output[0], "NCHW")):
-            for dim, name in zip(value.type.tensor_type.shape.dim, names):
+            for dim, name in zip(value.type.tensor_type.shape.dim, names, strict=True):
                 if name != "C":
                     dim.dim_param = name
         probe_shape = (2, 8, 8, 8)

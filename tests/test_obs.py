@@ -13,7 +13,7 @@ def correlated_features(rng, samples: int, channels: int, block: int, duplicates
     features = channels * block
     mixing = rng.standard_normal((features, features)) * rng.uniform(0.2, 2.0, features)
     p = rng.standard_normal((samples, features)) @ mixing
-    for copy, source in zip(range(channels - duplicates, channels), range(duplicates)):
+    for copy, source in zip(range(channels - duplicates, channels), range(duplicates), strict=True):
         own, theirs = slice(copy * block, (copy + 1) * block), slice(source * block, (source + 1) * block)
         p[:, own] = 1.5 * p[:, theirs] + 0.01 * rng.standard_normal((samples, block))
     return p

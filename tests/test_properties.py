@@ -82,7 +82,7 @@ def planted_conv(draw):
     pads = [draw(st.sampled_from([0, 1])) for _ in range(depth)]
     pool = draw(st.booleans())
     side = 8
-    for k, s, p in zip(kernels, strides, pads):  # every conv must fit its input
+    for k, s, p in zip(kernels, strides, pads, strict=True):  # every conv must fit its input
         assume(side + 2 * p >= k)
         side = (side + 2 * p - k) // s + 1
         side = side // 2 if pool and side >= 2 else side

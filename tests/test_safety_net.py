@@ -570,7 +570,7 @@ def test_non_finite_values_the_input_computes_pass_the_safety_net(pattern, tmp_p
     reduced = onnx.load(out)
     assert len(reduced.graph.node) <= len(model.graph.node)
     feeds["x"] = np.random.default_rng(1).normal(size=(3, 6)).astype(np.float32)
-    for expected, actual in zip(run(model, feeds), run(reduced, feeds)):
+    for expected, actual in zip(run(model, feeds), run(reduced, feeds), strict=True):
         np.testing.assert_allclose(
             actual, expected, rtol=1e-5, atol=1e-5 * np.abs(expected[np.isfinite(expected)]).max()
         )
