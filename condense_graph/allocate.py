@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from condense_graph.errors import CondenseError
+
 logger = logging.getLogger(__name__)
 
 GRID_POINTS = 10  # levels of the error search's first walk (geometric between the cheapest and dearest)
@@ -262,61 +264,81 @@ def allocate(model, budget: Budget, base, held: dict | None, floors: dict[str, i
     user fixed); `held` are the held-out rows an error budget is measured on; `progress` follows
     the curves, `say` (a line printer) gets one line per step tried. Returns (widths, entry,
     result): `result` is the pass's result at those widths when the search ran it (an error
-    budget), so the caller need not run it again."""
-    from dataclasses import replace
-
-    from condense_graph.bench import count_macs
-    from condense_graph.report import count_params
-    from condense_graph.verify import compare_models, data_batches
-    from passes.condense_channels import CondenseChannelsPass
-
+    budget), so the caller need not run it again. A CondenseError when no allocation meets an
+    error budget."""
     curves = removal_curves(model, base.calibration, base.selector, floors, progress)
-    fixed = dict(base.layer_widths)
-    runs: dict[tuple, object] = {}
-
-    def reduced(widths: dict[str, int], calibration):
-        key = (tuple(sorted(widths.items())), calibration is not None)
-        if key not in runs:
-            options = replace(base, layer_widths=widths | fixed, calibration=calibration)
-            if calibration is None:  # sizes only: the paper's rule plans the same widths, no data
-                options = replace(options, selector="condense")
-            runs[key] = CondenseChannelsPass(options)(model)
-        return runs[key]
-
-    def announce(step: Step) -> None:
-        line = step_line(budget, step, len(steps_seen) + 1)
-        steps_seen.append(step)
-        logger.info(line)
-        if say is not None:
-            say(line)
-
-    steps_seen: list[Step] = []
-
+    reductions = Reductions(model, base)
+    announce = Announcer(budget, say)
     if budget.error is not None:
-
-        def error(widths):
-            return compare_models(model, reduced(widths, base.calibration).model, data=held)["max_rel_err"]
-
-        allocation = search_error(curves, error, budget.error, base.round_to, announce)
-        if allocation is None:  # even exact merges alone break the budget: nothing is removed
-            allocation = Allocation({c.name: c.width for c in curves}, 0.0, [])
-        widths = allocation.widths
-        result = reduced(widths, base.calibration) if allocation.steps else None
-        return widths, allocation.report(budget.what) | {"requested": budget.error}, result
-    if budget.params is not None:
-        before = count_params(model)
-
-        def fraction(widths):
-            return count_params(reduced(widths, None).model) / before
-
-        target = budget.params
-    else:
-        feeds = next(iter(data_batches(model, base.calibration.data, 1)))
-        before = count_macs(model, feeds)
-
-        def fraction(widths):
-            return count_macs(reduced(widths, None).model, feeds) / max(before, 1)
-
-        target = budget.macs
+        allocation = search_error(curves, reductions.error_on(held), budget.error, base.round_to, announce)
+        if allocation is None:
+            raise CondenseError(
+                f"no reduction keeps the error within max_error {budget.error:g} (--max-error): "
+                f"even exact merges alone measure {announce.steps[0].value:.3g}"
+            )
+        result = reductions(allocation.widths)
+        return allocation.widths, allocation.report(budget.what) | {"requested": budget.error}, result
+    fraction = reductions.params_fraction() if budget.params is not None else reductions.macs_fraction()
+    target = budget.params if budget.params is not None else budget.macs
     allocation = search_size(curves, fraction, target, base.round_to, announce)
     return allocation.widths, allocation.report(budget.what) | {"requested": target}, None
+
+
+class Reductions:
+    """The pass on `model` at given widths, each run once (`base` options otherwise): with data
+    (what an error budget measures), or without it under the paper's rule (sizes only: the same
+    widths give the same sizes)."""
+
+    def __init__(self, model, base):
+        self.model, self.base = model, base
+        self.fixed = dict(base.layer_widths)
+        self.runs: dict[tuple, object] = {}
+
+    def __call__(self, widths: dict[str, int], with_data: bool = True):
+        from dataclasses import replace
+
+        from passes.condense_channels import CondenseChannelsPass
+
+        key = (tuple(sorted(widths.items())), with_data)
+        if key not in self.runs:
+            options = replace(self.base, layer_widths=widths | self.fixed)
+            if not with_data:
+                options = replace(options, calibration=None, selector="condense")
+            self.runs[key] = CondenseChannelsPass(options)(self.model)
+        return self.runs[key]
+
+    def error_on(self, held: dict) -> Callable[[dict[str, int]], float]:
+        """verify's max_rel_err of the reduction at the widths, on the held-out rows."""
+        from condense_graph.verify import compare_models
+
+        return lambda widths: compare_models(self.model, self(widths).model, data=held)["max_rel_err"]
+
+    def params_fraction(self) -> Callable[[dict[str, int]], float]:
+        from condense_graph.report import count_params
+
+        before = count_params(self.model)
+        return lambda widths: count_params(self(widths, with_data=False).model) / before
+
+    def macs_fraction(self) -> Callable[[dict[str, int]], float]:
+        """MACs counted on one calibration row's shapes."""
+        from condense_graph.bench import count_macs
+        from condense_graph.verify import data_batches
+
+        feeds = next(iter(data_batches(self.model, self.base.calibration.data, 1)))
+        before = max(count_macs(self.model, feeds), 1)
+        return lambda widths: count_macs(self(widths, with_data=False).model, feeds) / before
+
+
+class Announcer:
+    """Logs each step tried, and prints it with `say` when given; keeps them (`steps`)."""
+
+    def __init__(self, budget: Budget, say=None):
+        self.budget, self.say = budget, say
+        self.steps: list[Step] = []
+
+    def __call__(self, step: Step) -> None:
+        self.steps.append(step)
+        line = step_line(self.budget, step, len(self.steps))
+        logger.info(line)
+        if self.say is not None:
+            self.say(line)

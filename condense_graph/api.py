@@ -99,7 +99,7 @@ def condense(
     if verify and all_class_scores:
         check_agreement_applies(original)
     selector = _selector(method, similarity, calibration is not None)
-    budget = _budget(target_params, target_macs, max_error, calibration is not None)
+    budget = _budget(target_params, target_macs, max_error, calibration is not None, selector)
     data, held = _split_for_verification(
         _calibration(calibration, original, selector), original, verify or max_error is not None, holdout
     )
@@ -115,15 +115,12 @@ def condense(
         min_width_fraction,
     )
     result = None
-    if budget is not None and selector.needs_consumer_statistics:
+    if budget is not None and selector.needs_consumer_statistics:  # widths chosen per layer
         options, target, result = _allocated_options(
             original, options, budget, held, min_width_fraction, progress
         )
     result = result or CondenseChannelsPass(options, progress)(original)
-    report = _reduction_report(original, result, data, target)
-    report["method"] = selector.name
-    if isinstance(selector, StructuredOBS):
-        report["obs_damping"] = selector.damping
+    report = _reduction_report(original, result, data, target, selector)
     if verify:
         report["verify"] = _verification(original, result.model, input_shapes, data, held, all_class_scores)
     return CondenseResult(result.model, report, result.plans)
@@ -163,8 +160,9 @@ def _selector(method: str | Selector, similarity: str | None, with_data: bool) -
     return choose(method, with_data)
 
 
-def _budget(target_params, target_macs, max_error, with_data: bool) -> Budget | None:
-    """The size or error budget asked for (at most one), checked."""
+def _budget(target_params, target_macs, max_error, with_data: bool, selector: Selector) -> Budget | None:
+    """The size or error budget asked for (at most one), checked: target_macs and max_error are
+    met by the global allocation, which needs data and structured OBS."""
     given = [v is not None for v in (target_params, target_macs, max_error)]
     if sum(given) > 1:
         raise CondenseError(
@@ -174,6 +172,8 @@ def _budget(target_params, target_macs, max_error, with_data: bool) -> Budget | 
     for name, value in (("target_macs", target_macs), ("max_error", max_error)):
         if value is not None and not with_data:
             raise CondenseError(f"{name} needs calibration data (--data)")
+        if value is not None and not selector.needs_consumer_statistics:
+            raise CondenseError(f"{name} needs method 'obs' (the default with --data), not '{selector.name}'")
     if target_macs is not None and not 0.0 < target_macs <= 1.0:
         raise CondenseError(f"target_macs is a fraction of the MACs in (0, 1], got {target_macs!r}")
     if max_error is not None and not (isinstance(max_error, (int, float)) and max_error > 0):
@@ -218,7 +218,11 @@ def _allocated_options(
 
 
 def _reduction_report(
-    original: onnx.ModelProto, result: CondenseChannelsResult, data: Calibration | None, target: dict | None
+    original: onnx.ModelProto,
+    result: CondenseChannelsResult,
+    data: Calibration | None,
+    target: dict | None,
+    selector: Selector,
 ) -> dict:
     """The report of the pass's `result`: layers, params, file sizes, output checks, warnings (the
     pass's, then the calibration's) and the target's entry with the fraction achieved. Raises
@@ -229,6 +233,9 @@ def _reduction_report(
     report = build_report(original, result.model, result.plans, result.skipped)
     report["output_checks"] = checks
     report["warnings"] = warnings
+    report["method"] = selector.name
+    if isinstance(selector, StructuredOBS):
+        report["obs_damping"] = selector.damping
     if target is not None and "by" in target:  # a global allocation (`allocate`)
         achieved = {"params_fraction": report["params_after"] / report["params_before"]}
         report["allocation"] = target | achieved

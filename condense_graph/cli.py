@@ -79,47 +79,53 @@ def _add_debug(parser, default) -> None:
 def _add_reduce(reduce) -> None:
     reduce.add_argument("input", help="input .onnx model (never modified)")
     reduce.add_argument("output", help="output .onnx path (written atomically)")
-    reduce.add_argument(
+    _add_sizes(reduce.add_argument_group("how much to reduce"))
+    _add_method(reduce.add_argument_group("how channels are chosen"))
+    _add_checks(reduce.add_argument_group("checks and output"))
+
+
+def _add_sizes(group) -> None:
+    group.add_argument(
         "--threshold",
         type=float,
         default=0.95,
         help="cosine similarity at or above which neurons merge (default 0.95)",
     )
-    reduce.add_argument(
+    group.add_argument(
         "--layer",
         action="append",
         default=[],
         metavar="NAME=T",
         help="threshold for one layer (node or weight name); repeatable",
     )
-    reduce.add_argument(
+    group.add_argument(
         "--layer-width",
         action="append",
         default=[],
         metavar="NAME=W",
         help="width to reach for one layer (the threshold landing on it is found)",
     )
-    reduce.add_argument(
+    group.add_argument(
         "--target-params",
         type=float,
         metavar="R",
         help="keep this fraction of the parameters: one width fraction for all layers, or with --data "
         "(--method obs) per-layer widths chosen globally by their OBS costs",
     )
-    reduce.add_argument(
+    group.add_argument(
         "--target-macs",
         type=float,
         metavar="R",
         help="keep this fraction of the multiply-accumulates (needs --data): widths chosen globally",
     )
-    reduce.add_argument(
+    group.add_argument(
         "--max-error",
         type=float,
         metavar="E",
         help="the smallest model whose relative output error (max_rel_err) on held-out rows of --data "
         "stays within E: per-layer widths chosen globally by their OBS costs, each step measured",
     )
-    reduce.add_argument(
+    group.add_argument(
         "--min-width-fraction",
         type=float,
         default=MIN_WIDTH_FRACTION,
@@ -127,12 +133,22 @@ def _add_reduce(reduce) -> None:
         help="--target-params cuts no layer below this fraction of its width "
         f"(default {MIN_WIDTH_FRACTION:g}); an unreachable target is an error",
     )
-    reduce.add_argument(
+    group.add_argument(
+        "--round-to",
+        type=int,
+        default=1,
+        metavar="N",
+        help="round every new width up to a multiple of N (8 or 16 suit CPU kernels), requested widths too",
+    )
+
+
+def _add_method(group) -> None:
+    group.add_argument(
         "--data",
         metavar="FILE.npz",
         help="calibration data (arrays named after the graph inputs): refit consumers",
     )
-    reduce.add_argument(
+    group.add_argument(
         "--method",
         choices=method_names(),
         default=AUTO,
@@ -141,60 +157,56 @@ def _add_reduce(reduce) -> None:
         "'condense': the paper's cosine merge; 'activations': cosine of --data activations; "
         "'magnitude': the pruning baseline (needs widths)",
     )
-    reduce.add_argument(
+    group.add_argument(
         "--obs-damping",
         type=float,
         default=OBS_DAMPING,
         metavar="D",
         help=f"--method obs damps each consumer's Hessian by D * its mean diagonal (default {OBS_DAMPING:g})",
     )
-    reduce.add_argument(  # deprecated: --method; 'weights' is 'condense'
+    group.add_argument(  # deprecated: --method; 'weights' is 'condense'
         "--similarity", choices=sorted(ALIASES) + names(), help=argparse.SUPPRESS
     )
-    reduce.add_argument(
-        "--round-to",
-        type=int,
-        default=1,
-        metavar="N",
-        help="round every new width up to a multiple of N (8 or 16 suit CPU kernels), requested widths too",
-    )
-    reduce.add_argument("--report", metavar="FILE.json", help="write the JSON report here")
-    reduce.add_argument(
+
+
+def _add_checks(group) -> None:
+    group.add_argument("--report", metavar="FILE.json", help="write the JSON report here")
+    group.add_argument(
         "--verify",
         action="store_true",
         help="compare both models in ONNX Runtime on random inputs or, with --data, "
         "on held-out rows of the data that do not calibrate",
     )
-    reduce.add_argument(
+    group.add_argument(
         "--holdout",
         type=float,
         default=HOLDOUT_FRACTION,
         metavar="FRACTION",
         help=f"with --data and --verify: the last FRACTION of the rows verify (default {HOLDOUT_FRACTION:g})",
     )
-    _add_tolerances(reduce)
-    reduce.add_argument(
+    _add_tolerances(group)
+    group.add_argument(
         "--input-shape",
         action="append",
         default=[],
         metavar="NAME:D0,D1,...",
         help=f"shape of a graph input (dynamic dims default to {DEFAULT_SHAPES})",
     )
-    reduce.add_argument(
+    group.add_argument(
         "--force",
         action="store_true",
         help="write the output even when verification fails (exit code stays 1)",
     )
-    reduce.add_argument("--in-place", action="store_true", help="allow OUTPUT to be INPUT")
-    reduce.add_argument(
+    group.add_argument("--in-place", action="store_true", help="allow OUTPUT to be INPUT")
+    group.add_argument(
         "--external-data",
         action="store_true",
         help="save the weights in OUTPUT.data (automatic above the 2 GB protobuf limit)",
     )
-    reduce.add_argument("--bench", action="store_true", help="benchmark the written model against the input")
-    _add_bench_options(reduce)
-    reduce.add_argument("--plot", metavar="DIR", help="write cosine heatmaps and a width chart (PNG)")
-    reduce.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    group.add_argument("--bench", action="store_true", help="benchmark the written model against the input")
+    _add_bench_options(group)
+    group.add_argument("--plot", metavar="DIR", help="write cosine heatmaps and a width chart (PNG)")
+    group.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
 def _add_tolerances(parser) -> None:

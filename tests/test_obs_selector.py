@@ -263,6 +263,8 @@ def test_target_macs_with_data():
         ({"target_macs": 0.5}, "target_macs needs calibration data"),
         ({"max_error": 0.1, "target_params": 0.5, "calibration": True}, "give one of"),
         ({"max_error": -1, "calibration": True}, "max_error must be a positive"),
+        ({"max_error": 0.1, "calibration": True, "method": "condense"}, "max_error needs method 'obs'"),
+        ({"target_macs": 0.5, "calibration": True, "method": "magnitude"}, "target_macs needs method 'obs'"),
     ],
 )
 def test_budget_errors(kwargs, message):
@@ -298,3 +300,12 @@ def test_cli_max_error_and_target_macs(tmp_path, capsys):
     assert got["allocation"]["by"] == "target_macs"
     assert main(["reduce", str(src), out, "--max-error", "0.05"]) == 2
     assert "max_error needs calibration data (--data)" in capsys.readouterr().err
+
+
+def test_a_budget_below_float_rounding_is_refused_with_what_was_measured():
+    model = planted_mlp([6, 48, 32, 3], [5, 4], seed=4)  # exact multiples: merging them rounds
+    calib = {"x": normals(1, (300, 6))}
+    with pytest.raises(cg.CondenseError, match=r"no reduction keeps the error within max_error 1e-12"):
+        cg.condense(model, calibration=calib, max_error=1e-12)
+    tiny = cg.condense(model, calibration=calib, max_error=1e-5)  # the exact merges fit
+    assert [layer["width_after"] for layer in tiny.report["layers"]] == [5, 4]
