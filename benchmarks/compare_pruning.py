@@ -20,11 +20,18 @@ At 90%, 70%, 50% and 30% of the parameters, with the same kept widths for every 
                    model, exported to ONNX;
   magnitude+refit  magnitude pruning in condense-graph with the refit (`method="magnitude"` with
                    calibration).
+And one row that picks its own widths:
+  obs (global widths)  `cg.condense(model, target_params=size, calibration=calib)`: structured OBS
+                   with per-layer widths allocated globally by the OBS costs (condense_graph/allocate.py),
+                   keeping at most `size` of the parameters (as the library counts them), with the same
+                   calibration rows (a size target holds none out). Its params are its own, so it is
+                   left out of the equal-size check and compared with obs (default) per size.
 Output error = RMS(reduced - original outputs) / RMS(original outputs) on the evaluation data.
 Params = weights and biases (tensors with a dimension; the scalar Clip bounds of ReLU6 left out).
 Time = the wall time of the call that made the model (for paper it includes the width search of
 `target_params`; for magnitude it is Torch-Pruning's dependency graph and pruning, not the export).
-Writes a table per model, the ratio (magnitude+refit error) / (obs error) per size, into
+Writes a table per model, the kept widths of obs (default) and obs (global widths), the ratios
+(magnitude+refit error) / (obs error) and (obs error) / (obs global error) per size, into
 benchmarks/RESULTS.md and the plot benchmarks/compare.png.
 
     pip install torch-pruning scikit-learn matplotlib   (with the torch pin of constraints.txt)
@@ -50,7 +57,9 @@ import condense_graph as cg
 HERE = Path(__file__).resolve().parent
 SIZES = [0.9, 0.7, 0.5, 0.3]
 OBS = "obs (default)"
-METHODS = ["paper", OBS, "condense+refit", "magnitude", "magnitude+refit"]
+GLOBAL = "obs (global widths)"
+UNIFORM = ["paper", OBS, "condense+refit", "magnitude", "magnitude+refit"]  # the same widths
+METHODS = UNIFORM + [GLOBAL]
 
 
 def torch_pruning_magnitude(task, widths: dict[str, int]) -> onnx.ModelProto:
@@ -82,8 +91,9 @@ def timed(call, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
-def methods(task, size: float) -> dict[str, tuple[onnx.ModelProto, float]]:
-    """Every method's model at `size` and the seconds its call took."""
+def methods(task, size: float) -> tuple[dict[str, tuple[onnx.ModelProto, float]], dict]:
+    """Every method's model at `size` and the seconds its call took; the kept widths of the
+    uniform rows and of the global allocation."""
     paper, paper_s = timed(cg.condense, task["onnx"], target_params=size, method="condense")
     widths = {layer["name"]: layer["width_after"] for layer in paper.report["layers"]}
     calib = {task["name"]: task["calib"]}
@@ -99,7 +109,10 @@ def methods(task, size: float) -> dict[str, tuple[onnx.ModelProto, float]]:
         cg.condense, task["onnx"], layer_widths=widths, calibration=calib, method="magnitude"
     )
     models["magnitude+refit"] = (result.model, seconds)
-    return models
+    result, seconds = timed(cg.condense, task["onnx"], target_params=size, calibration=calib)
+    models[GLOBAL] = (result.model, seconds)
+    allocated = {layer["name"]: layer["width_after"] for layer in result.report["layers"]}
+    return models, {"uniform": widths, "global": allocated}
 
 
 def count(model: onnx.ModelProto) -> int:
@@ -116,7 +129,7 @@ def count(model: onnx.ModelProto) -> int:
     return sum(int(np.prod(t.dims)) for t in tensors if len(t.dims) > 0)
 
 
-def evaluate(task) -> list[dict]:
+def evaluate(task) -> tuple[list[dict], dict[float, dict]]:
     reference = run(task["onnx"], task["name"], task["eval"])
     metric_name, metric = task["metric"]
     rows = [
@@ -130,22 +143,25 @@ def evaluate(task) -> list[dict]:
         }
     ]
     print(f"original params {rows[0]['params']:>7,} {metric_name} {rows[0]['metric']:.4f}", flush=True)
+    widths = {}
     for size in SIZES:
         cell = []
-        for method, (model, seconds) in methods(task, size).items():
+        models, widths[size] = methods(task, size)
+        for method, (model, seconds) in models.items():
             out = run(model, task["name"], task["eval"])
             error = float(np.sqrt(np.mean((out - reference) ** 2)) / np.sqrt(np.mean(reference**2)))
             row = dict(size=size, method=method, params=count(model), error=error, metric=metric(out))
             cell.append(row | {"seconds": seconds})
             print(
-                f"{size:.0%} {method:<16} params {row['params']:>7,} output error {error:.4f} "
+                f"{size:.0%} {method:<19} params {row['params']:>7,} output error {error:.4f} "
                 f"{metric_name} {row['metric']:.4f}  time {seconds:6.2f} s",
                 flush=True,
             )
-        if len({r["params"] for r in cell}) != 1:
-            print(f"WARNING: {size:.0%}: the methods kept different sizes: {[r['params'] for r in cell]}")
+        uniform = [r["params"] for r in cell if r["method"] in UNIFORM]
+        if len(set(uniform)) != 1:
+            print(f"WARNING: {size:.0%}: the uniform-width methods kept different sizes: {uniform}")
         rows += cell
-    return rows
+    return rows, widths
 
 
 def summary(name: str, rows: list[dict], metric_name: str, higher_is_better: bool) -> str:
@@ -182,6 +198,63 @@ def summary(name: str, rows: list[dict], metric_name: str, higher_is_better: boo
     return f"{name}: error(magnitude+refit) / error(obs) = {ratios}; {verdict}; {metric_text}."
 
 
+def global_summary(name: str, rows: list[dict], metric_name: str, higher_is_better: bool) -> str:
+    """(obs error) / (obs global error) per size with the params each kept, and where the global
+    allocation is worse (output error or task metric)."""
+
+    def cell(size, method):
+        return next(r for r in rows if r["size"] == size and r["method"] == method)
+
+    uni = {s: cell(s, OBS) for s in SIZES}
+    glo = {s: cell(s, GLOBAL) for s in SIZES}
+    ratios = ", ".join(
+        f"{s:.0%}: {uni[s]['error'] / max(glo[s]['error'], 1e-30):.2f}x "
+        f"({glo[s]['params']:,} vs {uni[s]['params']:,} params)"
+        for s in SIZES
+    )
+    better = [f"{s:.0%}" for s in SIZES if glo[s]["error"] < uni[s]["error"]]
+    worse = [
+        f"{s:.0%} (global {glo[s]['error']:.4f} vs uniform {uni[s]['error']:.4f})"
+        for s in SIZES
+        if glo[s]["error"] >= uni[s]["error"]
+    ]
+    if not worse:
+        verdict = "the global allocation beats uniform widths at every size"
+    elif not better:
+        verdict = "the global allocation does NOT beat uniform widths at any size: " + ", ".join(worse)
+    else:
+        verdict = (
+            f"the global allocation beats uniform widths at {', '.join(better)} and does NOT at "
+            + ", ".join(worse)
+        )
+    sign = 1 if higher_is_better else -1
+    metric_worse = [
+        f"{s:.0%} ({glo[s]['metric']:.4f} vs {uni[s]['metric']:.4f})"
+        for s in SIZES
+        if sign * (glo[s]["metric"] - uni[s]["metric"]) < 0
+    ]
+    metric_text = (
+        f"its {metric_name} is at least as good at every size"
+        if not metric_worse
+        else f"its {metric_name} is worse than uniform obs's at " + ", ".join(metric_worse)
+    )
+    return (
+        f"{name}: error(obs, uniform widths) / error(obs, global widths) = {ratios}; {verdict}; "
+        f"{metric_text}."
+    )
+
+
+def widths_text(name: str, widths: dict[float, dict]) -> str:
+    """The kept widths per size, in layer order: uniform (every uniform row) / global."""
+    layers = list(widths[SIZES[0]]["uniform"])
+    parts = [
+        f"{s:.0%}: {'-'.join(str(widths[s]['uniform'][n]) for n in layers)} / "
+        f"{'-'.join(str(widths[s]['global'].get(n, '?')) for n in layers)}"
+        for s in SIZES
+    ]
+    return f"Kept widths of {name} ({', '.join(layers)}), uniform / global: " + "; ".join(parts) + "."
+
+
 def plot(results: dict[str, list[dict]], path: Path) -> None:
     try:
         import matplotlib
@@ -191,14 +264,17 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     except ImportError:
         return
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.6))
-    for ax, (name, rows) in zip(np.atleast_1d(axes), results.items()):
+    for ax, (name, rows) in zip(np.atleast_1d(axes), results.items(), strict=True):
         for method in METHODS:
             pts = [(r["params"], r["error"]) for r in rows if r["method"] == method]
-            ax.plot(*zip(*pts), marker="o", label=method, linewidth=2.5 if method == OBS else 1.2)
+            style = {"linewidth": 2.5 if method in (OBS, GLOBAL) else 1.2}
+            if method == GLOBAL:
+                style |= {"linestyle": "--", "marker": "s"}
+            ax.plot(*zip(*pts, strict=True), **({"marker": "o"} | style), label=method)
         ax.set_yscale("log")
         ax.set_xlabel("parameters after reduction")
         ax.set_ylabel("relative output error (held-out)")
-        ax.set_title(f"{name}: same widths, no retraining")
+        ax.set_title(f"{name}: no retraining")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -225,30 +301,41 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--no-write", action="store_true", help="print only (no RESULTS.md, no plot)")
     args = parser.parse_args()
-    results, sections, summaries = {}, [], []
+    results, sections, summaries, global_summaries = {}, [], [], []
     for name in args.models:
         start = time.perf_counter()
         task = TASKS[name]()
         print(f"--- {name} (built in {time.perf_counter() - start:.1f} s)", flush=True)
-        results[name] = evaluate(task)
-        sections.append(table(name, results[name], task["metric"][0]))
+        results[name], widths = evaluate(task)
+        sections.append(table(name, results[name], task["metric"][0]) + "\n\n" + widths_text(name, widths))
         summaries.append(summary(name, results[name], task["metric"][0], task["higher_is_better"]))
-        print(summaries[-1], flush=True)
+        global_summaries.append(
+            global_summary(name, results[name], task["metric"][0], task["higher_is_better"])
+        )
+        print(summaries[-1], global_summaries[-1], sep="\n", flush=True)
     if args.no_write:
         return
     plot(results, HERE / "compare.png")
     write_section(
         "compare",
         "The default rule (structured OBS) against the paper's merge and magnitude pruning at equal "
-        "size (no retraining)",
+        "size, and OBS with global per-layer widths (no retraining)",
         "Rerun: `python benchmarks/compare_pruning.py` (needs torch-pruning, scikit-learn). "
         "Plot: `compare.png`. Same kept widths for every method (from `target_params`); paper = "
         '`method="condense"` without data; obs (default) = `method="auto"` with calibration data; '
         'condense+refit = `method="condense"` with calibration data; magnitude = Torch-Pruning '
         'MagnitudeImportance(L2), no refit; magnitude+refit = `method="magnitude"` with calibration '
-        "data. Output error = RMS(reduced - original) / RMS(original) on held-out data. Time = the "
-        "call that made the model (paper: with the width search; magnitude: Torch-Pruning without "
-        "the export).\n\n" + "\n\n".join(sections) + "\n\n" + "\n".join(f"- {s}" for s in summaries),
+        "data. obs (global widths) = `cg.condense(model, target_params=size, calibration=...)`: "
+        "per-layer widths allocated globally by the OBS costs, at most `size` of the parameters, "
+        "with the same calibration rows; its params are its own (the other rows share one size). "
+        "Output error = RMS(reduced - original) / RMS(original) on held-out data. Time = the call "
+        "that made the model (paper: with the width search; magnitude: Torch-Pruning without the "
+        "export; obs (global widths): with the allocation).\n\n"
+        + "\n\n".join(sections)
+        + "\n\nEqual size (the uniform rows):\n\n"
+        + "\n".join(f"- {s}" for s in summaries)
+        + "\n\nGlobal against uniform widths (obs both; > 1x: global is better):\n\n"
+        + "\n".join(f"- {s}" for s in global_summaries),
     )
 
 
