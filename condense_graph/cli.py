@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from condense_graph import runtime
+from condense_graph import __version__, runtime
 from condense_graph.api import HOLDOUT_FRACTION, MIN_WIDTH_FRACTION, condense, inspect
 from condense_graph.bench import benchmark
 from condense_graph.errors import CondenseError, InternalError
@@ -52,14 +52,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+EPILOG = """exit codes: 0 success, 1 verification failed, 2 user error, 3 internal error (a bug).
+
+examples:
+  condense-graph reduce model.onnx small.onnx --threshold 0.99 --verify
+  condense-graph reduce model.onnx small.onnx --data calib.npz --max-error 0.01 --verify --bench
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="condense-graph", description="Merge condensed neurons of ONNX models.")
+    parser = _Parser(
+        prog="condense-graph",
+        description="Merge condensed neurons of ONNX models.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"condense-graph {__version__}")
     _add_debug(parser, default=False)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_reduce(commands.add_parser("reduce", help="write a reduced model"))
     insp = commands.add_parser("inspect", help="list reducible layers and their widths")
     insp.add_argument("input", help="input .onnx model")
     insp.add_argument("--json", metavar="FILE.json", help="also write the listing as JSON")
+    insp.add_argument("--quiet", action="store_true", help="print nothing but errors")
     _add_verify(commands.add_parser("verify", help="compare two models in ONNX Runtime"))
     _add_bench(commands.add_parser("bench", help="measure ONNX Runtime latency of one or two models"))
     for command in commands.choices.values():
@@ -337,6 +352,10 @@ def _method(args):
 
 def run_reduce(args) -> int:
     _check_paths(args)
+    if args.plot:  # before any work: a missing matplotlib must not cost a reduction
+        from condense_graph.plots import check_available
+
+        check_available()
     layer_thresholds = dict(_parse_layer(spec) for spec in args.layer)
     layer_widths = {
         name: _as_width(value, spec)
@@ -375,6 +394,8 @@ def run_reduce(args) -> int:
         report["bench"] = _bench(
             args, [(args.input, load_model(args.input)), (args.output, result.model)], input_shapes
         )
+    elif args.bench:
+        report["bench_skipped"] = "verification failed: the model was not written (--force writes it)"
     if args.report:
         _write_json(report, args.report)
     if not args.quiet:
@@ -405,10 +426,25 @@ def _print_reduce(args, report: dict, failures: list[str]) -> None:
         _say(_verdict(failures, _tolerances(args), args.force, args.output))
     elif not failures:
         _say(f"Wrote {args.output}")
+    if not any(layer["width_after"] < layer["width_before"] for layer in report["layers"]):
+        _say(_nothing_reduced_hint(args, report))
     if "bench" in report:
         _say(format_bench_table(report["bench"]))
+    elif "bench_skipped" in report:
+        _say(f"Bench: skipped ({report['bench_skipped']})")
     for path in report.get("plots", []):
         _say(f"Plot: {path}")
+
+
+def _nothing_reduced_hint(args, report: dict) -> str:
+    """Said instead of a silent 'Wrote X (+0.0 %)': what to try next."""
+    if not report["layers"]:
+        return "Nothing was reduced: no reducible layer (see Skipped above)."
+    how = f"at threshold {args.threshold:g}" if args.data is None else f"with --method {report['method']}"
+    return (
+        f"Nothing was reduced {how}. Try `condense-graph inspect {args.input}` for the widths at other "
+        "thresholds, --target-params R for a size, or --data FILE.npz for the data-aware rule."
+    )
 
 
 def _verdict(failures: list[str], tolerances: Tolerances, force: bool, output: str | None) -> str:
@@ -424,7 +460,8 @@ def _verdict(failures: list[str], tolerances: Tolerances, force: bool, output: s
 
 def run_inspect(args) -> int:
     info = inspect(args.input)
-    _say(format_inspect_table(info))
+    if not args.quiet:
+        _say(format_inspect_table(info))
     if args.json:
         _write_json(info, args.json)
     return EXIT_OK

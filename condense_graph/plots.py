@@ -23,8 +23,16 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise CondenseError("--plot needs matplotlib: pip install 'condense-graph[plot]'") from None
+        raise CondenseError(
+            "--plot needs matplotlib: pip install 'condense-graph[plot]' "
+            "(from a checkout: pip install -c constraints.txt '.[plot]')"
+        ) from None
     return plt
+
+
+def check_available() -> None:
+    """A CondenseError now, before any work, when matplotlib is missing."""
+    _pyplot()
 
 
 def group_order(groups: list[np.ndarray], width: int) -> np.ndarray:

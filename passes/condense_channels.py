@@ -164,7 +164,8 @@ class CondenseChannelsPass(PassBase):
         return plan
 
     def check_layer_names(self, analysis: Analysis) -> None:
-        """Every per-layer threshold or width must name a reducible layer (node or weight name)."""
+        """Every per-layer threshold or width must name a reducible layer (node or weight name), and
+        no requested width may exceed the layer's."""
         known = {key for layer in analysis.layers for key in (layer.name, layer.producer.weight.name)}
         skipped = {s.name: s.reason for s in analysis.skipped}
         for name in list(self.options.layer_thresholds) + list(self.options.layer_widths):
@@ -173,6 +174,16 @@ class CondenseChannelsPass(PassBase):
             if name not in known:
                 names = ", ".join(layer.name for layer in analysis.layers) or "none"
                 raise CondenseError(f"no reducible layer named '{name}' (layers: {names})")
+        sizes = {
+            key: layer.producer.width
+            for layer in analysis.layers
+            for key in (layer.name, layer.producer.weight.name)
+        }
+        for name, width in self.options.layer_widths.items():
+            if width > sizes[name]:
+                raise CondenseError(
+                    f"width {width} for layer '{name}' (--layer-width) is above its width {sizes[name]}"
+                )
 
     def grouping_for(self, layer) -> Grouping:
         options = self.options

@@ -1,0 +1,80 @@
+"""Command-line behaviour a new user meets first (issue 15), each through the CLI."""
+
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+from builders import planted_mlp
+
+import condense_graph
+from condense_graph.cli import main
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    onnx.save(planted_mlp([5, 12, 10, 3], [4, 6], seed=3), path)
+    return path
+
+
+def test_version_and_python_dash_m(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"condense-graph {condense_graph.__version__}"
+    done = subprocess.run(
+        [sys.executable, "-m", "condense_graph", "--help"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0
+    assert "exit codes: 0 success, 1 verification failed, 2 user error, 3 internal error" in done.stdout
+    assert "condense-graph reduce model.onnx small.onnx --data calib.npz --max-error" in done.stdout
+
+
+@pytest.mark.parametrize("command", ["reduce", "inspect", "verify", "bench"])
+def test_every_subcommand_takes_debug_and_quiet(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert "--debug" in text and "--quiet" in text
+
+
+def test_inspect_quiet_prints_nothing_but_writes_json(model_path, tmp_path, capsys):
+    listing = tmp_path / "i.json"
+    assert main(["inspect", str(model_path), "--quiet", "--json", str(listing)]) == 0
+    assert capsys.readouterr().out == ""
+    assert [layer["width"] for layer in json.loads(listing.read_text())["layers"]] == [12, 10]
+
+
+def test_plot_without_matplotlib_fails_before_any_work(model_path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    out = tmp_path / "small.onnx"
+    assert main(["reduce", str(model_path), str(out), "--plot", str(tmp_path / "plots")]) == 2
+    err = capsys.readouterr().err
+    assert "--plot needs matplotlib" in err and "pip install -c constraints.txt '.[plot]'" in err
+    assert not out.exists()  # refused before the reduction, nothing written
+
+
+def test_nothing_reduced_says_so_with_a_hint(tmp_path, capsys):
+    path = tmp_path / "distinct.onnx"
+    onnx.save(planted_mlp([5, 8, 3], [8], seed=1), path)  # every neuron its own direction
+    assert main(["reduce", str(path), str(tmp_path / "o.onnx"), "--threshold", "0.999"]) == 0
+    text = capsys.readouterr().out
+    assert "Nothing was reduced at threshold 0.999" in text
+    assert "condense-graph inspect" in text and "--target-params" in text and "--data" in text
+
+
+def test_bench_after_a_failed_verify_says_it_was_skipped(model_path, tmp_path, capsys):
+    out, report = tmp_path / "small.onnx", tmp_path / "r.json"
+    args = ["reduce", str(model_path), str(out), "--threshold", "0.5", "--verify", "--bench"]
+    assert main([*args, "--report", str(report), "--runs", "2"]) == 1
+    text = capsys.readouterr().out
+    assert "Bench: skipped (verification failed" in text
+    assert json.loads(report.read_text())["bench_skipped"].startswith("verification failed")
+
+
+def test_a_layer_width_above_the_layers_is_an_error(model_path, tmp_path, capsys):
+    args = ["reduce", str(model_path), str(tmp_path / "o.onnx"), "--layer-width", "fc1=40"]
+    assert main(args) == 2
+    assert "width 40 for layer 'fc1' (--layer-width) is above its width 12" in capsys.readouterr().err
