@@ -278,16 +278,38 @@ def allocate(model, budget: Budget, base, held: dict | None, floors: dict[str, i
             )
         result = reductions(allocation.widths)
         return allocation.widths, allocation.report(budget.what) | {"requested": budget.error}, result
-    fraction = reductions.params_fraction() if budget.params is not None else reductions.macs_fraction()
+    measure = reductions.params_fraction if budget.params is not None else reductions.macs_fraction
     target = budget.params if budget.params is not None else budget.macs
-    allocation = search_size(curves, fraction, target, base.round_to, announce)
-    return allocation.widths, allocation.report(budget.what) | {"requested": target}, None
+    allocation = search_size(curves, measure(with_data=False), target, base.round_to, announce)
+    widths = confirm_size(curves, allocation, measure(with_data=True), target, base.round_to, announce)
+    entry = allocation.report(budget.what) | {"requested": target, "widths": widths}
+    return widths, entry, reductions(widths)  # measured by confirm_size: the run is cached
+
+
+def confirm_size(curves, allocation, fraction, target: float, round_to: int, announce):
+    """The widths of `allocation`, measured on the model the chosen rule writes (the search counted
+    a data-free stand-in at the same widths: the refit may add consumer biases); when that model
+    keeps more than `target`, the next levels up until one fits (every layer at its floor at
+    most). Returns the widths; the steps measured are added to `allocation.steps`."""
+    grid = levels(curves)
+    level, widths = allocation.level, allocation.widths
+    while True:
+        value = fraction(widths)
+        fits = value <= target
+        step = Step(level, widths, predicted_error(curves, widths), value, fits)
+        announce(step)
+        allocation.steps.append(step)
+        higher = grid[grid > level]
+        if fits or not len(higher):
+            return widths
+        level = float(higher[0])
+        widths = widths_at(curves, level, round_to)
 
 
 class Reductions:
     """The pass on `model` at given widths, each run once (`base` options otherwise): with data
-    (what an error budget measures), or without it under the paper's rule (sizes only: the same
-    widths give the same sizes)."""
+    (the model written), or without it by magnitude pruning, which lands on every width exactly
+    (a fast stand-in for sizes while searching; `confirm_size` measures the written model)."""
 
     def __init__(self, model, base):
         self.model, self.base = model, base
@@ -303,7 +325,7 @@ class Reductions:
         if key not in self.runs:
             options = replace(self.base, layer_widths=widths | self.fixed)
             if not with_data:
-                options = replace(options, calibration=None, selector="condense")
+                options = replace(options, calibration=None, selector="magnitude")
             self.runs[key] = CondenseChannelsPass(options)(self.model)
         return self.runs[key]
 
@@ -313,20 +335,21 @@ class Reductions:
 
         return lambda widths: compare_models(self.model, self(widths).model, data=held)["max_rel_err"]
 
-    def params_fraction(self) -> Callable[[dict[str, int]], float]:
+    def params_fraction(self, with_data: bool = False) -> Callable[[dict[str, int]], float]:
+        """The fraction of the parameters the reduction at the widths keeps."""
         from condense_graph.report import count_params
 
         before = count_params(self.model)
-        return lambda widths: count_params(self(widths, with_data=False).model) / before
+        return lambda widths: count_params(self(widths, with_data).model) / before
 
-    def macs_fraction(self) -> Callable[[dict[str, int]], float]:
-        """MACs counted on one calibration row's shapes."""
+    def macs_fraction(self, with_data: bool = False) -> Callable[[dict[str, int]], float]:
+        """The fraction of the MACs it keeps, counted on one calibration row's shapes."""
         from condense_graph.bench import count_macs
         from condense_graph.verify import data_batches
 
         feeds = next(iter(data_batches(self.model, self.base.calibration.data, 1)))
         before = max(count_macs(self.model, feeds), 1)
-        return lambda widths: count_macs(self(widths, with_data=False).model, feeds) / before
+        return lambda widths: count_macs(self(widths, with_data).model, feeds) / before
 
 
 class Announcer:

@@ -207,8 +207,8 @@ def _allocated_options(
             progress.stream.flush()
 
     widths, entry, result = allocate(model, budget, options, held, floors, progress, say)
-    if budget.error is None and not any(step["accepted"] for step in entry["steps"]):
-        last = entry["steps"][-1]  # every layer at its floor
+    if budget.error is None and not entry["steps"][-1]["accepted"]:
+        last = entry["steps"][-1]  # the written model at the widths found: every layer at its floor
         raise CondenseError(
             f"{budget.what} {entry['requested']:g} cannot be reached without cutting a layer below "
             f"{min_fraction:g} of its width (--min-width-fraction): the smallest reachable is "

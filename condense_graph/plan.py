@@ -265,7 +265,12 @@ class Choice:
             rows = replace(rows, gram=self.statistics.gram[np.ix_(candidates, candidates)])
         if self.terms is not None:
             rows = replace(rows, terms=[restrict(term, candidates) for term in self.terms])
-        selection = self.selector.select(rows, self.grouping)
+        grouping = self.grouping
+        if grouping.width is not None:  # a layer width: the channels kept alone count in it
+            grouping = replace(grouping, width=max(1, grouping.width - len(alone)))
+        selection = self.selector.select(rows, grouping)
+        if selection.costs is not None:  # keyed by layer widths too
+            selection = replace(selection, costs={w + len(alone): c for w, c in selection.costs.items()})
         groups = [candidates[g] for g in selection.groups] + [np.array([k]) for k in alone]
         return selection, keep_one(groups, silent)
 

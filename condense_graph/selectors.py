@@ -35,6 +35,7 @@ from condense_graph.similarity import (
     groups_for_width,
     neuron_similarity,
     round_up_groups,
+    split_to_width,
 )
 
 DEFAULT = "condense"  # the paper's rule: the rule without calibration data
@@ -234,8 +235,9 @@ class StructuredOBS(Selector):
         exact = SELECTORS[DEFAULT].select(rows, EXACT)
         width = target.width if target.width is not None else self.paper_width(rows, target)
         n = len(exact.groups)
-        if width >= n:
-            return replace(exact, threshold=None, costs={n: 0.0})
+        if width >= n:  # exact merges alone are enough; split some to land on the width (round_to)
+            groups = split_to_width(exact.cosine, exact.groups, width)
+            return replace(exact, groups=groups, threshold=None, costs={len(groups): 0.0})
         order = self.removal_order(rows, exact.groups, width)
         kept = [exact.groups[i] for i in order.kept(width)]
         costs = {w: order.relative_cost(w) for w in range(width, n + 1)}

@@ -82,12 +82,9 @@ def states():
     return {"x": np.random.default_rng(2).standard_normal((200, 8)).astype(np.float32)}
 
 
-# ---- bugs ---------------------------------------------------------------------------------------
+# ---- bugs found in review (fixed; each failed before) -----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="obs returns the exact groups unrounded when they are fewer than the width"
-)
 @pytest.mark.parametrize(
     "kwargs",
     [{"threshold": 0.99}, {"layer_widths": {"fc1": 24}}],
@@ -105,9 +102,6 @@ def test_obs_honours_round_to_when_exact_merges_leave_fewer_groups(states, kwarg
     assert all(w % 8 == 0 for w in widths(result)), widths(result)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the allocation's widths are rounded, the layer widths they give are not"
-)
 def test_allocation_with_round_to_gives_layer_widths_that_are_multiples(images):
     """target_params with round_to=4 on a conv whose 16 channels include 5 dead and 2 constant ones:
     the allocation reports conv1 at 12 (a multiple of 4), but the widths are over the selector's
@@ -122,9 +116,6 @@ def test_allocation_with_round_to_gives_layer_widths_that_are_multiples(images):
     assert [allocated[x["name"]] for x in layers] == widths(result)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the size search measures the paper's merge, not the OBS model it writes"
-)
 def test_target_params_measures_sizes_of_the_model_obs_writes(states):
     """8 hidden neurons, no two alike. obs at width 1 keeps 17 of 108 parameters (0.157), the floor
     of min_width_fraction 0.1 is 1 neuron, yet target_params=0.2 is refused with "the smallest
@@ -251,3 +242,15 @@ def test_max_error_with_very_few_rows(states):
     assert result.report["verify"]["max_rel_err"] <= 0.05
     with pytest.raises(CondenseError, match="at least 2"):
         cg.condense(model, calibration={"x": states["x"][:1]}, max_error=0.05)
+
+
+@pytest.mark.parametrize("method", ["condense", "magnitude", "obs"])
+def test_a_requested_width_is_the_written_width_when_channels_are_kept_alone(images, method):
+    """conv1 has 5 dead channels (dropped, exactly) and 2 constant ones (kept alone: a conv
+    consumer sees a constant channel differently at its padded borders). A requested layer width
+    counts the channels kept alone: --layer-width conv1=8 writes 8 channels, whatever the rule."""
+    model = small_cnn({"pads": [1, 1, 1, 1]}, dead=5, constant=2)
+    kwargs = {"calibration": images} if method == "obs" else {}
+    result = cg.condense(model, layer_widths={"conv1": 8, "conv2": 12}, method=method, **kwargs)
+    conv1 = next(layer for layer in result.report["layers"] if layer["name"] == "conv1")
+    assert conv1["width_after"] == 8
