@@ -99,22 +99,53 @@ def channel_gram(model: onnx.ModelProto, layer: Layer, calibration: Calibration)
 
 
 def layer_statistics(
-    model: onnx.ModelProto, layer: Layer, calibration: Calibration, consumers: bool = True
+    model: onnx.ModelProto,
+    layer: Layer,
+    calibration: Calibration,
+    consumers: bool = True,
+    original: onnx.ModelProto | None = None,
 ) -> LayerStatistics:
     """The layer's channel Gram and (with `consumers`) each consumer's input-feature Gram, from one
-    run of `model` (the network reduced so far) over the calibration data, in float64."""
+    run of `model` (the network reduced so far) over the calibration data, in float64. With
+    `original`, the same run also gathers the refit's normal equations toward the original
+    network's consumer outputs (`LayerStatistics.refit_normals`), so the refit needs no second."""
     width = layer.producer.width
     channels = Gram(width)
     features = [consumer_features(c, width, layer.block) if consumers else None for c in layer.consumers]
-    grams = [Gram(f) if f else None for f in features]
-    for (values,) in capture(model, [layer.end.name], calibration):
+    if original is None:
+        grams = [Gram(f) if f else None for f in features]
+    else:
+        grams = [
+            Normal(f, _outputs(c)) if f else None for f, c in zip(features, layer.consumers, strict=True)
+        ]
+    for values, outputs in _lockstep(model, original, layer, calibration):
         channels.add(_channels_of(values, layer))
-        for consumer, gram in zip(layer.consumers, grams, strict=True):
-            if gram is not None:
-                gram.add(feature_rows(consumer, values))
-    hessians = [g.matrix if g is not None else channels.matrix for g in grams]
+        for k, (consumer, gram) in enumerate(zip(layer.consumers, grams, strict=True)):
+            if gram is None:
+                continue
+            rows = feature_rows(consumer, values)
+            if outputs is None:
+                gram.add(rows)
+            else:
+                gram.add(rows, _output_rows(consumer, outputs[k]))
+    hessians = [channels.matrix if g is None else g.a if isinstance(g, Normal) else g.matrix for g in grams]
     blocks = [f // width if f else 1 for f in features]
-    return LayerStatistics(channels.matrix[:-1, :-1], hessians, blocks, [f is None for f in features])
+    normals = grams if original is not None else None
+    proxy = [f is None for f in features]
+    return LayerStatistics(channels.matrix[:-1, :-1], hessians, blocks, proxy, normals)
+
+
+def _lockstep(model, original, layer: Layer, calibration: Calibration):
+    """Yield (the layer's values in `model`, its consumers' outputs in `original` or None), batch
+    by batch on the same rows."""
+    inputs = capture(model, [layer.end.name], calibration)
+    if original is None:
+        for (values,) in inputs:
+            yield values, None
+        return
+    targets = capture(original, [c.output_name for c in layer.consumers], calibration)
+    for (values,), outputs in zip(inputs, targets, strict=True):
+        yield values, outputs
 
 
 def refit_statistics(

@@ -26,7 +26,7 @@ from condense_graph.compensate import weight_rows
 from condense_graph.errors import CondenseError
 from condense_graph.merge import ChannelMap, channel_map, least_squares_rows, merge_consumer, norm_ratios
 from condense_graph.obs import ConsumerTerm
-from condense_graph.refit import LayerStatistics
+from condense_graph.refit import LayerStatistics, feature_indices
 from condense_graph.selectors import DEFAULT, SELECTORS, Grouping, Rows, Selection, Selector
 from condense_graph.similarity import COSINE_TOLERANCE
 
@@ -277,8 +277,7 @@ class Choice:
 
 def restrict(term: ConsumerTerm, channels: np.ndarray) -> ConsumerTerm:
     """`term` over `channels` only (their feature blocks, and the bias row / ones column)."""
-    features = len(term.weights) - 1
-    keep = np.concatenate([(channels[:, None] * term.block + np.arange(term.block)).reshape(-1), [features]])
+    keep = feature_indices(channels, term.block, len(term.weights) - 1)
     return ConsumerTerm(term.hessian[np.ix_(keep, keep)], term.weights[keep], term.block)
 
 

@@ -46,6 +46,13 @@ class Gram:
             self.matrix += gram
 
 
+def feature_indices(channels, block: int, features: int) -> np.ndarray:
+    """Indices of the features of `channels` (channel c owns c*block .. c*block + block - 1), and
+    of the ones column (the last, `features`)."""
+    own = (np.asarray(channels)[:, None] * block + np.arange(block)).reshape(-1)
+    return np.concatenate([own, [features]])
+
+
 def channel_rows(values: np.ndarray, channel_axis: int) -> np.ndarray:
     """[..., C at channel_axis, ...] -> [samples * positions, C]."""
     return np.moveaxis(values, channel_axis, -1).reshape(-1, values.shape[channel_axis])
@@ -99,6 +106,16 @@ class Normal:
             self.c += cross
         self.e += float(np.einsum("ij,ij->", targets, targets, dtype=np.float64))
 
+    def restricted(self, channels: np.ndarray, block: int) -> Normal:
+        """The equations over the features of `channels` only (their blocks, and the ones column)."""
+        features = len(self.a) - 1
+        keep = np.concatenate(
+            [(np.asarray(channels)[:, None] * block + np.arange(block)).reshape(-1), [features]]
+        )
+        normal = Normal(len(keep) - 1, self.c.shape[1])
+        normal.a, normal.c, normal.e = self.a[np.ix_(keep, keep)], self.c[keep], self.e
+        return normal
+
 
 def refit(normal: Normal, start: np.ndarray, ridge: float = 1e-3) -> tuple[np.ndarray, dict]:
     """Least-squares weights (last row: bias) of the reduced consumer, reproducing the original
@@ -133,8 +150,23 @@ class LayerStatistics:
     not gathered (`calibration.MAX_FEATURES`, auto_pad) is seen through the channel Gram instead
     (block 1, its weights folded per channel): `proxy[t]` is True."""
 
-    def __init__(self, gram: np.ndarray, hessians: list, blocks: list[int], proxy: list[bool]):
+    def __init__(self, gram: np.ndarray, hessians: list, blocks: list[int], proxy: list[bool], normals=None):
         self.gram = gram
         self.hessians = hessians
         self.blocks = blocks
         self.proxy = proxy
+        # per consumer (None for a proxy): the refit's normal equations toward the ORIGINAL
+        # network's consumer outputs, over every channel, when they were gathered too
+        self.normals: list[Normal | None] | None = normals
+
+    def refit_normals(self, keep: np.ndarray) -> list[Normal | None] | None:
+        """The refit's normal equations once only the channels `keep` feed the consumers: the
+        kept channels' activations are unchanged by a merge of this layer (their producer rows
+        are kept as they are), so the equations are those gathered, restricted to their features.
+        None when they were not gathered."""
+        if self.normals is None:
+            return None
+        return [
+            None if normal is None else normal.restricted(keep, block)
+            for normal, block in zip(self.normals, self.blocks, strict=True)
+        ]

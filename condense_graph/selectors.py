@@ -28,7 +28,7 @@ from typing import ClassVar
 import numpy as np
 
 from condense_graph.errors import CondenseError
-from condense_graph.refit import activation_cosine, projection_factors
+from condense_graph.refit import activation_cosine, feature_indices, projection_factors
 from condense_graph.similarity import (
     constant_agreement,
     greedy_groups,
@@ -267,7 +267,6 @@ def fold_groups(term, groups: list[np.ndarray], factors: np.ndarray):
     features = len(weights) - 1
     blocks = weights[:-1].reshape(features // block, block, -1)
     folded = np.stack([np.tensordot(factors[g], blocks[g], axes=1) for g in groups])
-    mains = np.array([g[0] for g in groups])
-    keep = np.concatenate([(mains[:, None] * block + np.arange(block)).reshape(-1), [features]])
+    keep = feature_indices([g[0] for g in groups], block, features)
     merged = np.concatenate([folded.reshape(-1, weights.shape[1]), weights[-1:]])
     return ConsumerTerm(term.hessian[np.ix_(keep, keep)], merged, block)

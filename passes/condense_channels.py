@@ -24,7 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from condense_graph.analysis import Analysis, Skipped, analyze
-from condense_graph.calibration import Calibration, layer_statistics, refit_statistics
+from condense_graph.calibration import Calibration, consumer_features, layer_statistics, refit_statistics
 from condense_graph.compensate import compensate
 from condense_graph.errors import CondenseError
 from condense_graph.graph import export_like, import_graph, subgraph_tensor_names
@@ -152,11 +152,16 @@ class CondenseChannelsPass(PassBase):
         statistics = None
         if selector.needs_calibration:  # on the network reduced so far
             reduced = materialize(graph, plans, store, model)
-            statistics = layer_statistics(reduced, layer, calibration, selector.needs_consumer_statistics)
+            consumers = selector.needs_consumer_statistics
+            statistics = layer_statistics(
+                reduced, layer, calibration, consumers, model if consumers else None
+            )
         plan = plan_layer(layer, store, self.grouping_for(layer), versions, selector, statistics)
         if plan.cmap.width_after < plan.cmap.width_before:
-            reduced = materialize(graph, plans + [plan], store, model)
-            normals = refit_statistics(reduced, model, layer, plan.cmap.width_after, calibration)
+            normals = gathered_normals(layer, plan, statistics)
+            if normals is None:  # capture the reduced network's consumer inputs
+                reduced = materialize(graph, plans + [plan], store, model)
+                normals = refit_statistics(reduced, model, layer, plan.cmap.width_after, calibration)
             plan.refit = compensate(layer, store, normals)
             # report what the written block does: the refit consumer. (A depthwise block's budget
             # was judged on the paper's merge, the refit's starting point and fallback.)
@@ -198,6 +203,21 @@ class CondenseChannelsPass(PassBase):
                 "(--layer-width or --target-params)"
             )
         return Grouping(threshold, options.round_to, width)
+
+
+def gathered_normals(layer, plan: LayerPlan, statistics) -> list | None:
+    """The refit's equations from the statistics the selection gathered, restricted to the kept
+    channels (`LayerStatistics.refit_normals`), or None when they must be captured again: none
+    were gathered, the merge rewrote the rows of kept channels (a depthwise block, A.3), or a
+    consumer too wide to gather at full width is refit at the reduced one."""
+    if statistics is None or statistics.normals is None or layer.depthwise is not None:
+        return None
+    normals = statistics.refit_normals(plan.cmap.keep)
+    width = plan.cmap.width_after
+    for consumer, normal in zip(layer.consumers, normals, strict=True):
+        if normal is None and consumer_features(consumer, width, layer.block) is not None:
+            return None
+    return normals
 
 
 def materialize(

@@ -309,3 +309,27 @@ def test_a_budget_below_float_rounding_is_refused_with_what_was_measured():
         cg.condense(model, calibration=calib, max_error=1e-12)
     tiny = cg.condense(model, calibration=calib, max_error=1e-5)  # the exact merges fit
     assert [layer["width_after"] for layer in tiny.report["layers"]] == [5, 4]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_the_refit_reuses_the_statistics_of_the_selection(kind, monkeypatch):
+    """With obs, one run over the calibration data per layer gathers both the OBS Hessians and the
+    refit's equations (restricted to the kept channels afterwards): the reduced model equals the
+    one a second capture of the reduced network gives, and no second capture runs."""
+    import passes.condense_channels as pass_module
+
+    if kind == "mlp":
+        model, shape, widths = deep_tanh_mlp(), (8,), {"fc1": 16, "fc2": 12, "fc3": 20}
+    else:
+        model, shape, widths = cnn(noise=0.05), (3, 8, 8), {"conv1": 8, "conv2": 6}
+    calib = {"x": normals(1, (300,) + shape)}
+    held = {"x": normals(2, (100,) + shape)}
+    recaptured = pass_module.refit_statistics
+    calls = []
+    monkeypatch.setattr(pass_module, "refit_statistics", lambda *a: calls.append(1) or recaptured(*a))
+    once = cg.condense(model, layer_widths=widths, calibration=calib)
+    assert calls == []
+    monkeypatch.setattr(pass_module, "gathered_normals", lambda *a: None)
+    twice = cg.condense(model, layer_widths=widths, calibration=calib)
+    assert len(calls) == len(widths)
+    assert relative_error(twice.model, once.model, held) <= 1e-6
