@@ -356,20 +356,41 @@ def run_reduce(args) -> int:
         from condense_graph.plots import check_available
 
         check_available()
-    layer_thresholds = dict(_parse_layer(spec) for spec in args.layer)
+    tolerances = _tolerances(args)
+    result = condense(args.input, **_condense_arguments(args))
+    report = result.report
+    failures = _judge(report["verify"], tolerances) if args.verify else []
+    written = not failures or args.force
+    if written:
+        report["file_size_after"] = save_model(result.model, args.output, args.external_data)
+    if args.plot:
+        from condense_graph.plots import plot_reduction
+
+        report["plots"] = [str(p) for p in plot_reduction(result.plans, args.plot)]
+    if args.bench and written:
+        models = [(args.input, load_model(args.input)), (args.output, result.model)]
+        report["bench"] = _bench(args, models, _input_shapes(args))
+    elif args.bench:
+        report["bench_skipped"] = "verification failed: the model was not written (--force writes it)"
+    if args.report:
+        _write_json(report, args.report)
+    if not args.quiet:
+        _print_reduce(args, report, failures)
+    return EXIT_VERIFY_FAILED if failures else EXIT_OK
+
+
+def _condense_arguments(args) -> dict:
+    """`condense`'s keyword arguments from reduce's command line."""
     layer_widths = {
         name: _as_width(value, spec)
         for spec in args.layer_width
         for name, value in [_parse_layer(spec, "--layer-width", "NAME=WIDTH")]
     }
-    input_shapes = dict(parse_input_shape(spec) for spec in args.input_shape)
-    tolerances = _tolerances(args)
-    result = condense(
-        args.input,
-        args.threshold,
-        layer_thresholds,
+    return dict(
+        threshold=args.threshold,
+        layer_thresholds=dict(_parse_layer(spec) for spec in args.layer),
         verify=args.verify,
-        input_shapes=input_shapes,
+        input_shapes=_input_shapes(args),
         progress=_progress(args, "condensing layers"),
         round_to=args.round_to,
         calibration=args.data,
@@ -382,25 +403,10 @@ def run_reduce(args) -> int:
         min_width_fraction=args.min_width_fraction,
         all_class_scores=args.min_agreement is not None,
     )
-    report = result.report
-    failures = _judge(report["verify"], tolerances) if args.verify else []
-    if not failures or args.force:
-        report["file_size_after"] = save_model(result.model, args.output, args.external_data)
-    if args.plot:
-        from condense_graph.plots import plot_reduction
 
-        report["plots"] = [str(p) for p in plot_reduction(result.plans, args.plot)]
-    if args.bench and (not failures or args.force):
-        report["bench"] = _bench(
-            args, [(args.input, load_model(args.input)), (args.output, result.model)], input_shapes
-        )
-    elif args.bench:
-        report["bench_skipped"] = "verification failed: the model was not written (--force writes it)"
-    if args.report:
-        _write_json(report, args.report)
-    if not args.quiet:
-        _print_reduce(args, report, failures)
-    return EXIT_VERIFY_FAILED if failures else EXIT_OK
+
+def _input_shapes(args) -> dict[str, list[int]]:
+    return dict(parse_input_shape(spec) for spec in args.input_shape)
 
 
 def _judge(verify: dict, tolerances: Tolerances) -> list[str]:
