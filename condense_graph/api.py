@@ -491,7 +491,7 @@ def _calibration(source, model: onnx.ModelProto, selector: Selector) -> Calibrat
             raise CondenseError(f"{selector.label} needs calibration data")
         return None
     if isinstance(source, dict):
-        from condense_graph.verify import check_lengths, graph_inputs
+        from condense_graph.verify import check_fits, check_lengths, graph_inputs
 
         missing = {v.name for v in graph_inputs(model)} - set(source)
         if missing:
@@ -501,6 +501,8 @@ def _calibration(source, model: onnx.ModelProto, selector: Selector) -> Calibrat
             for v in graph_inputs(model)
         }
         data = {k: np.asarray(v).astype(dtypes[k]) for k, v in source.items() if k in dtypes}
+        for value in graph_inputs(model):
+            check_fits(value, data[value.name], "the calibration data")
         check_lengths("the calibration data", data, None)
         return Calibration(data)
     return load_calibration(str(source), model)

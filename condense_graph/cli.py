@@ -39,6 +39,7 @@ from condense_graph.verify import (
     check_agreement_applies,
     check_agreement_measured,
     compare_models,
+    fixed_batch,
     load_data,
     parse_input_shape,
 )
@@ -200,13 +201,7 @@ def _add_checks(group) -> None:
         help=f"with --data and --verify: the last FRACTION of the rows verify (default {HOLDOUT_FRACTION:g})",
     )
     _add_tolerances(group)
-    group.add_argument(
-        "--input-shape",
-        action="append",
-        default=[],
-        metavar="NAME:D0,D1,...",
-        help=f"shape of a graph input (dynamic dims default to {DEFAULT_SHAPES})",
-    )
+    _add_input_shapes(group, f"shape of a graph input (dynamic dims default to {DEFAULT_SHAPES})")
     group.add_argument(
         "--force",
         action="store_true",
@@ -254,15 +249,13 @@ def _add_verify(verify) -> None:
     verify.add_argument("reduced", help="the model to check")
     verify.add_argument("--data", metavar="FILE.npz", help="inputs: arrays named after the graph inputs")
     verify.add_argument("--labels", metavar="KEY", help="array of class labels in the --data file")
-    verify.add_argument(
-        "--input-shape",
-        action="append",
-        default=[],
-        metavar="NAME:D0,D1,...",
-        help=f"shape of a graph input for random inputs (dynamic dims default to {DEFAULT_SHAPES})",
+    _add_input_shapes(
+        verify, f"shape of a graph input for random inputs (dynamic dims default to {DEFAULT_SHAPES})"
     )
     verify.add_argument("--runs", type=int, default=4, help="random draws without --data (default 4)")
-    verify.add_argument("--batch-size", type=int, default=256, help="rows per run with --data")
+    verify.add_argument(
+        "--batch-size", type=int, help="rows per run with --data (default 256; a fixed-batch model: its own)"
+    )
     _add_tolerances(verify)
     verify.add_argument("--report", metavar="FILE.json", help="write the numbers as JSON")
     verify.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -271,13 +264,7 @@ def _add_verify(verify) -> None:
 def _add_bench(bench) -> None:
     bench.add_argument("model", help="baseline model")
     bench.add_argument("other", nargs="?", help="model to compare with the baseline")
-    bench.add_argument(
-        "--input-shape",
-        action="append",
-        default=[],
-        metavar="NAME:D0,D1,...",
-        help="shape of a graph input (a dynamic batch dim defaults to --batch)",
-    )
+    _add_input_shapes(bench, "shape of a graph input (a dynamic batch dim defaults to --batch)")
     _add_bench_options(bench)
     bench.add_argument("--report", metavar="FILE.json", help="write the numbers as JSON")
     bench.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -406,7 +393,19 @@ def _condense_arguments(args) -> dict:
 
 
 def _input_shapes(args) -> dict[str, list[int]]:
-    return dict(parse_input_shape(spec) for spec in args.input_shape)
+    """--input-shape (repeated) and --input-shapes (several values), as {name: shape}."""
+    specs = list(args.input_shape) + list(args.input_shapes or [])
+    return dict(parse_input_shape(spec) for spec in specs)
+
+
+def _add_input_shapes(parser, help: str) -> None:
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...", help=help)
+    parser.add_argument(
+        "--input-shapes",
+        nargs="+",
+        metavar="NAME:D0,D1,...",
+        help="several input shapes at once, brackets allowed: x:[1,3,224,224] y:1,16 (onnxslim spelling)",
+    )
 
 
 def _judge(verify: dict, tolerances: Tolerances) -> list[str]:
@@ -474,15 +473,23 @@ def run_inspect(args) -> int:
 
 
 def run_verify(args) -> int:
-    if args.runs < 1 or args.batch_size < 1:
+    batch_size = 256 if args.batch_size is None else args.batch_size
+    if args.runs < 1 or batch_size < 1:
         raise CondenseError("--runs and --batch-size must be at least 1")
     original, reduced = load_model(args.original), load_model(args.reduced)
+    fixed = fixed_batch(original)
+    if args.batch_size is not None and fixed is not None and fixed != args.batch_size:
+        print(
+            f"condense-graph: note: the model takes batches of {fixed}; --batch-size {args.batch_size} "
+            "is not used",
+            file=sys.stderr,
+        )
     data = labels = None
     if args.labels and not args.data:
         raise CondenseError("--labels needs --data")
     if args.data:
         data, labels = load_data(args.data, original, args.labels)
-    input_shapes = dict(parse_input_shape(spec) for spec in args.input_shape)
+    input_shapes = _input_shapes(args)
     tolerances = _tolerances(args)
     if tolerances.min_agreement is not None:
         check_agreement_applies(original)
@@ -493,7 +500,7 @@ def run_verify(args) -> int:
         runs=args.runs,
         data=data,
         labels=labels,
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         progress=_progress(args, "verifying"),
         all_class_scores=tolerances.min_agreement is not None,
     )
@@ -508,7 +515,7 @@ def run_verify(args) -> int:
 
 def run_bench(args) -> int:
     paths = [args.model] + ([args.other] if args.other else [])
-    input_shapes = dict(parse_input_shape(spec) for spec in args.input_shape)
+    input_shapes = _input_shapes(args)
     result = _bench(args, [(p, load_model(p)) for p in paths], input_shapes)
     if args.report:
         _write_json(result, args.report)

@@ -49,10 +49,10 @@ LOOKUPS = {"Gather": "axis", "GatherElements": "axis"}  # ops whose input 1 inde
 
 
 def parse_input_shape(spec: str) -> tuple[str, list[int]]:
-    """'name:1,3,224' -> ('name', [1, 3, 224])."""
+    """'name:1,3,224' (or 'name:[1,3,224]', the onnxslim/Polygraphy spelling) -> ('name', [1, 3, 224])."""
     name, sep, dims = spec.rpartition(":")
     try:
-        shape = [int(d) for d in dims.split(",")]
+        shape = [int(d) for d in dims.strip().strip("[]").split(",")]
     except ValueError:
         shape = None
     if not sep or not name or not shape or min(shape) < 0:
@@ -394,13 +394,37 @@ def load_data(path: str, model: onnx.ModelProto, labels_key: str | None = None):
                 )
             dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
             data[value.name] = archive[value.name].astype(dtype)
+            check_fits(value, data[value.name], path)
         labels = None
         if labels_key is not None:
             if labels_key not in archive.files:
                 raise CondenseError(f"{path} has no labels array '{labels_key}'")
-            labels = archive[labels_key].reshape(-1)
+            labels = archive[labels_key]
+            if labels.ndim != 1:
+                raise CondenseError(f"labels must be 1-D class indices; got shape {labels.shape}")
     check_lengths(path, data, labels)
     return data, labels
+
+
+def check_fits(value: onnx.ValueInfoProto, array: np.ndarray, source: str) -> None:
+    """The array must fit the input's declared shape (rank, and every fixed dimension after the
+    batch): said now, naming both shapes, instead of an ONNX Runtime error later."""
+    dims = value.type.tensor_type.shape.dim
+    if not value.type.tensor_type.HasField("shape"):
+        return
+    declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+    fits = array.ndim == len(dims) and all(
+        not isinstance(want, int) or want == got
+        for want, got in zip(declared[1:], array.shape[1:], strict=True)
+    )
+    if array.ndim == 0 and not dims:
+        return
+    if not fits:
+        wanted = "[" + ", ".join(str(d) for d in declared) + "]"
+        raise CondenseError(
+            f"array '{value.name}' in {source} has shape {tuple(array.shape)}; graph input "
+            f"'{value.name}' expects {wanted}"
+        )
 
 
 def batched(values: np.ndarray) -> bool:

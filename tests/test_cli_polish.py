@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import pytest
 from builders import planted_mlp
@@ -78,3 +79,39 @@ def test_a_layer_width_above_the_layers_is_an_error(model_path, tmp_path, capsys
     args = ["reduce", str(model_path), str(tmp_path / "o.onnx"), "--layer-width", "fc1=40"]
     assert main(args) == 2
     assert "width 40 for layer 'fc1' (--layer-width) is above its width 12" in capsys.readouterr().err
+
+
+def test_data_that_does_not_fit_the_input_is_caught_before_onnx_runtime(model_path, tmp_path, capsys):
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((40, 4), np.float32))  # the model takes [N, 5]
+    assert main(["reduce", str(model_path), str(tmp_path / "o.onnx"), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert f"array 'x' in {data} has shape (40, 4); graph input 'x' expects [N, 5]" in err
+    with pytest.raises(condense_graph.CondenseError, match=r"has shape \(40, 4\); graph input 'x' expects"):
+        condense_graph.condense(str(model_path), calibration={"x": np.zeros((40, 4), np.float32)})
+
+
+def test_labels_must_be_class_indices(model_path, tmp_path, capsys):
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((20, 5), np.float32), y=np.zeros((20, 3)))
+    assert main(["verify", str(model_path), str(model_path), "--data", str(data), "--labels", "y"]) == 2
+    assert "labels must be 1-D class indices; got shape (20, 3)" in capsys.readouterr().err
+
+
+def test_input_shapes_takes_several_values_and_brackets(tmp_path, capsys):
+    path = tmp_path / "dyn.onnx"
+    onnx.save(planted_mlp([5, 12, 3], [4], seed=3, batch="N"), path)
+    report = tmp_path / "b.json"
+    args = ["bench", str(path), "--input-shapes", "x:[7,5]", "--runs", "2", "--warmup", "0"]
+    assert main([*args, "--report", str(report), "--quiet"]) == 0
+    assert main(["verify", str(path), str(path), "--input-shapes", "x:[3,5]", "--quiet"]) == 0
+    assert main(["verify", str(path), str(path), "--input-shapes", "x:3,5", "q:[1,2]"]) == 2
+    assert "--input-shape names no graph input: q" in capsys.readouterr().err
+
+
+def test_verify_batch_size_on_a_fixed_batch_model_says_it_is_not_used(tmp_path, capsys):
+    path, data = tmp_path / "fixed.onnx", tmp_path / "d.npz"
+    onnx.save(planted_mlp([5, 12, 3], [4], seed=3, batch=4), path)
+    np.savez(data, x=np.zeros((8, 5), np.float32))
+    assert main(["verify", str(path), str(path), "--data", str(data), "--batch-size", "3", "--quiet"]) == 0
+    assert "the model takes batches of 4; --batch-size 3 is not used" in capsys.readouterr().err
