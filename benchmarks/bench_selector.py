@@ -62,8 +62,7 @@ def current_rss_gb() -> float:
 
 
 def resnet_onnx(size: int = 32) -> onnx.ModelProto:
-    sys.path.insert(0, str(HERE))
-    from bench_memory import resnet50_onnx
+    from bench_memory import resnet50_onnx  # benchmarks/ is on sys.path: this script's directory
 
     return resnet50_onnx(size)
 
