@@ -313,7 +313,9 @@ def _add_consumer(node: gs.Node, region: set[str], consumers: list[Consumer]) ->
 
 def _add_region_node(node: gs.Node, region: set[str], producer: Producer, nodes) -> str | None:
     if node.op == "Concat":
-        return f"Concat '{_name(node)}' couples the channels with other tensors: left alone"
+        return f"Concat '{_name(node)}' joins these channels with other tensors' at an offset: left alone"
+    if node.op in ("Split", "SplitToSequence"):
+        return f"{node.op} '{_name(node)}' cuts the tensor these channels are in into parts: left alone"
     if node.op in ("If", "Loop", "Scan"):
         return f"channels enter control flow ({node.op} '{_name(node)}'): left alone"
     if not ops.is_per_channel_op(node) or node.domain not in (None, "", "ai.onnx"):

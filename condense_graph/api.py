@@ -20,6 +20,8 @@ from condense_graph.allocate import Budget, allocate
 from condense_graph.analysis import Analysis
 from condense_graph.calibration import Calibration, load_calibration
 from condense_graph.errors import CondenseError
+from condense_graph.graph import subgraph_tensor_names
+from condense_graph.groups import find_groups, group_entry, summarize
 from condense_graph.model_io import load_model
 from condense_graph.progress import Progress
 from condense_graph.report import build_report, count_params
@@ -277,7 +279,8 @@ def _split_for_verification(
 
 
 def inspect(model: ModelLike, thresholds=INSPECT_THRESHOLDS) -> dict:
-    """Every reducible layer with the width `condense` would give it at each threshold."""
+    """Every reducible layer with the width `condense` would give it at each threshold, and every
+    channel group (`condense_graph.groups`): coupled ones are listed, not reduced yet."""
     for t in thresholds:
         _check_threshold(t, "threshold")
     original = load_model(model)
@@ -298,11 +301,14 @@ def inspect(model: ModelLike, thresholds=INSPECT_THRESHOLDS) -> dict:
         }
         for layer in analysis.layers
     ]
+    groups = find_groups(graph, analysis, subgraph_tensor_names(original))
     return {
         "params": count_params(original),
         "thresholds": list(thresholds),
         "layers": layers,
         "skipped": [{"name": s.name, "reason": s.reason} for s in analysis.skipped],
+        "groups": [group_entry(g) for g in groups],
+        "groups_summary": summarize(groups),
     }
 
 

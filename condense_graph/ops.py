@@ -148,10 +148,7 @@ def check_node(node: gs.Node, region: set[str], channels: Channels, rank: int | 
         if isinstance(param, gs.Constant):
             continue
         if node.op in BINARY:
-            return (
-                f"{node.op} '{node.name}' couples the channels with '{param.name}' "
-                "(a residual connection): coupled channels are left alone"
-            )
+            return coupling_reason(node, data[0], param)
         return f"{node.op} '{node.name}' has a computed (non-constant) input '{param.name}'"
     if node.op in SPATIAL or node.op in LAYOUT:
         return _structural_reason(node, channels, rank)
@@ -163,6 +160,54 @@ def check_node(node: gs.Node, region: set[str], channels: Channels, rank: int | 
         if reason:
             return f"{node.op} '{node.name}': {reason}"
     return _elementwise_reason(node, channels, rank)
+
+
+def coupling_reason(node: gs.Node, data: gs.Tensor, other: gs.Tensor) -> str:
+    """Why a binary op whose other operand is computed leaves the channels alone, naming the kind:
+    a Mul by a computed per-channel scale ([N, C, 1, 1], or a Sigmoid/HardSigmoid) is a channel gate,
+    an op of equal shapes a residual join, anything else a broadcast."""
+    name = node.name or node.outputs[0].name
+    gate = _is_channel_scale(data, other) or _is_channel_scale(other, data) or _is_sigmoid(other, data)
+    if node.op == "Mul" and gate:
+        return f"channel gate (squeeze-excitation Mul '{name}') couples these channels: left alone"
+    if data.shape is None or other.shape is None or len(data.shape) == len(other.shape):
+        same = (
+            data.shape is None
+            or other.shape is None
+            or all((a == 1) == (b == 1) for a, b in zip(data.shape, other.shape, strict=True))
+        )
+        if same:
+            return (
+                f"residual {node.op} '{name}' joins these channels with another producer's "
+                f"('{other.name}'): left alone"
+            )
+    return f"{node.op} '{name}' broadcasts these channels against computed '{other.name}': left alone"
+
+
+def _is_channel_scale(data: gs.Tensor, other: gs.Tensor) -> bool:
+    """`other` is [N, C, 1, ..., 1] against `data` [N, C, H, ...] with H > 1 or unknown."""
+    if (
+        data.shape is None
+        or other.shape is None
+        or len(data.shape) != len(other.shape)
+        or len(data.shape) < 3
+    ):
+        return False
+    return all(d == 1 for d in other.shape[2:]) and any(d != 1 for d in data.shape[2:])
+
+
+def _is_sigmoid(*tensors: gs.Tensor) -> bool:
+    """One of `tensors` comes from a Sigmoid/HardSigmoid (through reshapes): a gate's factor."""
+    return any(_sigmoid_source(t) for t in tensors)
+
+
+def _sigmoid_source(tensor: gs.Tensor) -> bool:
+    node = tensor.inputs[0] if tensor.inputs else None
+    while (
+        node is not None and node.op in ("Reshape", "Unsqueeze", "Identity", "Cast") and node.inputs[0].inputs
+    ):
+        node = node.inputs[0].inputs[0]
+    return node is not None and node.op in ("Sigmoid", "HardSigmoid")
 
 
 def _batchnorm_shape_reason(values: np.ndarray, channels: Channels, rank: int | None) -> str | None:

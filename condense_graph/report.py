@@ -110,7 +110,30 @@ def format_inspect_table(info: dict) -> str:
             (layer["name"], layer["activation"], str(layer["width"]))
             + tuple(str(layer["widths"][str(t)]) for t in thresholds)
         )
-    return _table(rows) + _skipped_lines(info["skipped"])
+    return (
+        _table(rows)
+        + _group_lines(info.get("groups", []), info.get("groups_summary"))
+        + _skipped_lines(info["skipped"])
+    )
+
+
+def _group_lines(groups: list[dict], summary: dict | None) -> str:
+    """One line per coupled channel group (kind, width, producers, why it is left alone) and the
+    channel counts: single-producer layers against coupled groups."""
+    coupled = [g for g in groups if g["kind"] != "layer"]
+    if not coupled:
+        return ""
+    lines = [f"\nChannel groups ({len(coupled)}):"]
+    for group in coupled:
+        producers = ", ".join(m["producer"] for m in group["members"])
+        lines.append(f"  {group['kind']}, {group['width']} channels: {producers}: {group['reason']}")
+    if summary:
+        lines.append(
+            f"  channels: {summary['layer_channels']} in {summary['layers']} single-producer layers, "
+            f"{summary['coupled_channels']} in {summary['coupled_groups']} coupled groups "
+            f"({summary['coupled_channels_ready']} held only by the coupling)"
+        )
+    return "\n".join(lines)
 
 
 def _skipped_lines(skipped: list[dict]) -> str:
