@@ -293,6 +293,7 @@ def inspect(model: ModelLike, thresholds=INSPECT_THRESHOLDS) -> dict:
     layers = [
         {
             "name": layer.name,
+            "weight": layer.producer.weight.name,
             "op": layer.producer.node.op,
             "activation": layer.activation,
             "width": layer.producer.width,

@@ -173,6 +173,7 @@ def benchmark(
         entry["efficiency"] = efficiency(entry["speedup"], entries[0]["macs"], entry["macs"])
     return {
         "batch": batch,
+        "inputs": {name: list(np.shape(values)) for name, values in feeds.items()},  # as fed
         "threads": threads,
         "runs": runs,
         "warmup": warmup,

@@ -104,10 +104,11 @@ def _width_change(before: int, after: int) -> str:
 
 def format_inspect_table(info: dict) -> str:
     thresholds = info["thresholds"]
-    rows = [("Layer", "Activation", "Width") + tuple(f"@{t:g}" for t in thresholds)]
+    # the weight's name next to the node's: exporters name nodes `node_Conv_295`; both select a layer
+    rows = [("Layer", "Weight", "Activation", "Width") + tuple(f"@{t:g}" for t in thresholds)]
     for layer in info["layers"]:
         rows.append(
-            (layer["name"], layer["activation"], str(layer["width"]))
+            (layer["name"], layer.get("weight", "-"), layer["activation"], str(layer["width"]))
             + tuple(str(layer["widths"][str(t)]) for t in thresholds)
         )
     return (
@@ -156,8 +157,8 @@ def _change(before: int, after: int, fmt=lambda n: f"{n:,}") -> str:
 
 
 def _bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return str(n)
@@ -238,8 +239,11 @@ def format_bench_table(bench: dict) -> str:
                 f"{ideal:.2f}x" if ideal else "-",
             )
         )
+    fed = ", ".join(
+        f"{name} {'x'.join(map(str, shape)) or 'scalar'}" for name, shape in bench["inputs"].items()
+    )
     return _table(rows) + (
-        f"\n(batch {bench['batch']}, {bench['threads']} thread(s), "
+        f"\n(inputs {fed}; {bench['threads']} thread(s), "
         f"{bench['runs']} interleaved runs after {bench['warmup']} warm-up)"
     )
 

@@ -115,3 +115,22 @@ def test_verify_batch_size_on_a_fixed_batch_model_says_it_is_not_used(tmp_path, 
     np.savez(data, x=np.zeros((8, 5), np.float32))
     assert main(["verify", str(path), str(path), "--data", str(data), "--batch-size", "3", "--quiet"]) == 0
     assert "the model takes batches of 4; --batch-size 3 is not used" in capsys.readouterr().err
+
+
+def test_inspect_names_each_layers_weight(model_path, capsys):
+    assert main(["inspect", str(model_path)]) == 0
+    text = capsys.readouterr().out
+    header = text.splitlines()[1]
+    assert "| Layer" in header and "| Weight" in header
+    assert "fc1.weight" in text and "fc2.weight" in text
+
+
+def test_bench_prints_the_shapes_fed_and_sizes_in_kib(tmp_path, capsys):
+    path = tmp_path / "dyn.onnx"
+    onnx.save(planted_mlp([23, 64, 23], [8], seed=3, batch="N"), path)
+    report = tmp_path / "b.json"
+    args = ["bench", str(path), "--input-shape", "x:64,23", "--runs", "2", "--warmup", "0"]
+    assert main([*args, "--report", str(report)]) == 0
+    text = capsys.readouterr().out
+    assert "(inputs x 64x23;" in text and " KiB" in text
+    assert json.loads(report.read_text())["inputs"] == {"x": [64, 23]}
