@@ -192,8 +192,8 @@ def _allocated_options(
     progress: Progress | None = None,
 ) -> tuple[CondenseOptions, dict, object]:
     """`options` with per-layer widths allocated globally to meet `budget` (`allocate.allocate`),
-    the report entry, and the pass's result at those widths when the search computed it. With a
-    visible `progress`, each step tried is printed as a line on its stream."""
+    the report entry, and the pass's result at those widths when the search computed it. Each
+    step tried is a line of `progress` (`Progress.say`)."""
     _, analysis = CondenseChannelsPass.analyze(model)
     fixed = set(options.layer_widths)
     floors = {
@@ -201,13 +201,7 @@ def _allocated_options(
         for layer in analysis.layers
         if layer.name not in fixed and layer.producer.weight.name not in fixed
     }
-    say = None
-    if progress is not None and progress.enabled:
-
-        def say(line: str) -> None:
-            progress.stream.write(f"\r{line}\n")
-            progress.stream.flush()
-
+    say = progress.say if progress is not None else None
     widths, entry, result = allocate(model, budget, options, held, floors, progress, say)
     if budget.error is None and not entry["steps"][-1]["accepted"]:
         last = entry["steps"][-1]  # the written model at the widths found: every layer at its floor

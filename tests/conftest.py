@@ -1,3 +1,4 @@
+import re
 import sys
 from pathlib import Path
 
@@ -55,3 +56,13 @@ def assert_equal_to_rounding(
         assert np.all(np.abs(actual - expected) <= rtol * scale + 1e-30), (
             f"max error {np.abs(actual - expected).max()} vs scale {scale.max()}"
         )
+
+
+# Off a terminal, long steps print plain progress lines on stderr ("condensing layers: 2/3 (0.1 s)",
+# `condense_graph.progress`); an error is still exactly one line among them.
+PROGRESS_LINE = re.compile(r"^[\w ,'-]+: \d+/\d+ \(\d+\.\d s\)$")
+
+
+def message_lines(err: str) -> list[str]:
+    """The stderr lines that are not progress lines."""
+    return [line for line in err.strip().splitlines() if not PROGRESS_LINE.match(line)]

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from builders import planted_mlp, run
-from conftest import check_full
+from conftest import check_full, message_lines
 
 from condense_graph.cli import main
 
@@ -133,7 +133,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message, model_path, tmp_path, c
     argv = [a.format(model=model_path, garbage=garbage) for a in args]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
+    assert message in err and len(message_lines(err)) == 1
     assert model_path.read_bytes() == before
 
 

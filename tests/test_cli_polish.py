@@ -134,3 +134,14 @@ def test_bench_prints_the_shapes_fed_and_sizes_in_kib(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "(inputs x 64x23;" in text and " KiB" in text
     assert json.loads(report.read_text())["inputs"] == {"x": [64, 23]}
+
+
+def test_long_work_shows_lines_off_a_terminal_and_nothing_with_quiet(model_path, tmp_path, capsys):
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).normal(size=(200, 5)).astype(np.float32))
+    args = ["reduce", str(model_path), str(tmp_path / "o.onnx"), "--data", str(data), "--max-error", "0.05"]
+    assert main(args) == 0
+    err = capsys.readouterr().err  # pytest's stderr is not a terminal: plain lines
+    assert "max_error step 1: widths" in err and "condensing layers: " in err and "\r" not in err
+    assert main([*args, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""

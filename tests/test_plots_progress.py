@@ -59,14 +59,21 @@ class FakeTerminal(io.StringIO):
         return True
 
 
-def test_progress_draws_on_a_terminal_and_stays_quiet_elsewhere():
+def test_progress_draws_on_a_terminal_and_prints_lines_elsewhere():
     tty, pipe = FakeTerminal(), io.StringIO()
     for stream in (tty, pipe):
         with Progress(4, "work", stream=stream) as bar:
             for _ in range(4):
                 bar.advance()
-    assert "4/4" in tty.getvalue()
-    assert pipe.getvalue() == ""
+    assert "4/4" in tty.getvalue() and "\r" in tty.getvalue()
+    lines = pipe.getvalue().splitlines()  # a log: one plain line per step, no carriage returns
+    assert [line.split(" (")[0] for line in lines] == ["work: 1/4", "work: 2/4", "work: 3/4", "work: 4/4"]
+    assert "\r" not in pipe.getvalue()
+    many = io.StringIO()
+    with Progress(500, "runs", stream=many) as bar:
+        for _ in range(500):
+            bar.advance()
+    assert 10 <= len(many.getvalue().splitlines()) <= 12  # about LINES, not 500
     quiet = FakeTerminal()
     Progress(2, "x", enabled=False, stream=quiet).advance()
     assert quiet.getvalue() == ""

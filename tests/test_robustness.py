@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from builders import IR_VERSION, planted_mlp, run
-from conftest import assert_same_outputs, check_full, rounding_scale
+from conftest import assert_same_outputs, check_full, message_lines, rounding_scale
 from onnx import TensorProto, helper, numpy_helper
 
 import condense_graph as cg
@@ -22,7 +22,7 @@ from condense_graph.cli import main
 def cli_error(argv, capsys) -> str:
     assert main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert len(message_lines(err)) == 1 and "Traceback" not in err
     return err
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 from builders import IR_VERSION, OPSET, planted_mlp, run
+from conftest import message_lines
 from onnx import TensorProto, helper, numpy_helper
 
 import condense_graph.api as api
@@ -35,7 +36,7 @@ def array(model, name):
 
 
 def one_line(err: str) -> str:
-    lines = err.strip().splitlines()
+    lines = message_lines(err)
     assert len(lines) == 1, err
     return lines[0]
 
@@ -497,7 +498,7 @@ def test_exit_codes_and_debug_after_the_command_in_a_subprocess(tmp_path):
 
     crash = cli("reduce", source, out)
     assert crash.returncode == 3 and "ZeroDivisionError: division by zero; rerun with --debug" in crash.stderr
-    assert len(crash.stderr.strip().splitlines()) == 1 and "Traceback" not in crash.stderr
+    assert len(message_lines(crash.stderr)) == 1 and "Traceback" not in crash.stderr
     debug = cli("reduce", source, out, "--debug")
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "ZeroDivisionError" in debug.stderr
     usage = cli("reduce", str(tmp_path / "missing.onnx"), out, "--debug")

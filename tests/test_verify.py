@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from builders import planted_mlp
+from conftest import message_lines
 from onnx import TensorProto, helper, numpy_helper
 
 from condense_graph.cli import main
@@ -143,7 +144,7 @@ def test_bad_verify_input_is_one_line_exit_2(args, message, files, tmp_path, cap
     ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
+    assert message in err and len(message_lines(err)) == 1
 
 
 def test_regression_outputs_get_no_top1_agreement():
