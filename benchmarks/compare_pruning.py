@@ -164,6 +164,21 @@ def evaluate(task) -> tuple[list[dict], dict[float, dict]]:
     return rows, widths
 
 
+def metric_comparison(
+    ours: dict, theirs: dict, metric_name: str, higher_is_better: bool, every: str, them: str
+) -> str:
+    """Where `ours` has a worse task metric than `theirs` (per size), as a clause of a summary line."""
+    sign = 1 if higher_is_better else -1
+    worse = [
+        f"{s:.0%} ({ours[s]['metric']:.4f} vs {theirs[s]['metric']:.4f})"
+        for s in SIZES
+        if sign * (ours[s]["metric"] - theirs[s]["metric"]) < 0
+    ]
+    if not worse:
+        return f"its {metric_name} is at least as good {every}"
+    return f"its {metric_name} is worse than {them} at " + ", ".join(worse)
+
+
 def summary(name: str, rows: list[dict], metric_name: str, higher_is_better: bool) -> str:
     """(magnitude+refit error) / (obs error) per size, the cells where obs's error is not lower,
     and the cells where its task metric is worse than magnitude+refit's."""
@@ -184,16 +199,8 @@ def summary(name: str, rows: list[dict], metric_name: str, higher_is_better: boo
         if not worse
         else "obs's output error is NOT lower than magnitude+refit's at " + ", ".join(worse)
     )
-    sign = 1 if higher_is_better else -1
-    metric_worse = [
-        f"{s:.0%} ({obs[s]['metric']:.4f} vs {mag[s]['metric']:.4f})"
-        for s in SIZES
-        if sign * (obs[s]["metric"] - mag[s]["metric"]) < 0
-    ]
-    metric_text = (
-        f"its {metric_name} is at least as good in every cell"
-        if not metric_worse
-        else f"its {metric_name} is worse than magnitude+refit's at " + ", ".join(metric_worse)
+    metric_text = metric_comparison(
+        obs, mag, metric_name, higher_is_better, "in every cell", "magnitude+refit's"
     )
     return f"{name}: error(magnitude+refit) / error(obs) = {ratios}; {verdict}; {metric_text}."
 
@@ -227,17 +234,7 @@ def global_summary(name: str, rows: list[dict], metric_name: str, higher_is_bett
             f"the global allocation beats uniform widths at {', '.join(better)} and does NOT at "
             + ", ".join(worse)
         )
-    sign = 1 if higher_is_better else -1
-    metric_worse = [
-        f"{s:.0%} ({glo[s]['metric']:.4f} vs {uni[s]['metric']:.4f})"
-        for s in SIZES
-        if sign * (glo[s]["metric"] - uni[s]["metric"]) < 0
-    ]
-    metric_text = (
-        f"its {metric_name} is at least as good at every size"
-        if not metric_worse
-        else f"its {metric_name} is worse than uniform obs's at " + ", ".join(metric_worse)
-    )
+    metric_text = metric_comparison(glo, uni, metric_name, higher_is_better, "at every size", "uniform obs's")
     return (
         f"{name}: error(obs, uniform widths) / error(obs, global widths) = {ratios}; {verdict}; "
         f"{metric_text}."

@@ -123,6 +123,18 @@ class Allocation:
         }
 
 
+def trial(curves, level: float, value, limit: float, round_to: int, steps: list, announce=None) -> Step:
+    """The allocation at `level` tried: its widths, `value(widths)` (a kept fraction or a measured
+    error) against `limit` (NaN breaks it), recorded in `steps` and announced."""
+    widths = widths_at(curves, level, round_to)
+    measured = value(widths)
+    step = Step(level, widths, predicted_error(curves, widths), measured, measured <= limit)
+    steps.append(step)
+    if announce:
+        announce(step)
+    return step
+
+
 def search_size(
     curves: list[Curve],
     fraction: Callable[[dict[str, int]], float],
@@ -137,13 +149,7 @@ def search_size(
     steps: list[Step] = []
 
     def keeps(index: int) -> bool:
-        widths = widths_at(curves, float(grid[index]), round_to)
-        value = fraction(widths)
-        step = Step(float(grid[index]), widths, predicted_error(curves, widths), value, value <= target)
-        steps.append(step)
-        if announce:
-            announce(step)
-        return step.accepted
+        return trial(curves, float(grid[index]), fraction, target, round_to, steps, announce).accepted
 
     low, high = 0, len(grid) - 1  # invariant: the answer is in [low, high]
     if not keeps(high):
@@ -177,17 +183,14 @@ def search_error(
     steps: list[Step] = []
     measured: dict[tuple, float] = {}
 
-    def holds(level: float) -> bool:
-        widths = widths_at(curves, level, round_to)
+    def once(widths: dict[str, int]) -> float:  # equal widths are one model: measure once
         key = tuple(sorted(widths.items()))
-        if key not in measured:  # equal widths are one model: measure once
+        if key not in measured:
             measured[key] = error(widths)
-        value = measured[key]
-        step = Step(level, widths, predicted_error(curves, widths), value, value <= budget)  # NaN breaks
-        steps.append(step)
-        if announce:
-            announce(step)
-        return step.accepted
+        return measured[key]
+
+    def holds(level: float) -> bool:
+        return trial(curves, level, once, budget, round_to, steps, announce).accepted
 
     grid = error_grid(curves)
     last = None
@@ -254,7 +257,13 @@ class Budget:
 
     @property
     def what(self) -> str:
-        return "target_params" if self.params is not None else "target_macs" if self.macs else "max_error"
+        return (
+            "target_params"
+            if self.params is not None
+            else "target_macs"
+            if self.macs is not None
+            else "max_error"
+        )
 
 
 def allocate(model, budget: Budget, base, held: dict | None, floors: dict[str, int], progress=None, say=None):
@@ -292,18 +301,13 @@ def confirm_size(curves, allocation, fraction, target: float, round_to: int, ann
     keeps more than `target`, the next levels up until one fits (every layer at its floor at
     most). Returns the widths; the steps measured are added to `allocation.steps`."""
     grid = levels(curves)
-    level, widths = allocation.level, allocation.widths
+    level = allocation.level
     while True:
-        value = fraction(widths)
-        fits = value <= target
-        step = Step(level, widths, predicted_error(curves, widths), value, fits)
-        announce(step)
-        allocation.steps.append(step)
+        step = trial(curves, level, fraction, target, round_to, allocation.steps, announce)
         higher = grid[grid > level]
-        if fits or not len(higher):
-            return widths
+        if step.accepted or not len(higher):
+            return step.widths
         level = float(higher[0])
-        widths = widths_at(curves, level, round_to)
 
 
 class Reductions:

@@ -93,11 +93,6 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return copy
 
 
-def channel_gram(model: onnx.ModelProto, layer: Layer, calibration: Calibration) -> np.ndarray:
-    """Gram matrix [C, C] of the layer's channels' activations (for activation similarity)."""
-    return layer_statistics(model, layer, calibration, consumers=False).gram
-
-
 def layer_statistics(
     model: onnx.ModelProto,
     layer: Layer,
