@@ -100,6 +100,10 @@ def test_obs_honours_round_to_when_exact_merges_leave_fewer_groups(states, kwarg
     assert widths(cg.condense(model, calibration=states, method="condense", round_to=8, **kwargs)) == [24]
     result = cg.condense(model, calibration=states, round_to=8, **kwargs)
     assert all(w % 8 == 0 for w in widths(result)), widths(result)
+    # only exact multiples merged (some split off to land on 24): the outputs equal the original's
+    x = {"x": states["x"][:50]}
+    expected, actual = run(model, x)[0], run(result.model, x)[0]
+    assert np.abs(actual - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
 def test_allocation_with_round_to_gives_layer_widths_that_are_multiples(images):
@@ -254,3 +258,7 @@ def test_a_requested_width_is_the_written_width_when_channels_are_kept_alone(ima
     result = cg.condense(model, layer_widths={"conv1": 8, "conv2": 12}, method=method, **kwargs)
     conv1 = next(layer for layer in result.report["layers"] if layer["name"] == "conv1")
     assert conv1["width_after"] == 8
+    weights = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    assert weights["w1"].shape[0] == 8 and weights["w2"].shape[1] == 8  # what was written
+    out = run(result.model, {"x": images["x"][:10]})[0]
+    assert out.shape == (10, 5) and np.all(np.isfinite(out))
