@@ -128,6 +128,7 @@ class Layer:
 class Analysis:
     layers: list[Layer]
     skipped: list[Skipped]
+    groups: list = field(default_factory=list)  # `coupled.CoupledGroup`s: channels across producers
 
 
 def analyze(graph: gs.Graph, subgraph_tensors: set[str] = frozenset()) -> Analysis:

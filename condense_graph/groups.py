@@ -87,6 +87,8 @@ class ChannelGroup:
     width: int | None
     joins: list[Join] = field(default_factory=list)
     blockers: list[str] = field(default_factory=list)  # what keeps it unreducible besides coupling
+    # every tensor carrying group channels: name -> (offset, width), width None when unknown
+    tensors: dict[str, tuple[int, int | None]] = field(default_factory=dict)
     reducible: bool = False
     reason: str | None = None
 
@@ -633,6 +635,7 @@ class _Builder:
             max(widths) if known and widths else None,
             list(joins),
             list(blockers),
+            {n: (offsets[n] - low, self.tensors.info[n].width) for n in names},
         )
         _judge(group, layers, skipped)
         first = min((self.order.get(id(_producer_node(m, self.producers)), 0) for m in members), default=0)

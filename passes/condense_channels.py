@@ -26,8 +26,11 @@ import onnx_graphsurgeon as gs
 from condense_graph.analysis import Analysis, Skipped, analyze
 from condense_graph.calibration import Calibration, consumer_features, layer_statistics, refit_statistics
 from condense_graph.compensate import compensate
+from condense_graph.coupled import prepare
 from condense_graph.errors import CondenseError
 from condense_graph.graph import export_like, import_graph, subgraph_tensor_names
+from condense_graph.group_plan import GroupPlan, plan_group
+from condense_graph.groups import find_groups
 from condense_graph.plan import LayerPlan, WeightStore, plan_layer
 from condense_graph.progress import Progress, silent
 from condense_graph.selectors import DEFAULT, Grouping, Selector, get_selector
@@ -116,7 +119,9 @@ class CondenseChannelsPass(PassBase):
         graph = import_graph(model, warnings)
         if materialize_constants(graph):  # folded Pad/Reshape parameters give shapes: infer again
             graph = import_graph(export_like(graph, model, warnings), warnings)
-        return graph, analyze(graph, subgraph_tensor_names(model))
+        subgraph = subgraph_tensor_names(model)
+        analysis = analyze(graph, subgraph)
+        return graph, with_groups(graph, analysis, subgraph)
 
     def plan(
         self, graph: gs.Graph, analysis: Analysis, model: onnx.ModelProto | None = None
@@ -130,14 +135,17 @@ class CondenseChannelsPass(PassBase):
         # shapes as analyzed: block-error probes need them
         shapes = {name: list(t.shape) for name, t in tensors.items() if t.shape is not None}
         store = WeightStore(constants, shapes)
-        self.progress.total = max(len(analysis.layers), 1)
+        self.progress.total = max(len(analysis.layers) + len(analysis.groups), 1)
         plans = []
+        versions = (graph.opset, graph.ir_version)
         for layer in analysis.layers:
             if self.options.calibration is None:
-                versions = (graph.opset, graph.ir_version)
                 plans.append(plan_layer(layer, store, self.grouping_for(layer), versions, self.selector))
             else:
                 plans.append(self.plan_with_data(graph, layer, plans, store, model))
+            self.progress.advance()
+        for group in analysis.groups:  # coupled groups: by the weights (`condense_graph.group_plan`)
+            plans.append(plan_group(group, store, self.grouping_for(group), versions, self.selector))
             self.progress.advance()
         self.progress.close()
         return plans, store
@@ -171,19 +179,16 @@ class CondenseChannelsPass(PassBase):
     def check_layer_names(self, analysis: Analysis) -> None:
         """Every per-layer threshold or width must name a reducible layer (node or weight name), and
         no requested width may exceed the layer's."""
-        known = {key for layer in analysis.layers for key in (layer.name, layer.producer.weight.name)}
+        sizes = unit_widths(analysis)
         skipped = {s.name: s.reason for s in analysis.skipped}
         for name in list(self.options.layer_thresholds) + list(self.options.layer_widths):
-            if name in skipped and name not in known:
+            if name in skipped and name not in sizes:
                 raise CondenseError(f"layer '{name}' cannot be reduced: {skipped[name]}")
-            if name not in known:
-                names = ", ".join(layer.name for layer in analysis.layers) or "none"
-                raise CondenseError(f"no reducible layer named '{name}' (layers: {names})")
-        sizes = {
-            key: layer.producer.width
-            for layer in analysis.layers
-            for key in (layer.name, layer.producer.weight.name)
-        }
+            if name not in sizes:
+                names = ", ".join(
+                    [layer.name for layer in analysis.layers] + [g.name for g in analysis.groups]
+                )
+                raise CondenseError(f"no reducible layer or group named '{name}' (layers: {names or 'none'})")
         for name, width in self.options.layer_widths.items():
             if width > sizes[name]:
                 raise CondenseError(
@@ -192,7 +197,7 @@ class CondenseChannelsPass(PassBase):
 
     def grouping_for(self, layer) -> Grouping:
         options = self.options
-        keys = (layer.name, layer.producer.weight.name)
+        keys = unit_keys(layer)
         threshold = next(
             (options.layer_thresholds[k] for k in keys if k in options.layer_thresholds), options.threshold
         )
@@ -203,6 +208,32 @@ class CondenseChannelsPass(PassBase):
                 "(--layer-width or --target-params)"
             )
         return Grouping(threshold, options.round_to, width)
+
+
+def with_groups(graph: gs.Graph, analysis: Analysis, subgraph: set[str]) -> Analysis:
+    """`analysis` with the coupled groups that can be merged (`condense_graph.coupled`); their
+    members are no longer skipped, the groups that cannot be merged are skipped with the reason."""
+    ready, unready = prepare(graph, find_groups(graph, analysis, subgraph), subgraph)
+    taken = {key for group in ready for key in group.keys}
+    taken |= {g.producer.node.name or g.producer.node.outputs[0].name for group in ready for g in group.gates}
+    skipped = [s for s in analysis.skipped if s.name not in taken]
+    return Analysis(analysis.layers, skipped + [s for s in unready if s.name not in taken], ready)
+
+
+def unit_keys(unit) -> list[str]:
+    """The names that select a layer (its node and weight) or a coupled group (its members')."""
+    if hasattr(unit, "producer"):
+        return [unit.name, unit.producer.weight.name]
+    return [unit.name] + unit.keys
+
+
+def unit_width(unit) -> int:
+    return unit.producer.width if hasattr(unit, "producer") else unit.width
+
+
+def unit_widths(analysis: Analysis) -> dict[str, int]:
+    """The width of every reducible layer and coupled group, by every name that selects it."""
+    return {key: unit_width(u) for u in analysis.layers + analysis.groups for key in unit_keys(u)}
 
 
 def gathered_normals(layer, plan: LayerPlan, statistics) -> list | None:
@@ -247,6 +278,9 @@ def rewrite(graph: gs.Graph, plans: list[LayerPlan], store: WeightStore, node_of
             tensors[name].values = values.astype(store.original_dtype(name))
     tensors = graph.tensors()
     for plan in plans:
+        if isinstance(plan, GroupPlan):
+            forget_group_shapes(plan, tensors, node_of)
+            continue
         layer = plan.layer
         if layer.depthwise is not None:  # one filter per channel: group follows the width
             node_of(layer.depthwise).attrs["group"] = plan.cmap.width_after
@@ -255,6 +289,16 @@ def rewrite(graph: gs.Graph, plans: list[LayerPlan], store: WeightStore, node_of
             for out in node_of(node).outputs:
                 out.shape = None  # shape inference fills in the new widths
     graph.cleanup().toposort()
+
+
+def forget_group_shapes(plan: GroupPlan, tensors: dict, node_of) -> None:
+    """Set the attributes a group's merge changes (depthwise `group`, Split `split`) and forget the
+    shapes of its tensors: shape inference fills in the new widths."""
+    for node, name, value in plan.attributes:
+        node_of(node).attrs[name] = value
+    for name in plan.group.tensors:
+        if name in tensors and not isinstance(tensors[name], gs.Constant):
+            tensors[name].shape = None
 
 
 def add_bias(graph: gs.Graph, node: gs.Node, bias: gs.Constant) -> None:

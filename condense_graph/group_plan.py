@@ -1,0 +1,314 @@
+"""Plan the merge of a coupled channel group (issue 13) on the weight store.
+
+A coupled group (`condense_graph.coupled`) carries the same channels through several producers:
+a residual stream (stem and every block's last conv), the branches of a Concat, the parts of a
+Split, a squeeze-excitation gate. Channel p of the group is what *every* member computes at p, so:
+
+  vector of p  = the concatenation of every member's eq.-3 row [s w, s b + t] at p, members in one
+                 slot (same input, same geometry: two Concat branches reading one tensor) sharing
+                 columns. Two channels are parallel only when they are parallel in every member,
+                 with one factor lambda = ||v_q|| / ||v_p|| for all of them (eq. 10).
+  constants    everything on p's path past the members must agree: per-channel constants of the
+                 region (a BatchNormalization after the Add, depthwise kernels) and the gate rows
+                 of a squeeze-excitation fc2 (they pass a Sigmoid, so they must be equal, not
+                 parallel). `similarity.constant_agreement` turns them into a similarity.
+  signature    only channels with one signature (same ops on the path, same consumers) merge.
+
+Merging q into p keeps p in every member, region constant and gate, and folds q's consumer columns
+into p's with factor lambda (eq. 10-12, 36-38) in every consumer, through the slice of group
+channels each consumer reads. Split sizes, Slice bounds and literal Reshape widths follow the kept
+channels. With exact positive multiples in every member (one factor) and a positively homogeneous
+path (or factor 1 through any path) and equal constants, the merge is exact.
+
+Dead channels are not folded here (the single-producer path does that); nothing is measured with
+calibration data yet: data-aware rules fall back to the paper's rule for coupled groups (the pass
+reports it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from condense_graph.chain_eval import affine_coefficients
+from condense_graph.coupled import CoupledGroup, Member
+from condense_graph.errors import InternalError
+from condense_graph.merge import ChannelMap, channel_map
+from condense_graph.plan import WeightStore, channel_first, merge_into_consumer
+from condense_graph.selectors import DEFAULT, SELECTORS, Grouping, Rows, Selector
+from condense_graph.similarity import COSINE_TOLERANCE, split_to_width
+
+FACTOR_TOLERANCE = 1e-6  # a merge factor this close to 1 is an exact copy (any path is exact)
+
+
+@dataclass
+class GroupPlan:
+    """The merge of one coupled group: its map over group channels and what the report says."""
+
+    group: CoupledGroup
+    cmap: ChannelMap
+    threshold: float | None
+    exact: bool
+    min_cosine: float | None
+    method: str
+    vectors: np.ndarray | None = field(default=None, repr=False)
+    groups: list[np.ndarray] = field(default_factory=list, repr=False)
+    attributes: list[tuple] = field(default_factory=list, repr=False)  # (node, name, value) to set
+    refit = None
+    costs = None
+    block_error = None
+    probe = None
+
+    @property
+    def name(self) -> str:
+        return self.group.name
+
+    def measure(self) -> GroupPlan:
+        return self
+
+    def report(self) -> dict:
+        return {
+            "name": self.group.name,
+            "op": f"{self.group.kind} group",
+            "activation": self.group.activation,
+            "width_before": self.cmap.width_before,
+            "width_after": self.cmap.width_after,
+            "threshold": self.threshold,
+            "exact": self.exact,
+            "constant_removed": 0,
+            "zero_output_removed": 0,
+            "min_group_cosine": self.min_cosine,
+            "group": {
+                "kind": self.group.kind,
+                "members": [m.producer.node.name for m in self.group.members],
+                "weights": [m.producer.weight.name for m in self.group.members],
+                "gates": [g.producer.node.name for g in self.group.gates],
+                "consumers": [c.consumer.node.name for c in self.group.consumers],
+                "method": self.method,
+            },
+        }
+
+
+def plan_group(
+    group: CoupledGroup, store: WeightStore, grouping: Grouping, versions, selector: Selector | None = None
+) -> GroupPlan:
+    """Select the group's merges with `selector` at `grouping` (per signature class, widths shared
+    out by class size), then write the merged arrays into `store`."""
+    selector = selector or SELECTORS[DEFAULT]
+    if selector.needs_calibration:  # not measured on coupled groups yet: the paper's rule
+        selector = SELECTORS[DEFAULT]
+    vectors = group_vectors(group, store, versions)
+    constants = path_constants(group, store)
+    classes = signature_classes(group, constants)
+    widths = class_widths(grouping.width, [len(c) for c in classes])
+    merged, cosines = [], []
+    for channels, width in zip(classes, widths, strict=True):
+        if len(channels) == 1:
+            merged.append(channels)
+            cosines.append(None)
+            continue
+        path = np.stack([constants[k] for k in channels])  # [n, L]: one similarity per value
+        rows = Rows(vectors[channels], [vectors[channels]], list(path.T))
+        selection = selector.select(rows, replace(grouping, width=width, round_to=1))
+        merged += [channels[g] for g in selection.groups]
+        cosines.append((channels, selection.cosine))
+    groups = [g for g in merged if len(g)]
+    threshold = grouping.threshold if grouping.width is None and selector.name == DEFAULT else None
+    if grouping.width is None and grouping.round_to > 1:
+        groups = round_up(groups, vectors, grouping.round_to)
+    cmap = channel_map(vectors, groups, np.ones(group.width), np.zeros(group.width), {})
+    min_cosine = _min_cosine(vectors, groups) if selector.name == DEFAULT else None
+    exact = selector.name == DEFAULT and is_exact(group, groups, cmap, constants, min_cosine)
+    attributes = apply_group_map(group, store, cmap)
+    return GroupPlan(group, cmap, threshold, exact, min_cosine, selector.name, vectors, groups, attributes)
+
+
+# ---- what a channel is ----------------------------------------------------------------------
+
+
+def member_rows(member: Member, store: WeightStore, versions) -> np.ndarray:
+    """[width, d]: the member's rows [s w, s b + t] with its affine ops folded in (eq. 3)."""
+    producer = member.producer
+    weights = channel_first(store[producer.weight.name], producer.axis) * producer.scale
+    width = len(weights)
+    bias = store.bias(producer.bias, width) * producer.bias_scale
+    rank = producer.rank or 2
+    shape = (width,) if producer.node.op != "Conv" else (width,) + (1,) * (rank - 2)
+    dtype = store[producer.weight.name].dtype
+    s, t = affine_coefficients(
+        member.pre, producer.node.outputs[0], member.end, store, shape, dtype, versions
+    )
+    s, t = s.reshape(width), t.reshape(width)
+    return np.concatenate([s[:, None] * weights.reshape(width, -1), (s * bias + t)[:, None]], axis=1)
+
+
+def group_vectors(group: CoupledGroup, store: WeightStore, versions) -> np.ndarray:
+    """[group width, D]: each channel's rows in every member, slot by slot (zeros where a slot's
+    members do not cover the channel)."""
+    slots: dict[tuple, list[tuple[Member, np.ndarray]]] = {}
+    for member in group.members:
+        slots.setdefault(member.slot, []).append((member, member_rows(member, store, versions)))
+    blocks = []
+    for entries in slots.values():
+        block = np.zeros((group.width, entries[0][1].shape[1]))
+        for member, rows in entries:
+            block[member.offset : member.offset + member.width] = rows
+        blocks.append(block)
+    return np.concatenate(blocks, axis=1).astype(np.float32)
+
+
+def path_constants(group: CoupledGroup, store: WeightStore) -> list[np.ndarray]:
+    """Per channel: the values on its path that must agree for a merge, in graph order: region
+    constants past the members (depthwise kernels: every tap) and the gate rows [w, b]."""
+    values = [[] for _ in range(group.width)]
+    for entry in group.path_entries():
+        for const in entry.constants:
+            array = channel_first(store[const.tensor.name], const.axis).reshape(entry.width, -1)
+            for local, k in enumerate(entry.span):
+                values[k].append(array[local])
+    for gate in group.gates:
+        producer = gate.producer
+        weights = channel_first(store[producer.weight.name], producer.axis).reshape(producer.width, -1)
+        bias = store.bias(producer.bias, producer.width) * producer.bias_scale
+        rows = np.concatenate([weights * producer.scale, bias[:, None]], axis=1)
+        for local, k in enumerate(gate.span):
+            values[k].append(rows[local])
+    return [np.concatenate(v).astype(np.float64) if v else np.zeros(0) for v in values]
+
+
+def signature_classes(group: CoupledGroup, constants: list[np.ndarray]) -> list[np.ndarray]:
+    """The channels by signature (and number of path constants), in channel order."""
+    classes: dict[tuple, list[int]] = {}
+    for k, signature in enumerate(group.signatures()):
+        classes.setdefault((signature, len(constants[k])), []).append(k)
+    return [np.array(c) for c in classes.values()]
+
+
+def class_widths(width: int | None, sizes: list[int]) -> list[int | None]:
+    """A group width shared out over its classes in proportion to their sizes (each >= 1)."""
+    if width is None:
+        return [None] * len(sizes)
+    total = sum(sizes)
+    shares = [max(1, int(np.floor(width * n / total))) for n in sizes]
+    order = np.argsort([-(width * n / total - s) for n, s in zip(sizes, shares, strict=True)], kind="stable")
+    i = 0
+    while sum(shares) < width and i < 4 * len(sizes):
+        k = order[i % len(sizes)]
+        if shares[k] < sizes[k]:
+            shares[k] += 1
+        i += 1
+    return [min(s, n) for s, n in zip(shares, sizes, strict=True)]
+
+
+def round_up(groups: list[np.ndarray], vectors: np.ndarray, multiple: int) -> list[np.ndarray]:
+    """Split off the least similar merged channels until the width is a multiple of `multiple`."""
+    from condense_graph.similarity import cosine_similarity
+
+    wanted = len(groups) + (-len(groups) % multiple)
+    return split_to_width(cosine_similarity(vectors), groups, min(wanted, len(vectors)))
+
+
+def _min_cosine(vectors: np.ndarray, groups: list[np.ndarray]) -> float | None:
+    from condense_graph.similarity import neuron_similarity
+
+    merged = [g for g in groups if len(g) > 1]
+    if not merged:
+        return None
+    lowest = 1.0
+    for g in merged:
+        similarity = neuron_similarity(vectors[g].astype(np.float32))
+        lowest = min(lowest, float(similarity[0, 1:].min()))
+    return lowest
+
+
+def is_exact(group: CoupledGroup, groups, cmap: ChannelMap, constants, min_cosine: float | None) -> bool:
+    """Every merged channel parallel to its main one in every member (one factor), equal path
+    constants and gate rows, and a positively homogeneous path unless the factor is 1."""
+    if all(len(g) == 1 for g in groups):
+        return True
+    if min_cosine is not None and min_cosine < 1.0 - COSINE_TOLERANCE:
+        return False
+    homogeneous = group.homogeneous_path()
+    for g in groups:
+        main = int(g[0])
+        for k in g[1:]:
+            if not np.array_equal(constants[k], constants[main]):
+                return False
+            if not homogeneous[k] and abs(cmap.factor[k] - 1.0) > FACTOR_TOLERANCE:
+                return False
+    return True
+
+
+# ---- writing the merge ----------------------------------------------------------------------
+
+
+def kept_in(cmap: ChannelMap, offset: int, width: int) -> np.ndarray:
+    """The kept channels of group channels offset .. offset + width - 1, as local indices."""
+    keep = cmap.keep
+    return keep[(keep >= offset) & (keep < offset + width)] - offset
+
+
+def sub_map(cmap: ChannelMap, offset: int, width: int) -> ChannelMap:
+    """The map restricted to group channels offset .. offset + width - 1 (what one consumer
+    reads). Every channel merged there has its main there: signatures make sure of it."""
+    span = np.arange(offset, offset + width)
+    kept = kept_in(cmap, offset, width) + offset
+    local = {int(old): i for i, old in enumerate(kept)}
+    target = np.full(width, -1, dtype=np.int64)
+    for i, k in enumerate(span):
+        t = cmap.target[k]
+        if t >= 0:
+            main = int(cmap.keep[t])
+            if main not in local:
+                raise InternalError(f"channel {k} merges into {main}, outside the consumer's channels")
+            target[i] = local[main]
+    return ChannelMap(kept - offset, target, cmap.factor[span], cmap.offset[span])
+
+
+def apply_group_map(group: CoupledGroup, store: WeightStore, cmap: ChannelMap) -> list[tuple]:
+    """Keep the main channels in every member, gate and region constant; fold the others into the
+    consumers; resize cuts and Reshape literals. Returns the node attributes to set."""
+    for producer, offset in [(m.producer, m.offset) for m in group.members] + [
+        (g.producer, g.offset) for g in group.gates
+    ]:
+        keep = kept_in(cmap, offset, producer.width)
+        store.set(producer.weight.name, np.take(store[producer.weight.name], keep, producer.axis))
+        bias = store.get(producer.bias)
+        if bias is not None and bias.size == producer.width:
+            store.set(producer.bias, bias.reshape(-1)[keep].reshape(bias.shape[:-1] + (-1,)))
+    attributes = []
+    for entry in group.region:
+        keep = kept_in(cmap, entry.offset, entry.width)
+        for const in entry.constants:
+            store.set(const.tensor.name, np.take(store[const.tensor.name], keep, axis=const.axis))
+        if entry.node.op == "Conv":  # a depthwise conv: one filter per channel
+            attributes.append((entry.node, "group", len(keep)))
+    for reader in group.consumers:
+        merge_into_consumer(reader.consumer, store, sub_map(cmap, reader.offset, reader.width), reader.block)
+    for cut in group.cuts:
+        attributes += resize_cut(cut, store, cmap)
+    for reshape in group.reshapes:
+        values = store[reshape.shape.name].copy()
+        values[reshape.index] = len(kept_in(cmap, reshape.offset, reshape.width)) * reshape.block
+        store.set(reshape.shape.name, values)
+    return attributes
+
+
+def resize_cut(cut, store: WeightStore, cmap: ChannelMap) -> list[tuple]:
+    """New part sizes of a Split/SplitToSequence, or new bounds of a Slice of the channel axis."""
+    sizes = [len(kept_in(cmap, offset, width)) for offset, width in cut.parts]
+    node = cut.node
+    if node.op == "Slice":
+        (offset, width), (source_offset, _) = cut.parts[0], cut.source
+        start = len(kept_in(cmap, source_offset, offset - source_offset))
+        for index, value in ((1, start), (2, start + sizes[0])):
+            values = np.array(store[node.inputs[index].name]).copy()
+            values.reshape(-1)[cut.axis_index] = value
+            store.set(node.inputs[index].name, values)
+        return []
+    if node.op == "Split" and "split" in node.attrs:
+        return [(node, "split", sizes)]
+    split = node.inputs[1]  # a scalar chunk size becomes the list of part sizes
+    store.set(split.name, np.asarray(sizes, dtype=np.asarray(split.values).dtype))
+    return []
