@@ -21,6 +21,7 @@ from condense_graph.analysis import Analysis
 from condense_graph.calibration import Calibration, load_calibration
 from condense_graph.errors import CondenseError
 from condense_graph.graph import subgraph_tensor_names
+from condense_graph.coupled import prepare
 from condense_graph.groups import find_groups, group_entry, summarize
 from condense_graph.model_io import load_model
 from condense_graph.progress import Progress
@@ -273,8 +274,9 @@ def _split_for_verification(
 
 
 def inspect(model: ModelLike, thresholds=INSPECT_THRESHOLDS) -> dict:
-    """Every reducible layer with the width `condense` would give it at each threshold, and every
-    channel group (`condense_graph.groups`): coupled ones are listed, not reduced yet."""
+    """Every reducible layer and coupled channel group with the width `condense` would give it at
+    each threshold, and every channel group (`condense_graph.groups`), with why it is left alone
+    when it is."""
     for t in thresholds:
         _check_threshold(t, "threshold")
     original = load_model(model)
@@ -283,7 +285,7 @@ def inspect(model: ModelLike, thresholds=INSPECT_THRESHOLDS) -> dict:
     for t in thresholds:  # a fresh plan per threshold: layers depend on the ones before them
         plans, _ = CondenseChannelsPass(CondenseOptions(t)).plan(graph, analysis)
         for plan in plans:
-            widths.setdefault(plan.layer.name, {})[str(t)] = plan.cmap.width_after
+            widths.setdefault(plan.name, {})[str(t)] = plan.cmap.width_after
     layers = [
         {
             "name": layer.name,
@@ -296,7 +298,21 @@ def inspect(model: ModelLike, thresholds=INSPECT_THRESHOLDS) -> dict:
         }
         for layer in analysis.layers
     ]
-    groups = find_groups(graph, analysis, subgraph_tensor_names(original))
+    layers += [
+        {
+            "name": group.name,
+            "weight": group.members[0].producer.weight.name,
+            "op": f"{group.kind} group",
+            "activation": group.activation,
+            "width": group.width,
+            "exact": bool(group.homogeneous_path().all()),
+            "widths": widths[group.name],
+        }
+        for group in analysis.groups
+    ]
+    subgraph = subgraph_tensor_names(original)
+    groups = find_groups(graph, analysis, subgraph)
+    prepare(graph, groups, subgraph)  # which coupled groups can be merged, and why not
     return {
         "params": count_params(original),
         "thresholds": list(thresholds),

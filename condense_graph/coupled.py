@@ -54,13 +54,10 @@ class Member:
 
     producer: Producer
     offset: int
+    width: int  # as analyzed (`Producer.width` reads the weight, which a rewrite replaces)
     pre: list[gs.Node]  # affine ops right after the producer, folded into its rows
     end: gs.Tensor  # the tensor after `pre`
     slot: tuple  # (input tensor, op, geometry, index): members of one slot have comparable rows
-
-    @property
-    def width(self) -> int:
-        return self.producer.width
 
     @property
     def span(self) -> range:
@@ -73,10 +70,11 @@ class GateMember:
 
     producer: Producer
     offset: int
+    width: int
 
     @property
     def span(self) -> range:
-        return range(self.offset, self.offset + self.producer.width)
+        return range(self.offset, self.offset + self.width)
 
 
 @dataclass
@@ -156,7 +154,7 @@ class CoupledGroup:
     def activation(self) -> str:
         kinds = []
         for entry in self.region:
-            if entry.node.op not in kinds and entry.node.op not in ("Identity", "Concat"):
+            if entry.role == "path" and entry.node.op not in kinds and entry.node.op != "Identity":
                 kinds.append(entry.node.op)
         return "+".join(kinds) or "none"
 
@@ -287,10 +285,10 @@ class _Layout:
         if width != producer.width:
             return f"'{node.name}' writes {producer.width} channels where the group has {width}"
         if id(node) in self.fc2s:
-            self.gates.append(GateMember(producer, offset))
+            self.gates.append(GateMember(producer, offset, width))
             return None
         pre, end = self.pre_chain(node.outputs[0])
-        self.members.append(Member(producer, offset, pre, end, self.slot(node, producer, offset)))
+        self.members.append(Member(producer, offset, width, pre, end, self.slot(node, producer, offset)))
         return None
 
     def pre_chain(self, start: gs.Tensor) -> tuple[list[gs.Node], gs.Tensor]:

@@ -83,6 +83,8 @@ class GroupPlan:
                 "kind": self.group.kind,
                 "members": [m.producer.node.name for m in self.group.members],
                 "weights": [m.producer.weight.name for m in self.group.members],
+                # each member's output channels after the merge (a Concat branch keeps its own)
+                "member_widths": [len(kept_in(self.cmap, m.offset, m.width)) for m in self.group.members],
                 "gates": [g.producer.node.name for g in self.group.gates],
                 "consumers": [c.consumer.node.name for c in self.group.consumers],
                 "method": self.method,
@@ -169,8 +171,8 @@ def path_constants(group: CoupledGroup, store: WeightStore) -> list[np.ndarray]:
                 values[k].append(array[local])
     for gate in group.gates:
         producer = gate.producer
-        weights = channel_first(store[producer.weight.name], producer.axis).reshape(producer.width, -1)
-        bias = store.bias(producer.bias, producer.width) * producer.bias_scale
+        weights = channel_first(store[producer.weight.name], producer.axis).reshape(gate.width, -1)
+        bias = store.bias(producer.bias, gate.width) * producer.bias_scale
         rows = np.concatenate([weights * producer.scale, bias[:, None]], axis=1)
         for local, k in enumerate(gate.span):
             values[k].append(rows[local])
@@ -269,13 +271,11 @@ def sub_map(cmap: ChannelMap, offset: int, width: int) -> ChannelMap:
 def apply_group_map(group: CoupledGroup, store: WeightStore, cmap: ChannelMap) -> list[tuple]:
     """Keep the main channels in every member, gate and region constant; fold the others into the
     consumers; resize cuts and Reshape literals. Returns the node attributes to set."""
-    for producer, offset in [(m.producer, m.offset) for m in group.members] + [
-        (g.producer, g.offset) for g in group.gates
-    ]:
-        keep = kept_in(cmap, offset, producer.width)
+    for member in group.members + group.gates:
+        producer, keep = member.producer, kept_in(cmap, member.offset, member.width)
         store.set(producer.weight.name, np.take(store[producer.weight.name], keep, producer.axis))
         bias = store.get(producer.bias)
-        if bias is not None and bias.size == producer.width:
+        if bias is not None and bias.size == member.width:
             store.set(producer.bias, bias.reshape(-1)[keep].reshape(bias.shape[:-1] + (-1,)))
     attributes = []
     for entry in group.region:
@@ -300,7 +300,7 @@ def resize_cut(cut, store: WeightStore, cmap: ChannelMap) -> list[tuple]:
     sizes = [len(kept_in(cmap, offset, width)) for offset, width in cut.parts]
     node = cut.node
     if node.op == "Slice":
-        (offset, width), (source_offset, _) = cut.parts[0], cut.source
+        (offset, _), (source_offset, _) = cut.parts[0], cut.source
         start = len(kept_in(cmap, source_offset, offset - source_offset))
         for index, value in ((1, start), (2, start + sizes[0])):
             values = np.array(store[node.inputs[index].name]).copy()

@@ -12,11 +12,11 @@ group's channels; a channel of a member is group channel `offset + k`.
 A group's *members* are the producers (Gemm, MatMul, Conv) whose output channels are group
 channels; its *consumers* are the Gemm/MatMul/Conv nodes that read a group tensor as their data.
 Today's single-producer layer (`condense_graph.analysis.Layer`) is the one-member group of kind
-"layer"; whether it is reducible is what the analysis says. A group that joins producers is not
-reducible yet (the merge of a group is the next step of issue 13); the `reason` says so, or names
-what would keep it unreducible even then: a member that is a graph input or comes from an op that
-is not a producer, a group tensor that is a graph output or is read inside a subgraph, channels
-that reach an op that does not act per channel, a weight that is not a constant...
+"layer"; whether it is reducible is what the analysis says. Whether a group that joins producers
+can be merged is judged by `condense_graph.coupled.prepare` (which sets `reducible` and `reason`);
+its `blockers` name what keeps it unreducible here already: a member that is a graph input or
+comes from an op that is not a producer, a group tensor that is a graph output or is read inside a
+subgraph, channels that reach an op that does not act per channel, a weight that is not a constant...
 
 This module only reads the graph.
 """
@@ -33,7 +33,7 @@ from condense_graph import ops
 from condense_graph.analysis import Analysis, as_consumer, as_producer
 from condense_graph.ops import Channels
 
-COUPLED = "not reducible yet: coupled across producers"
+COUPLED = "coupled across producers: not laid out yet (`coupled.prepare`)"
 _MATRIX_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
 _GATE_ACTIVATIONS = ("Sigmoid", "HardSigmoid")
 _POOLS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax")
@@ -122,10 +122,10 @@ def find_groups(graph: gs.Graph, analysis: Analysis, subgraph_tensors: set[str] 
 
 def summarize(groups: list[ChannelGroup]) -> dict:
     """Channels of reducible single-producer layers against channels of coupled groups (those
-    only coupling keeps unreducible are `coupled_channels_ready`)."""
+    merged as groups, `coupled.prepare` having judged them, are `coupled_channels_ready`)."""
     layers = [g for g in groups if not g.coupled and g.reducible]
     coupled = [g for g in groups if g.coupled]
-    ready = [g for g in coupled if not g.blockers]
+    ready = [g for g in coupled if g.reducible]
     return {
         "layers": len(layers),
         "layer_channels": sum(g.width or 0 for g in layers),

@@ -114,6 +114,10 @@ class LayerPlan:
     # the merge's error at the first consumer's output (`BlockProbe`): None until `measure` ran
     block_error: dict | None = None
 
+    @property
+    def name(self) -> str:
+        return self.layer.name
+
     def measure(self) -> LayerPlan:
         """Measure `block_error` with ONNX Runtime (a reduced layer only; planning many times, as
         width searches do, measures nothing until the plan that is kept)."""

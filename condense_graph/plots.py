@@ -63,11 +63,11 @@ def plot_cosine(plt, plan, directory: Path) -> Path:
     fig.colorbar(image, ax=ax, label="cosine similarity")
     how = "pruned by magnitude" if plan.threshold is None else f"at threshold {plan.threshold:.4g}"
     ax.set_title(
-        f"{plan.layer.name}: {plan.cmap.width_before} -> {plan.cmap.width_after} neurons {how}", fontsize=10
+        f"{plan.name}: {plan.cmap.width_before} -> {plan.cmap.width_after} neurons {how}", fontsize=10
     )
     ax.set_xlabel("neuron (ordered by group)")
     ax.set_ylabel("neuron (ordered by group)")
-    path = directory / f"cosine_{_file_name(plan.layer.name)}.png"
+    path = directory / f"cosine_{_file_name(plan.name)}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -75,7 +75,7 @@ def plot_cosine(plt, plan, directory: Path) -> Path:
 
 
 def plot_widths(plt, plans, path: Path) -> Path:
-    names = [p.layer.name for p in plans]
+    names = [p.name for p in plans]
     x = np.arange(len(plans))
     fig, ax = plt.subplots(figsize=(max(6.4, 0.45 * len(plans) + 2), 4.8))
     ax.bar(x - 0.2, [p.cmap.width_before for p in plans], 0.4, label="before")

@@ -127,12 +127,13 @@ def _group_lines(groups: list[dict], summary: dict | None) -> str:
     lines = [f"\nChannel groups ({len(coupled)}):"]
     for group in coupled:
         producers = ", ".join(m["producer"] for m in group["members"])
-        lines.append(f"  {group['kind']}, {group['width']} channels: {producers}: {group['reason']}")
+        why = "merged as one group" if group["reducible"] else group["reason"]
+        lines.append(f"  {group['kind']}, {group['width']} channels: {producers}: {why}")
     if summary:
         lines.append(
             f"  channels: {summary['layer_channels']} in {summary['layers']} single-producer layers, "
             f"{summary['coupled_channels']} in {summary['coupled_groups']} coupled groups "
-            f"({summary['coupled_channels_ready']} held only by the coupling)"
+            f"({summary['coupled_channels_ready']} in {summary['coupled_groups_ready']} mergeable groups)"
         )
     return "\n".join(lines)
 

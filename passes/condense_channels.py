@@ -185,10 +185,10 @@ class CondenseChannelsPass(PassBase):
             if name in skipped and name not in sizes:
                 raise CondenseError(f"layer '{name}' cannot be reduced: {skipped[name]}")
             if name not in sizes:
-                names = ", ".join(
-                    [layer.name for layer in analysis.layers] + [g.name for g in analysis.groups]
+                names = [layer.name for layer in analysis.layers] + [g.name for g in analysis.groups]
+                raise CondenseError(
+                    f"no reducible layer named '{name}' (layers and groups: {', '.join(names) or 'none'})"
                 )
-                raise CondenseError(f"no reducible layer or group named '{name}' (layers: {names or 'none'})")
         for name, width in self.options.layer_widths.items():
             if width > sizes[name]:
                 raise CondenseError(

@@ -39,7 +39,8 @@ class Planted:
     """`copies` exact copies in the layer whose producer weight has `weight_shape` (torch layout).
 
     expect: "merge" (a pattern the README supports: the layer shrinks by exactly `copies` at
-    threshold 1.0) or "skip" (a pattern it leaves alone: the producer is listed in `skipped`)."""
+    threshold 1.0) or "skip" (left alone: the producer is listed in `skipped`, or it is a member of
+    a coupled channel group whose other members do not carry the copies, so nothing merges)."""
 
     weight_shape: tuple
     copies: int
@@ -295,8 +296,8 @@ def yolo() -> Lookalike:
     net = _finish(TinyYolo(), seed=31)
     gen = torch.Generator().manual_seed(32)
     planted = [
-        # c1 feeds c2 and the Concat: the Concat couples its channels with the upsampled map
-        Planted(_weight_shape(net.c1[0]), plant_copies(1, (4, 5), net.c1[0], net.c1[1]), "skip"),
+        # c1 feeds c2 and the Concat: a concat group with the upsampled map, whose copies merge
+        Planted(_weight_shape(net.c1[0]), plant_copies(1, (4, 5), net.c1[0], net.c1[1]), "merge"),
         # c2 -> BN -> SiLU -> c3
         Planted(_weight_shape(net.c2[0]), plant_copies(0, (20, 21, 22, 23), net.c2[0], net.c2[1]), "merge"),
         # c4 -> BN -> SiLU -> head (a graph output producer)

@@ -9,7 +9,9 @@ from onnx import helper
 
 import condense_graph as cg
 from condense_graph.graph import subgraph_tensor_names
-from condense_graph.groups import COUPLED, find_groups, summarize
+from condense_graph.analysis import analyze
+from condense_graph.coupled import prepare
+from condense_graph.groups import find_groups, summarize
 from condense_graph.report import format_inspect_table
 from passes.condense_channels import CondenseChannelsPass
 
@@ -85,8 +87,14 @@ def exported(module: nn.Module, exporter: str, path, outputs=("y",)) -> onnx.Mod
 
 
 def groups_of(model: onnx.ModelProto):
-    graph, analysis = CondenseChannelsPass.analyze(model)
-    return find_groups(graph, analysis, subgraph_tensor_names(model)), analysis
+    """The channel groups, judged by `coupled.prepare`, and the single-producer analysis (whose
+    skip reasons name the coupling of each group member)."""
+    graph, _ = CondenseChannelsPass.analyze(model)
+    subgraph = subgraph_tensor_names(model)
+    analysis = analyze(graph, subgraph)
+    groups = find_groups(graph, analysis, subgraph)
+    prepare(graph, groups, subgraph)
+    return groups, analysis
 
 
 def weight_of(model: onnx.ModelProto) -> dict[str, str]:
@@ -122,7 +130,7 @@ def test_residual_stream_joins_the_stem_and_every_blocks_last_conv(exporter, tmp
         [("block1.conv1.weight", 0, 8), ("block2.conv1.weight", 0, 8), ("head.weight", 0, 8)],
     )
     assert [j.kind for j in stream.joins] == ["residual", "residual"]
-    assert (stream.reducible, stream.reason, stream.blockers) == (False, COUPLED, [])
+    assert (stream.reducible, stream.reason, stream.blockers) == (True, None, [])
     layers = {weights[m.producer] for g in groups if g.kind == "layer" and g.reducible for m in g.members}
     assert layers == {"block1.conv1.weight", "block2.conv1.weight"}
     assert {weights[layer.name] for layer in analysis.layers} == layers
@@ -178,7 +186,7 @@ def test_concat_of_two_branches_puts_them_at_offsets_0_and_6(exporter, tmp_path)
         [("left.weight", 0, 6), ("right.weight", 6, 10)],
         [("fuse.weight", 0, 16)],
     )
-    assert group.reason == COUPLED
+    assert (group.reducible, group.reason) == (True, None)
     for skipped in analysis.skipped[:2]:
         assert skipped.reason.startswith("Concat '") and "joins these channels" in skipped.reason
         assert skipped.reason.endswith("left alone")
@@ -280,12 +288,12 @@ def test_inspect_lists_groups_and_counts_their_channels(name, exporter, summary,
     keys = ("layers", "layer_channels", "coupled_groups", "coupled_channels")
     keys += ("coupled_groups_ready", "coupled_channels_ready")
     assert tuple(info["groups_summary"][k] for k in keys) == summary
-    assert sum(g["width"] for g in info["groups"] if g["kind"] == "layer" and g["reducible"]) == sum(
-        layer["width"] for layer in info["layers"]
-    )
+    reducible = sum(g["width"] for g in info["groups"] if g["reducible"])
+    assert reducible == sum(layer["width"] for layer in info["layers"]) == summary[1] + summary[5]
+    assert sum(1 for layer in info["layers"] if layer["op"].endswith(" group")) == summary[4]
     text = format_inspect_table(info)
     section = text.split(f"Channel groups ({lines}):\n")[1].splitlines()[: lines + 1]
-    assert all(COUPLED in line for line in section[:lines]), section
+    assert all(line.endswith(": merged as one group") for line in section[:lines]), section
     assert section[lines].strip().startswith(f"channels: {summary[1]} in {summary[0]} single-producer")
     if name == "yolo":
         [concat] = [g for g in info["groups"] if g["kind"] == "concat"]

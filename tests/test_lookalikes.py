@@ -297,10 +297,15 @@ def test_threshold_one_merges_the_planted_copies_exactly(name, exporter, exporte
     report = check_report(report_path, case, out)
     planted = {p.weight_shape: p for p in case.lookalike.planted}
     removed = {}
-    for layer in report["layers"]:
-        shape = weight_shape(case.model, layer["name"])
-        removed[shape] = removed.get(shape, 0) + layer["width_before"] - layer["width_after"]
     skipped = {weight_shape(case.model, s["name"]): s["reason"] for s in report["skipped"]}
+    for layer in report["layers"]:  # a coupled group's entry gives each member's width after
+        group = layer.get("group", {"members": [layer["name"]], "member_widths": [layer["width_after"]]})
+        for member, after in zip(group["members"], group["member_widths"], strict=True):
+            shape = weight_shape(case.model, member)
+            before = layer["width_before"] if "group" not in layer else shape[0]
+            removed[shape] = removed.get(shape, 0) + before - after
+            if "group" in layer:
+                skipped.setdefault(shape, f"member of the {layer['group']['kind']} group '{layer['name']}'")
     for shape, plant in planted.items():
         if plant.expect == "merge":
             assert removed.get(shape) == plant.copies, (

@@ -55,7 +55,8 @@ def test_planted_mobilenet_channels_are_found_and_merged(planted_mobilenet, dyna
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     model = export(planted_mobilenet, x, dynamo, tmp_path / "mnv2.onnx")
     result = cg.condense(model, threshold=0.9999)
-    layers = result.report["layers"]
+    layers = [layer for layer in result.report["layers"] if "group" not in layer]
+    streams = [layer for layer in result.report["layers"] if "group" in layer]
     widths = [(layer["width_before"], layer["width_after"]) for layer in layers]
     # every reducible layer in graph order: the stem (its depthwise block), the first project conv,
     # the sixteen expand convs (features[4]'s planted), the last project conv, the head conv
@@ -86,16 +87,17 @@ def test_planted_mobilenet_channels_are_found_and_merged(planted_mobilenet, dyna
             assert layer["block_error"]["max_rel_err"] < 1e-5
         if "Conv" in layer["activation"]:  # depthwise blocks: approximate in general
             assert layer["exact"] is False
-    assert all(
-        "joins these channels" in s["reason"] or "graph output" in s["reason"]
-        for s in result.report["skipped"]
-    ), result.report["skipped"]
+    # the residual streams (24, 32, 64, 96 and 160 channels) are coupled groups now: nothing planted
+    # in them, so nothing merges at 0.9999
+    assert sorted(g["width_before"] for g in streams) == [24, 32, 64, 96, 160], streams
+    assert all(g["group"]["kind"] == "residual" and g["width_after"] == g["width_before"] for g in streams)
+    assert all("graph output" in s["reason"] for s in result.report["skipped"]), result.report["skipped"]
     check_full(result.model)
     assert_same_outputs(model, result.model, {"x": x.numpy()}, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-def test_residual_add_channels_are_left_alone_and_the_rest_reduces(dynamo, tmp_path):
+def test_residual_add_channels_form_a_group_and_the_rest_reduces(dynamo, tmp_path):
     torch.manual_seed(0)
     net = ResidualCNN().eval()
     randomize_batchnorm(net, torch.Generator().manual_seed(2))
@@ -108,8 +110,9 @@ def test_residual_add_channels_are_left_alone_and_the_rest_reduces(dynamo, tmp_p
     widths = [(layer["width_before"], layer["width_after"]) for layer in result.report["layers"]]
     assert (8, 6) in widths
     assert all(layer["exact"] for layer in result.report["layers"])
-    coupled = [s for s in result.report["skipped"] if s["reason"].startswith("residual Add")]
-    assert coupled, result.report["skipped"]
+    coupled = [layer for layer in result.report["layers"] if "group" in layer]
+    assert coupled and all(g["group"]["kind"] == "residual" for g in coupled), result.report["layers"]
+    assert all(g["width_after"] == g["width_before"] for g in coupled)  # nothing planted there
     check_full(result.model)
     assert_same_outputs(model, result.model, {"x": x.numpy()})
 

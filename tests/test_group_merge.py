@@ -1,0 +1,459 @@
+"""Merging coupled channel groups (issue 13) on torch-built nets, through both exporters.
+
+Each net gets planted exact duplicates (copies, and positive multiples where the path is
+positively homogeneous) in *every* member of a group (residual stream, Concat branches, Split
+parts, squeeze-excitation gate); everything else is random, BatchNorm statistics included. At
+threshold 1.0 the group must lose exactly the planted channels, say "exact", and the reduced model
+must agree with the original in ONNX Runtime to 1e-5 relative. Negative controls plant duplicates
+that are incomplete (missing in one member, across Split parts, with unequal gate rows) and check
+that nothing merges there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from builders import run
+from onnx import numpy_helper
+
+import condense_graph as cg
+
+torch = pytest.importorskip("torch")
+from lookalike_models import Lookalike, export_lookalike  # noqa: E402
+from torch import nn  # noqa: E402
+from torch_models import randomize_batchnorm  # noqa: E402
+
+EXPORTERS = ("torchscript", "dynamo")
+BATCH, SIZE = 2, 16  # the dynamo export has a static batch
+RTOL = 1e-5
+LAMBDA = 2.5
+
+
+# ---- models -------------------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """conv -> BN -> ReLU -> conv -> BN, added to the stream, then ReLU."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, 1, 1), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, 1, 1), nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class ResNet(nn.Module):
+    """stem conv -> BN -> ReLU -> `blocks` BasicBlocks -> pooled Linear head: the stream's members
+    are the stem and every block's conv2 (each with its BN)."""
+
+    def __init__(self, channels: int = 8, blocks: int = 3):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, channels, 3, 1, 1), nn.BatchNorm2d(channels)
+        self.blocks = nn.Sequential(*[BasicBlock(channels) for _ in range(blocks)])
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x):
+        h = self.blocks(torch.relu(self.bn(self.stem(x))))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+    def members(self) -> list[tuple[nn.Module, ...]]:
+        return [(self.stem, self.bn)] + [(b.conv2, b.bn2) for b in self.blocks]
+
+
+class Branches(nn.Module):
+    """Two conv -> BN -> ReLU branches (6 channels each) reading x, concatenated into a 1x1 conv."""
+
+    def __init__(self, width: int = 6):
+        super().__init__()
+        self.left, self.left_bn = nn.Conv2d(3, width, 3, 1, 1), nn.BatchNorm2d(width)
+        self.right, self.right_bn = nn.Conv2d(3, width, 3, 1, 1), nn.BatchNorm2d(width)
+        self.fuse = nn.Conv2d(2 * width, 4, 1)
+
+    def forward(self, x):
+        left = torch.relu(self.left_bn(self.left(x)))
+        right = torch.relu(self.right_bn(self.right(x)))
+        return self.fuse(torch.cat([left, right], 1))
+
+
+class Halves(nn.Module):
+    """conv -> BN -> ReLU (16 channels) split into halves of 8, each read by its own 1x1 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 16, 3, 1, 1), nn.BatchNorm2d(16)
+        self.first, self.second = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        a, b = torch.relu(self.bn(self.conv(x))).split(8, 1)
+        return self.first(a), self.second(b)
+
+
+class GatedBlock(nn.Module):
+    """MobileNetV3's block with its squeeze-excitation gate: stem -> expand 1x1 -> BN -> Hardswish
+    -> depthwise 3x3 -> BN -> x * hardsigmoid(fc2(relu(fc1(pool x)))) -> project 1x1 -> BN ->
+    pooled Linear head."""
+
+    def __init__(self, inp: int = 8, hidden: int = 16, squeeze: int = 4):
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, inp, 3, 1, 1), nn.BatchNorm2d(inp)
+        self.expand, self.expand_bn = nn.Conv2d(inp, hidden, 1, bias=False), nn.BatchNorm2d(hidden)
+        self.dw = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden, bias=False)
+        self.dw_bn = nn.BatchNorm2d(hidden)
+        self.fc1, self.fc2 = nn.Conv2d(hidden, squeeze, 1), nn.Conv2d(squeeze, hidden, 1)
+        self.project, self.project_bn = nn.Conv2d(hidden, inp, 1, bias=False), nn.BatchNorm2d(inp)
+        self.head = nn.Linear(inp, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.stem_bn(self.stem(x)))
+        h = self.dw_bn(self.dw(nn.functional.hardswish(self.expand_bn(self.expand(h)))))
+        gate = self.fc2(torch.relu(self.fc1(nn.functional.adaptive_avg_pool2d(h, 1))))
+        h = self.project_bn(self.project(h * nn.functional.hardsigmoid(gate)))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+# ---- planting and measuring ---------------------------------------------------------------------
+
+
+def plant(p: int, q: int, factor: float, chain, source=None) -> None:
+    """Output channel q after `chain` (conv, BN, depthwise conv, BN ... in graph order) becomes
+    `factor` times channel p after `source` (the same chain by default; another branch's chain for
+    a Concat). Through a BatchNorm, y_q = factor y_p keeps gamma and var and scales mean and beta;
+    a depthwise kernel is copied (its input is already scaled)."""
+    source = chain if source is None else source
+    with torch.no_grad():
+        for index, (dst, src) in enumerate(zip(chain, source, strict=True)):
+            scale = factor if index == 0 else 1.0  # only the first conv scales its weights
+            if isinstance(dst, nn.BatchNorm2d):
+                dst.weight[q], dst.running_var[q] = src.weight[p], src.running_var[p]
+                dst.bias[q], dst.running_mean[q] = factor * src.bias[p], factor * src.running_mean[p]
+                continue
+            dst.weight[q] = scale * src.weight[p]
+            if dst.bias is not None:
+                dst.bias[q] = factor * src.bias[p]
+
+
+def copy_gate_row(p: int, q: int, fc2: nn.Conv2d) -> None:
+    """fc2's row q (weight and bias) equal to row p: the gates of p and q are equal."""
+    with torch.no_grad():
+        fc2.weight[q], fc2.bias[q] = fc2.weight[p], fc2.bias[p]
+
+
+def fresh(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights and BatchNorm statistics, eval mode (plant after this)."""
+    torch.manual_seed(seed)
+    module.eval()
+    randomize_batchnorm(module, torch.Generator().manual_seed(seed + 1))
+    return module
+
+
+def export(module: nn.Module, exporter: str, path, outputs=("y",)) -> onnx.ModelProto:
+    example = torch.randn(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    export_lookalike(Lookalike("net", module, example, (exporter,), outputs=outputs), exporter, path)
+    return onnx.load(str(path))
+
+
+def feeds(model: onnx.ModelProto, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {i.name: rng.standard_normal((BATCH, 3, SIZE, SIZE)).astype(np.float32) for i in model.graph.input}
+
+
+def relative_error(original: onnx.ModelProto, reduced: onnx.ModelProto, runs: int = 4) -> float:
+    """max |y_reduced - y_orig| / max |y_orig| over every output and `runs` random inputs."""
+    worst = 0.0
+    for seed in range(runs):
+        inputs = feeds(original, seed)
+        for expected, actual in zip(run(original, inputs), run(reduced, inputs), strict=True):
+            assert actual.shape == expected.shape
+            assert np.all(np.isfinite(actual))
+            worst = max(worst, float(np.abs(actual - expected).max() / np.abs(expected).max()))
+    return worst
+
+
+def outputs_finite(model: onnx.ModelProto) -> bool:
+    return all(np.all(np.isfinite(y)) for y in run(model, feeds(model, 0)))
+
+
+def shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    return {t.name: tuple(numpy_helper.to_array(t).shape) for t in model.graph.initializer}
+
+
+def arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def node_of(model: onnx.ModelProto, weight: str) -> str:
+    """The name of the node reading initializer `weight` as its weight (exporters differ)."""
+    [name] = [n.name for n in model.graph.node if len(n.input) > 1 and n.input[1] == weight]
+    return name
+
+
+def group_entries(result, kind: str) -> list[dict]:
+    return [e for e in result.report["layers"] if e["op"] == f"{kind} group"]
+
+
+def the_group(result, kind: str) -> dict:
+    [entry] = group_entries(result, kind)
+    return entry
+
+
+def condense_exactly(model: onnx.ModelProto, **options):
+    """Condense at threshold 1.0 with verify; the reduced model agrees to RTOL (checked here with
+    ONNX Runtime and by the pass's own verify). Returns (result, measured error)."""
+    result = cg.condense(model, threshold=1.0, verify=True, **options)
+    error = relative_error(model, result.model)
+    print(f"max relative error {error:.3g}, verify {result.report['verify']['max_rel_err']:.3g}")
+    assert error <= RTOL
+    assert result.report["verify"]["max_rel_err"] <= RTOL
+    assert result.report["verify"]["nonfinite"] == 0
+    return result, error
+
+
+# ---- residual stream ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_residual_stream_loses_a_multiple_and_a_copy_planted_in_every_member(exporter, tmp_path):
+    net = fresh(ResNet(channels=8, blocks=3))
+    for chain in net.members():
+        plant(1, 5, LAMBDA, chain)  # y_5 = 2.5 y_1 in the stem and every block's last conv
+        plant(2, 6, 1.0, chain)  # y_6 = y_2
+    model = export(net, exporter, tmp_path / "res.onnx")
+    result, _ = condense_exactly(model)
+
+    entry = the_group(result, "residual")
+    assert (entry["width_before"], entry["width_after"], entry["exact"]) == (8, 6, True)
+    assert entry["name"] == node_of(model, "stem.weight")
+    members = ["stem.weight"] + [f"blocks.{i}.conv2.weight" for i in range(3)]
+    assert sorted(entry["group"]["weights"]) == sorted(members)
+    assert entry["group"]["kind"] == "residual" and entry["group"]["method"] == "condense"
+    assert len(entry["group"]["consumers"]) == 4  # every block's conv1 and the head
+
+    reduced = shapes(result.model)
+    assert reduced["stem.weight"] == (6, 3, 3, 3)
+    for i in range(3):
+        assert reduced[f"blocks.{i}.conv2.weight"] == (6, 8, 3, 3)  # rows: the stream
+        assert reduced[f"blocks.{i}.conv1.weight"] == (8, 6, 3, 3)  # columns: the stream
+    assert reduced["head.weight"] == (10, 6)
+    original = shapes(model)
+    for name in ("bn.weight", "blocks.0.bn2.running_mean"):  # BNs: folded in or sliced
+        assert name not in reduced or reduced[name] == (6,), (name, original.get(name))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_residual_stream_keeps_a_multiple_missing_in_one_member(exporter, tmp_path):
+    """Channel 5 = 2.5 channel 1 in the stem and two blocks but not in the last block: the stream's
+    channels 1 and 5 differ, so only the complete copy (6 = 2) merges."""
+    net = fresh(ResNet(channels=8, blocks=3))
+    for chain in net.members():
+        plant(2, 6, 1.0, chain)
+    for chain in net.members()[:-1]:
+        plant(1, 5, LAMBDA, chain)
+    model = export(net, exporter, tmp_path / "res.onnx")
+    result, _ = condense_exactly(model)
+
+    entry = the_group(result, "residual")
+    assert (entry["width_before"], entry["width_after"], entry["exact"]) == (8, 7, True)
+    assert shapes(result.model)["stem.weight"] == (7, 3, 3, 3)
+    assert shapes(result.model)["blocks.2.conv2.weight"] == (7, 8, 3, 3)
+
+
+def test_residual_stream_of_random_weights_keeps_its_width(tmp_path):
+    model = export(fresh(ResNet(channels=8, blocks=2)), "torchscript", tmp_path / "res.onnx")
+    result, error = condense_exactly(model)
+    entry = the_group(result, "residual")
+    assert (entry["width_before"], entry["width_after"], entry["exact"]) == (8, 8, True)
+    assert error <= RTOL
+
+
+# ---- Concat branches ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_concat_loses_right_branch_channels_that_duplicate_left_ones(exporter, tmp_path):
+    net = fresh(Branches(width=6))
+    left, right = (net.left, net.left_bn), (net.right, net.right_bn)
+    plant(1, 2, 1.0, right, source=left)  # right 2 (group channel 8) = left 1
+    plant(4, 5, 3.0, right, source=left)  # right 5 (group channel 11) = 3 x left 4, through ReLU
+    model = export(net, exporter, tmp_path / "cat.onnx")
+    result, _ = condense_exactly(model)
+
+    entry = the_group(result, "concat")
+    assert (entry["width_before"], entry["width_after"], entry["exact"]) == (12, 10, True)
+    assert sorted(entry["group"]["weights"]) == ["left.weight", "right.weight"]
+    reduced = shapes(result.model)
+    assert reduced["left.weight"] == (6, 3, 3, 3)
+    assert reduced["right.weight"] == (4, 3, 3, 3)
+    assert reduced["fuse.weight"] == (4, 10, 1, 1)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_concat_merges_within_a_branch_and_across_branches(exporter, tmp_path):
+    net = fresh(Branches(width=6))
+    left, right = (net.left, net.left_bn), (net.right, net.right_bn)
+    plant(0, 3, 1.0, left)  # within the left branch
+    plant(0, 4, 1.0, right, source=left)  # right 4 = left 0 as well: three channels, one kept
+    model = export(net, exporter, tmp_path / "cat.onnx")
+    result, _ = condense_exactly(model)
+
+    entry = the_group(result, "concat")
+    assert (entry["width_before"], entry["width_after"], entry["exact"]) == (12, 10, True)
+    reduced = shapes(result.model)
+    assert (reduced["left.weight"][0], reduced["right.weight"][0], reduced["fuse.weight"][1]) == (5, 5, 10)
+
+
+# ---- Split parts --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_split_merges_within_a_half_and_not_across_halves(exporter, tmp_path):
+    net = fresh(Halves())
+    chain = (net.conv, net.bn)
+    plant(1, 3, 1.0, chain)  # first half: 3 = 1
+    plant(0, 5, 2.0, chain)  # first half: 5 = 2 x 0 through ReLU
+    plant(2, 9, 1.0, chain)  # across: 9 (second half) = 2 (first half): different consumers
+    model = export(net, exporter, tmp_path / "split.onnx", outputs=("a", "b"))
+    cut = "Split" if exporter == "torchscript" else "SplitToSequence"
+    assert cut in {n.op_type for n in model.graph.node}
+    result, _ = condense_exactly(model)
+
+    entry = the_group(result, "split")
+    assert (entry["width_before"], entry["width_after"], entry["exact"]) == (16, 14, True)
+    assert entry["group"]["weights"] == ["conv.weight"]
+    assert len(entry["group"]["consumers"]) == 2
+    reduced = shapes(result.model)
+    assert reduced["conv.weight"] == (14, 3, 3, 3)
+    assert reduced["first.weight"] == (4, 6, 1, 1)
+    assert reduced["second.weight"] == (4, 8, 1, 1)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_split_duplicate_across_halves_alone_does_not_merge(exporter, tmp_path):
+    net = fresh(Halves())
+    plant(2, 9, 1.0, (net.conv, net.bn))
+    plant(6, 14, 1.0, (net.conv, net.bn))
+    model = export(net, exporter, tmp_path / "split.onnx", outputs=("a", "b"))
+    result, _ = condense_exactly(model)
+    entry = the_group(result, "split")
+    assert (entry["width_before"], entry["width_after"]) == (16, 16)
+    assert shapes(result.model)["conv.weight"] == (16, 3, 3, 3)
+
+
+# ---- squeeze-excitation gate --------------------------------------------------------------------
+
+
+def gated(copy_gate: bool) -> GatedBlock:
+    """Expand channel 5 an exact copy of 2 (conv, BN, depthwise kernel and BN), and with
+    `copy_gate` fc2's row 5 equal to row 2."""
+    net = fresh(GatedBlock())
+    plant(2, 5, 1.0, (net.expand, net.expand_bn, net.dw, net.dw_bn))
+    if copy_gate:
+        copy_gate_row(2, 5, net.fc2)
+    return net
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_gated_group_loses_a_copy_with_equal_gate_rows(exporter, tmp_path):
+    model = export(gated(copy_gate=True), exporter, tmp_path / "se.onnx")
+    result, _ = condense_exactly(model)
+
+    entry = the_group(result, "gate")
+    assert (entry["width_before"], entry["width_after"], entry["exact"]) == (16, 15, True)
+    assert entry["group"]["weights"] == ["expand.weight"]
+    assert entry["group"]["gates"] == [node_of(model, "fc2.weight")]
+    reduced = shapes(result.model)
+    assert reduced["expand.weight"] == (15, 8, 1, 1)
+    assert reduced["dw.weight"] == (15, 1, 3, 3)
+    assert reduced["fc2.weight"] == (15, 4, 1, 1)
+    assert reduced["fc1.weight"] == (4, 15, 1, 1)
+    assert reduced["project.weight"] == (8, 15, 1, 1)
+    [dw] = [n for n in result.model.graph.node if n.op_type == "Conv" and n.input[1] == "dw.weight"]
+    assert [a.i for a in dw.attribute if a.name == "group"] == [15]
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_gated_group_keeps_a_copy_whose_gate_rows_differ(exporter, tmp_path):
+    model = export(gated(copy_gate=False), exporter, tmp_path / "se.onnx")
+    result, _ = condense_exactly(model)
+    entry = the_group(result, "gate")
+    assert (entry["width_before"], entry["width_after"]) == (16, 16)
+    assert shapes(result.model)["expand.weight"] == (16, 8, 1, 1)
+
+
+# ---- requested widths, rounding, magnitude pruning ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory):
+    """A 2-block ResNet (stream of 8) of random weights, per exporter."""
+    folder, cache = tmp_path_factory.mktemp("group_merge"), {}
+
+    def get(exporter: str) -> onnx.ModelProto:
+        if exporter not in cache:
+            cache[exporter] = export(fresh(ResNet(8, 2)), exporter, folder / f"res_{exporter}.onnx")
+        return cache[exporter]
+
+    return get
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("key", ["weight", "node"])
+def test_layer_width_selects_the_group_by_any_member(key, exporter, resnet):
+    model = resnet(exporter)
+    member = "blocks.1.conv2.weight"  # the last member, not the group's name
+    name = member if key == "weight" else node_of(model, member)
+    result = cg.condense(model, threshold=1.0, layer_widths={name: 5})
+    entry = the_group(result, "residual")
+    assert (entry["width_before"], entry["width_after"]) == (8, 5)
+    reduced = shapes(result.model)
+    assert reduced["stem.weight"][0] == reduced["blocks.1.conv2.weight"][0] == 5
+    assert reduced["head.weight"] == (10, 5)
+    assert outputs_finite(result.model)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_round_to_rounds_the_group_width_up_to_a_multiple(exporter, tmp_path):
+    """Five copies leave 3 channels at threshold 1.0; round_to=4 splits one merge back off: 4,
+    still exact."""
+    net = fresh(ResNet(channels=8, blocks=2))
+    for chain in net.members():
+        for p, q in ((0, 3), (0, 4), (1, 5), (2, 6), (2, 7)):
+            plant(p, q, 1.0, chain)
+    model = export(net, exporter, tmp_path / "res.onnx")
+    plain = the_group(cg.condense(model, threshold=1.0), "residual")
+    assert plain["width_after"] == 3
+    result, _ = condense_exactly(model, round_to=4)
+    entry = the_group(result, "residual")
+    assert (entry["width_after"], entry["exact"]) == (4, True)
+    assert shapes(result.model)["stem.weight"] == (4, 3, 3, 3)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_round_to_gives_a_multiple_or_the_full_width(exporter, resnet):
+    model = resnet(exporter)
+    for threshold in (0.0, 0.3, 0.6):
+        result = cg.condense(model, threshold=threshold, round_to=4)
+        width = the_group(result, "residual")["width_after"]
+        print(f"threshold {threshold}: width {width}")
+        assert width % 4 == 0 or width == 8, (threshold, width)
+        assert width >= 1 and shapes(result.model)["stem.weight"][0] == width
+        assert outputs_finite(result.model)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_magnitude_pruning_cuts_a_group_to_the_requested_width(exporter, resnet):
+    model = resnet(exporter)
+    name = node_of(model, "stem.weight")
+    layers = {"blocks.0.conv1.weight": 8, "blocks.1.conv1.weight": 8}  # magnitude needs every width
+    result = cg.condense(model, method="magnitude", layer_widths={name: 5, **layers})
+    entry = the_group(result, "residual")
+    assert (entry["name"], entry["width_after"], entry["group"]["method"]) == (name, 5, "magnitude")
+    reduced = shapes(result.model)
+    for weight in ("stem.weight", "blocks.0.conv2.weight", "blocks.1.conv2.weight"):
+        assert reduced[weight][0] == 5
+    before, after = arrays(model)["stem.weight"], arrays(result.model)["stem.weight"]
+    assert all(any(np.array_equal(row, old) for old in before) for row in after)  # kept, not merged
+    assert reduced["head.weight"] == (10, 5)
+    assert outputs_finite(result.model)
