@@ -19,9 +19,9 @@ import onnx_graphsurgeon as gs
 from condense_graph.allocate import Budget, allocate
 from condense_graph.analysis import Analysis
 from condense_graph.calibration import Calibration, load_calibration
+from condense_graph.coupled import prepare
 from condense_graph.errors import CondenseError
 from condense_graph.graph import subgraph_tensor_names
-from condense_graph.coupled import prepare
 from condense_graph.groups import find_groups, group_entry, summarize
 from condense_graph.model_io import load_model
 from condense_graph.progress import Progress

@@ -8,9 +8,9 @@ from builders import x_to_y_model
 from onnx import helper
 
 import condense_graph as cg
-from condense_graph.graph import subgraph_tensor_names
 from condense_graph.analysis import analyze
 from condense_graph.coupled import prepare
+from condense_graph.graph import subgraph_tensor_names
 from condense_graph.groups import find_groups, summarize
 from condense_graph.report import format_inspect_table
 from passes.condense_channels import CondenseChannelsPass
