@@ -29,7 +29,7 @@ from condense_graph.compensate import compensate
 from condense_graph.coupled import prepare
 from condense_graph.errors import CondenseError
 from condense_graph.graph import export_like, import_graph, subgraph_tensor_names
-from condense_graph.group_plan import GroupPlan, plan_group
+from condense_graph.group_plan import GroupPlan, kept_in, plan_group
 from condense_graph.groups import find_groups
 from condense_graph.plan import LayerPlan, WeightStore, plan_layer
 from condense_graph.progress import Progress, silent
@@ -296,9 +296,24 @@ def forget_group_shapes(plan: GroupPlan, tensors: dict, node_of) -> None:
     shapes of its tensors: shape inference fills in the new widths."""
     for node, name, value in plan.attributes:
         node_of(node).attrs[name] = value
-    for name in plan.group.tensors:
+    names = set(plan.group.tensors)
+    names |= {t.name for cut in plan.group.cuts for t in cut.node.outputs}  # a sequence of parts
+    for name in names:
         if name in tensors and not isinstance(tensors[name], gs.Constant):
-            tensors[name].shape = None
+            tensors[name].shape = sequence_part_shape(plan, tensors[name])
+
+
+def sequence_part_shape(plan: GroupPlan, tensor: gs.Tensor) -> list | None:
+    """The new shape of a SequenceAt part, else None (inferred again). Shape inference gives every
+    element of a sequence one symbolic size, and ONNX Runtime then reuses one buffer for parts of
+    different widths (it fails at run time): their widths are written out."""
+    if tensor.shape is None or not tensor.inputs or tensor.inputs[0].op != "SequenceAt":
+        return None
+    offset, width = plan.group.tensors[tensor.name]
+    axis = 1 if plan.group.members[0].producer.node.op == "Conv" else len(tensor.shape) - 1
+    shape = list(tensor.shape)
+    shape[axis] = len(kept_in(plan.cmap, offset, width))
+    return shape
 
 
 def add_bias(graph: gs.Graph, node: gs.Node, bias: gs.Constant) -> None:
