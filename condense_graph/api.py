@@ -27,7 +27,7 @@ from condense_graph.model_io import load_model
 from condense_graph.progress import Progress
 from condense_graph.report import build_report, count_params
 from condense_graph.safety import check_output
-from condense_graph.selectors import AUTO, Selector, StructuredOBS, choose, get_selector
+from condense_graph.selectors import AUTO, DEFAULT, Selector, StructuredOBS, choose, get_selector
 from condense_graph.verify import (
     check_agreement_applies,
     check_random_draws,
@@ -35,7 +35,14 @@ from condense_graph.verify import (
     fixed_batch,
     split_holdout,
 )
-from passes.condense_channels import CondenseChannelsPass, CondenseChannelsResult, CondenseOptions
+from passes.condense_channels import (
+    CondenseChannelsPass,
+    CondenseChannelsResult,
+    CondenseOptions,
+    unit_keys,
+    unit_width,
+    unit_widths,
+)
 
 INSPECT_THRESHOLDS = (0.8, 0.9, 0.95, 0.99, 0.999)
 HOLDOUT_FRACTION = 0.2  # with calibration data and verify: the last 20% of the rows verify
@@ -194,8 +201,10 @@ def _allocated_options(
 ) -> tuple[CondenseOptions, dict, object]:
     """`options` with per-layer widths allocated globally to meet `budget` (`allocate.allocate`),
     the report entry, and the pass's result at those widths when the search computed it. Each
-    step tried is a line of `progress` (`Progress.say`)."""
-    _, analysis = CondenseChannelsPass.analyze(model)
+    step tried is a line of `progress` (`Progress.say`). Coupled channel groups are not in the
+    allocation (`grouped_options`)."""
+    graph, analysis = CondenseChannelsPass.analyze(model)
+    options = grouped_options(model, options, budget, min_fraction, (graph, analysis))
     fixed = set(options.layer_widths)
     floors = {
         layer.name: width_floor(layer.producer.width, min_fraction, options.round_to)
@@ -212,6 +221,40 @@ def _allocated_options(
             f"{last['value']:.3f}"
         )
     return replace(options, layer_widths=dict(options.layer_widths) | widths), entry, result
+
+
+def grouped_options(model, options: CondenseOptions, budget: Budget, min_fraction: float, analyzed):
+    """`options` with the coupled groups' targets fixed before the layers are allocated: the
+    allocation's OBS cost curves are measured on single-producer layers only. For a size budget a
+    group gets the width the data-free uniform search (`widths_for_params`) gives it for the same
+    fraction of the parameters (for target_macs too: a stand-in); for an error budget it merges
+    its exact multiples only (threshold 1.0). The entry of `report["layers"]` says it."""
+    _, analysis = analyzed
+    groups = [g for g in analysis.groups if not any(k in options.layer_widths for k in unit_keys(g))]
+    if not groups:
+        return options
+    if budget.error is not None:
+        exact = {g.name: 1.0 for g in groups if not any(k in options.layer_thresholds for k in unit_keys(g))}
+        return replace(options, layer_thresholds=exact | dict(options.layer_thresholds))
+    target = budget.params if budget.params is not None else budget.macs
+    fixed = _rounded_widths(dict(options.layer_widths), analysis, options.round_to)
+    search = width_search(model, fixed, DEFAULT, options.round_to, min_fraction, analyzed)
+    if fraction_at(search, 0.0) > target:  # the allocation says what is reachable
+        r = 0.0
+    else:
+        r, _ = widths_for_params(
+            model,
+            target,
+            fixed,
+            DEFAULT,
+            round_to=options.round_to,
+            min_fraction=min_fraction,
+            analyzed=analyzed,
+        )
+    widths = widths_at(search, r)
+    return replace(
+        options, layer_widths=dict(options.layer_widths) | {g.name: widths[g.name] for g in groups}
+    )
 
 
 def _reduction_report(
@@ -354,11 +397,7 @@ def planned_widths(
 def _rounded_widths(layer_widths: dict[str, int], analysis: Analysis, round_to: int) -> dict[str, int]:
     """The requested widths rounded up to `round_to`, never above their layer's width (a layer is
     named by its producer node or its weight)."""
-    sizes = {
-        key: layer.producer.width
-        for layer in analysis.layers
-        for key in (layer.name, layer.producer.weight.name)
-    }
+    sizes = unit_widths(analysis)
     return {name: round_width(width, sizes.get(name), round_to) for name, width in layer_widths.items()}
 
 
@@ -373,9 +412,9 @@ def _target_entry(
     """The report's `target_params` entry (before the fraction achieved is known): the width
     fraction found and the searched layers left at their floor."""
     floors = {
-        layer.name: width_floor(layer.producer.width, min_fraction, round_to)
-        for layer in analysis.layers
-        if layer.name in free
+        unit.name: width_floor(unit_width(unit), min_fraction, round_to)
+        for unit in analysis.layers + analysis.groups
+        if unit.name in free
     }
     return {
         "requested": target,
@@ -447,10 +486,8 @@ def width_search(
 ) -> WidthSearch:
     """The search over `model` (analyzed now unless `analyzed` gives (graph, analysis))."""
     graph, analysis = analyzed or CondenseChannelsPass.analyze(model)
-    free = [
-        layer
-        for layer in analysis.layers
-        if layer.name not in fixed and layer.producer.weight.name not in fixed
+    free = [  # layers and coupled groups
+        unit for unit in analysis.layers + analysis.groups if not any(key in fixed for key in unit_keys(unit))
     ]
     # sizes from the analyzed graph, where Constant nodes have become initializers
     sizes = {name: int(t.values.size) for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
@@ -464,11 +501,11 @@ def widths_at(search: WidthSearch, r: float) -> dict[str, int]:
     """The width of every free layer at fraction r: round(r * width) rounded up to `round_to`,
     never below `width_floor`."""
     return {
-        layer.name: max(
-            width_floor(layer.producer.width, search.min_fraction, search.round_to),
-            round_width(max(1, round(r * layer.producer.width)), layer.producer.width, search.round_to),
+        unit.name: max(
+            width_floor(unit_width(unit), search.min_fraction, search.round_to),
+            round_width(max(1, round(r * unit_width(unit))), unit_width(unit), search.round_to),
         )
-        for layer in search.free
+        for unit in search.free
     }
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from condense_graph import ops
 from condense_graph.chain_eval import affine_coefficients
 from condense_graph.coupled import CoupledGroup, Member
 from condense_graph.errors import InternalError
@@ -102,19 +103,17 @@ def plan_group(
         selector = SELECTORS[DEFAULT]
     vectors = group_vectors(group, store, versions)
     constants = path_constants(group, store)
-    classes = signature_classes(group, constants)
+    path = PathSimilarity.of(group, store, versions)
+    classes = signature_classes(group, constants, path)
     widths = class_widths(grouping.width, [len(c) for c in classes])
-    merged, cosines = [], []
+    merged = []
     for channels, width in zip(classes, widths, strict=True):
         if len(channels) == 1:
             merged.append(channels)
-            cosines.append(None)
             continue
-        path = np.stack([constants[k] for k in channels])  # [n, L]: one similarity per value
-        rows = Rows(vectors[channels], [vectors[channels]], list(path.T))
+        rows = Rows(vectors[channels], [vectors[channels]] + path.parallel(channels), path.scalars(channels))
         selection = selector.select(rows, replace(grouping, width=width, round_to=1))
         merged += [channels[g] for g in selection.groups]
-        cosines.append((channels, selection.cosine))
     groups = [g for g in merged if len(g)]
     threshold = grouping.threshold if grouping.width is None and selector.name == DEFAULT else None
     if grouping.width is None and grouping.round_to > 1:
@@ -170,20 +169,95 @@ def path_constants(group: CoupledGroup, store: WeightStore) -> list[np.ndarray]:
             for local, k in enumerate(entry.span):
                 values[k].append(array[local])
     for gate in group.gates:
-        producer = gate.producer
-        weights = channel_first(store[producer.weight.name], producer.axis).reshape(gate.width, -1)
-        bias = store.bias(producer.bias, gate.width) * producer.bias_scale
-        rows = np.concatenate([weights * producer.scale, bias[:, None]], axis=1)
+        rows = gate_rows(gate, store)
         for local, k in enumerate(gate.span):
             values[k].append(rows[local])
     return [np.concatenate(v).astype(np.float64) if v else np.zeros(0) for v in values]
 
 
-def signature_classes(group: CoupledGroup, constants: list[np.ndarray]) -> list[np.ndarray]:
-    """The channels by signature (and number of path constants), in channel order."""
+@dataclass
+class PathSimilarity:
+    """What the selection compares on a channel's path past the members, by position along it:
+    vectors that must be parallel (a depthwise kernel with the affine ops right after it folded
+    in, as the paper's A.3 judges a depthwise block; a gate's row [w, b]) and scalars that must
+    agree (`similarity.constant_agreement`: a BatchNormalization or PRelu slope between two
+    activations). Equality of all of them is what exactness asks (`path_constants`)."""
+
+    vectors: list[list[np.ndarray]]  # per channel
+    values: list[np.ndarray]  # per channel: its scalars
+
+    @classmethod
+    def of(cls, group: CoupledGroup, store: WeightStore, versions) -> PathSimilarity:
+        vectors = [[] for _ in range(group.width)]
+        values = [[] for _ in range(group.width)]
+        folded: set[int] = set()
+        entries = group.path_entries()
+        for i, entry in enumerate(entries):
+            if id(entry.node) in folded:
+                continue
+            if ops.is_depthwise_conv(entry.node):
+                rows, chain = depthwise_rows(entry, entries[i + 1 :], group, store, versions)
+                folded |= {id(n) for n in chain}
+                for local, k in enumerate(entry.span):
+                    vectors[k].append(rows[local])
+                continue
+            for const in entry.constants:
+                array = channel_first(store[const.tensor.name], const.axis).reshape(entry.width, -1)
+                for local, k in enumerate(entry.span):
+                    values[k].append(array[local])
+        for gate in group.gates:
+            for local, k in enumerate(gate.span):
+                vectors[k].append(gate_rows(gate, store)[local])
+        flat = [np.concatenate(v).astype(np.float64) if v else np.zeros(0) for v in values]
+        return cls(vectors, flat)
+
+    def key(self, k: int) -> tuple:
+        return (len(self.values[k]),) + tuple(len(v) for v in self.vectors[k])
+
+    def parallel(self, channels: np.ndarray) -> list[np.ndarray]:
+        first = self.vectors[channels[0]]
+        return [
+            np.stack([self.vectors[k][i] for k in channels]).astype(np.float32) for i in range(len(first))
+        ]
+
+    def scalars(self, channels: np.ndarray) -> list[np.ndarray]:
+        return list(np.stack([self.values[k] for k in channels]).T)
+
+
+def depthwise_rows(entry, after, group: CoupledGroup, store: WeightStore, versions):
+    """[width, k*k + 1]: a depthwise conv's kernels and bias with the single-user affine ops right
+    after it folded in (eq. 40, 52), and those ops."""
+    node = entry.node
+    region = set(group.tensors)
+    chain, cur = [], node.outputs[0]
+    nodes = {id(e.node): e.node for e in after}
+    while len(cur.outputs) == 1 and id(cur.outputs[0]) in nodes and ops.is_affine(cur.outputs[0], region):
+        chain.append(cur.outputs[0])
+        cur = cur.outputs[0].outputs[0]
+    kernels = store[node.inputs[1].name].reshape(entry.width, -1).astype(np.float64)
+    bias = store[node.inputs[2].name].reshape(-1) if len(node.inputs) > 2 and node.inputs[2].name else 0.0
+    shape = (entry.width,) + (1,) * (store[node.inputs[1].name].ndim - 2)
+    dtype = store[node.inputs[1].name].dtype
+    s, t = affine_coefficients(chain, node.outputs[0], cur, store, shape, dtype, versions)
+    s, t = s.reshape(-1), t.reshape(-1)
+    return np.concatenate([s[:, None] * kernels, (s * bias + t)[:, None]], axis=1), chain
+
+
+def gate_rows(gate, store: WeightStore) -> np.ndarray:
+    """[width, d + 1]: a squeeze-excitation fc2's rows [w, b] (alpha and beta applied)."""
+    producer = gate.producer
+    weights = channel_first(store[producer.weight.name], producer.axis).reshape(gate.width, -1)
+    bias = store.bias(producer.bias, gate.width) * producer.bias_scale
+    return np.concatenate([weights * producer.scale, bias[:, None]], axis=1)
+
+
+def signature_classes(
+    group: CoupledGroup, constants: list[np.ndarray], path: PathSimilarity
+) -> list[np.ndarray]:
+    """The channels by signature (and lengths of what is compared on the path), in channel order."""
     classes: dict[tuple, list[int]] = {}
     for k, signature in enumerate(group.signatures()):
-        classes.setdefault((signature, len(constants[k])), []).append(k)
+        classes.setdefault((signature, len(constants[k]), path.key(k)), []).append(k)
     return [np.array(c) for c in classes.values()]
 
 

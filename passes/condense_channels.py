@@ -99,6 +99,11 @@ class CondenseChannelsPass(PassBase):
             clock.append(time.perf_counter())
 
         graph, analysis = self.analyze(model, warnings)
+        if analysis.groups and self.selector.needs_calibration:
+            warnings.append(
+                f"{len(analysis.groups)} coupled channel group(s) are selected by the paper's weight rule, "
+                f"not by {self.selector.label}, and their consumers are not refit on the data"
+            )
         lap()
         plans, store = self.plan(graph, analysis, model)
         plans = [plan.measure() for plan in plans]  # the block errors of the plans kept
