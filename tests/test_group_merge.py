@@ -141,10 +141,11 @@ def copy_gate_row(p: int, q: int, fc2: nn.Conv2d) -> None:
         fc2.weight[q], fc2.bias[q] = fc2.weight[p], fc2.bias[p]
 
 
-def fresh(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights and BatchNorm statistics, eval mode (plant after this)."""
+def fresh(build, seed: int = 0, **kwargs) -> nn.Module:
+    """`build(**kwargs)` with seeded random weights and BatchNorm statistics, in eval mode (plant
+    after this)."""
     torch.manual_seed(seed)
-    module.eval()
+    module = build(**kwargs).eval()
     randomize_batchnorm(module, torch.Generator().manual_seed(seed + 1))
     return module
 
@@ -170,6 +171,32 @@ def relative_error(original: onnx.ModelProto, reduced: onnx.ModelProto, runs: in
             assert np.all(np.isfinite(actual))
             worst = max(worst, float(np.abs(actual - expected).max() / np.abs(expected).max()))
     return worst
+
+
+def declared_shapes_hold(model: onnx.ModelProto) -> list[str]:
+    """The tensors whose declared shape (value_info, graph outputs) the run contradicts: a wrong
+    dim_value, or one dim_param standing for different sizes (ONNX Runtime plans its buffers by
+    them). Found by running a copy without value_info that outputs every declared tensor."""
+    declared = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output)}
+    declared = {k: v for k, v in declared.items() if v.type.HasField("tensor_type")}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in declared)
+    actual = dict(zip(declared, run(probe, feeds(model, 0)), strict=True))
+    wrong, symbols = [], {}
+    for name, info in declared.items():
+        for axis, dim in enumerate(info.type.tensor_type.shape.dim):
+            size = actual[name].shape[axis]
+            if dim.HasField("dim_value") and dim.dim_value != size:
+                wrong.append(f"{name}[{axis}] declared {dim.dim_value}, is {size}")
+            if dim.HasField("dim_param"):
+                symbols.setdefault(dim.dim_param, set()).add((name, axis, size))
+    for symbol, uses in symbols.items():
+        if len({size for _, _, size in uses}) > 1:
+            wrong.append(f"dim_param {symbol!r} stands for {sorted(uses)}")
+    return wrong
 
 
 def outputs_finite(model: onnx.ModelProto) -> bool:
@@ -203,6 +230,7 @@ def condense_exactly(model: onnx.ModelProto, **options):
     """Condense at threshold 1.0 with verify; the reduced model agrees to RTOL (checked here with
     ONNX Runtime and by the pass's own verify). Returns (result, measured error)."""
     result = cg.condense(model, threshold=1.0, verify=True, **options)
+    assert declared_shapes_hold(result.model) == []
     error = relative_error(model, result.model)
     print(f"max relative error {error:.3g}, verify {result.report['verify']['max_rel_err']:.3g}")
     assert error <= RTOL
@@ -216,7 +244,7 @@ def condense_exactly(model: onnx.ModelProto, **options):
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_residual_stream_loses_a_multiple_and_a_copy_planted_in_every_member(exporter, tmp_path):
-    net = fresh(ResNet(channels=8, blocks=3))
+    net = fresh(ResNet, channels=8, blocks=3)
     for chain in net.members():
         plant(1, 5, LAMBDA, chain)  # y_5 = 2.5 y_1 in the stem and every block's last conv
         plant(2, 6, 1.0, chain)  # y_6 = y_2
@@ -246,7 +274,7 @@ def test_residual_stream_loses_a_multiple_and_a_copy_planted_in_every_member(exp
 def test_residual_stream_keeps_a_multiple_missing_in_one_member(exporter, tmp_path):
     """Channel 5 = 2.5 channel 1 in the stem and two blocks but not in the last block: the stream's
     channels 1 and 5 differ, so only the complete copy (6 = 2) merges."""
-    net = fresh(ResNet(channels=8, blocks=3))
+    net = fresh(ResNet, channels=8, blocks=3)
     for chain in net.members():
         plant(2, 6, 1.0, chain)
     for chain in net.members()[:-1]:
@@ -260,8 +288,19 @@ def test_residual_stream_keeps_a_multiple_missing_in_one_member(exporter, tmp_pa
     assert shapes(result.model)["blocks.2.conv2.weight"] == (7, 8, 3, 3)
 
 
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_residual_stream_keeps_equal_conv_rows_behind_different_batchnorms(exporter, tmp_path):
+    """Conv rows 5 = 1 in every member, but their BNs random: the folded rows differ."""
+    net = fresh(ResNet, channels=8, blocks=3)
+    for conv, _ in net.members():
+        plant(1, 5, 1.0, (conv,))
+    model = export(net, exporter, tmp_path / "res.onnx")
+    result, _ = condense_exactly(model)
+    assert the_group(result, "residual")["width_after"] == 8
+
+
 def test_residual_stream_of_random_weights_keeps_its_width(tmp_path):
-    model = export(fresh(ResNet(channels=8, blocks=2)), "torchscript", tmp_path / "res.onnx")
+    model = export(fresh(ResNet, channels=8, blocks=2), "torchscript", tmp_path / "res.onnx")
     result, error = condense_exactly(model)
     entry = the_group(result, "residual")
     assert (entry["width_before"], entry["width_after"], entry["exact"]) == (8, 8, True)
@@ -273,7 +312,7 @@ def test_residual_stream_of_random_weights_keeps_its_width(tmp_path):
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_concat_loses_right_branch_channels_that_duplicate_left_ones(exporter, tmp_path):
-    net = fresh(Branches(width=6))
+    net = fresh(Branches, width=6)
     left, right = (net.left, net.left_bn), (net.right, net.right_bn)
     plant(1, 2, 1.0, right, source=left)  # right 2 (group channel 8) = left 1
     plant(4, 5, 3.0, right, source=left)  # right 5 (group channel 11) = 3 x left 4, through ReLU
@@ -291,7 +330,7 @@ def test_concat_loses_right_branch_channels_that_duplicate_left_ones(exporter, t
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_concat_merges_within_a_branch_and_across_branches(exporter, tmp_path):
-    net = fresh(Branches(width=6))
+    net = fresh(Branches, width=6)
     left, right = (net.left, net.left_bn), (net.right, net.right_bn)
     plant(0, 3, 1.0, left)  # within the left branch
     plant(0, 4, 1.0, right, source=left)  # right 4 = left 0 as well: three channels, one kept
@@ -309,7 +348,7 @@ def test_concat_merges_within_a_branch_and_across_branches(exporter, tmp_path):
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_split_merges_within_a_half_and_not_across_halves(exporter, tmp_path):
-    net = fresh(Halves())
+    net = fresh(Halves)
     chain = (net.conv, net.bn)
     plant(1, 3, 1.0, chain)  # first half: 3 = 1
     plant(0, 5, 2.0, chain)  # first half: 5 = 2 x 0 through ReLU
@@ -330,8 +369,21 @@ def test_split_merges_within_a_half_and_not_across_halves(exporter, tmp_path):
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
+def test_split_merges_a_copy_in_each_half(exporter, tmp_path):
+    net = fresh(Halves)
+    plant(1, 3, 1.0, (net.conv, net.bn))  # first half
+    plant(9, 12, 1.0, (net.conv, net.bn))  # second half
+    model = export(net, exporter, tmp_path / "split.onnx", outputs=("a", "b"))
+    result, _ = condense_exactly(model)
+    entry = the_group(result, "split")
+    assert (entry["width_before"], entry["width_after"], entry["exact"]) == (16, 14, True)
+    reduced = shapes(result.model)
+    assert (reduced["first.weight"], reduced["second.weight"]) == ((4, 7, 1, 1), (4, 7, 1, 1))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
 def test_split_duplicate_across_halves_alone_does_not_merge(exporter, tmp_path):
-    net = fresh(Halves())
+    net = fresh(Halves)
     plant(2, 9, 1.0, (net.conv, net.bn))
     plant(6, 14, 1.0, (net.conv, net.bn))
     model = export(net, exporter, tmp_path / "split.onnx", outputs=("a", "b"))
@@ -347,7 +399,7 @@ def test_split_duplicate_across_halves_alone_does_not_merge(exporter, tmp_path):
 def gated(copy_gate: bool) -> GatedBlock:
     """Expand channel 5 an exact copy of 2 (conv, BN, depthwise kernel and BN), and with
     `copy_gate` fc2's row 5 equal to row 2."""
-    net = fresh(GatedBlock())
+    net = fresh(GatedBlock)
     plant(2, 5, 1.0, (net.expand, net.expand_bn, net.dw, net.dw_bn))
     if copy_gate:
         copy_gate_row(2, 5, net.fc2)
@@ -392,7 +444,8 @@ def resnet(tmp_path_factory):
 
     def get(exporter: str) -> onnx.ModelProto:
         if exporter not in cache:
-            cache[exporter] = export(fresh(ResNet(8, 2)), exporter, folder / f"res_{exporter}.onnx")
+            net = fresh(ResNet, channels=8, blocks=2)
+            cache[exporter] = export(net, exporter, folder / f"res_{exporter}.onnx")
         return cache[exporter]
 
     return get
@@ -417,7 +470,7 @@ def test_layer_width_selects_the_group_by_any_member(key, exporter, resnet):
 def test_round_to_rounds_the_group_width_up_to_a_multiple(exporter, tmp_path):
     """Five copies leave 3 channels at threshold 1.0; round_to=4 splits one merge back off: 4,
     still exact."""
-    net = fresh(ResNet(channels=8, blocks=2))
+    net = fresh(ResNet, channels=8, blocks=2)
     for chain in net.members():
         for p, q in ((0, 3), (0, 4), (1, 5), (2, 6), (2, 7)):
             plant(p, q, 1.0, chain)
@@ -431,15 +484,23 @@ def test_round_to_rounds_the_group_width_up_to_a_multiple(exporter, tmp_path):
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-def test_round_to_gives_a_multiple_or_the_full_width(exporter, resnet):
+def test_round_to_rounds_a_threshold_width_up_to_a_multiple_or_the_full_width(exporter, resnet):
+    """Random weights at low thresholds: the stream's width without rounding, rounded up to a
+    multiple of 3 or 4 (never above 8). The blocks' conv1 keep their widths (threshold 1.0), so
+    the stream's rows do not depend on round_to."""
     model = resnet(exporter)
-    for threshold in (0.0, 0.3, 0.6):
-        result = cg.condense(model, threshold=threshold, round_to=4)
-        width = the_group(result, "residual")["width_after"]
-        print(f"threshold {threshold}: width {width}")
-        assert width % 4 == 0 or width == 8, (threshold, width)
-        assert width >= 1 and shapes(result.model)["stem.weight"][0] == width
-        assert outputs_finite(result.model)
+    fixed = {"blocks.0.conv1.weight": 1.0, "blocks.1.conv1.weight": 1.0}
+    widths = []
+    for threshold in (0.0, 0.02, 0.05, 0.1):
+        plain = the_group(cg.condense(model, threshold=threshold, layer_thresholds=fixed), "residual")
+        widths.append(plain["width_after"])
+        for multiple in (3, 4):
+            result = cg.condense(model, threshold=threshold, layer_thresholds=fixed, round_to=multiple)
+            width = the_group(result, "residual")["width_after"]
+            assert width == min(8, -(-plain["width_after"] // multiple) * multiple), (threshold, multiple)
+            assert shapes(result.model)["stem.weight"][0] == width
+            assert outputs_finite(result.model)
+    assert len(set(widths)) > 2  # the thresholds give widths to round: the test sees rounding
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
