@@ -163,6 +163,32 @@ def refit_statistics(
     return normals
 
 
+def reader_refit_statistics(
+    reduced: onnx.ModelProto, original: onnx.ModelProto, readers: list, calibration: Calibration
+) -> list[Normal | None]:
+    """`refit_statistics` for consumers of a coupled group: `readers` lists (consumer, its input
+    width after the merge, features per channel, the original output rows it keeps or None). A
+    consumer whose own output rows were reduced before (a layer's producer, a group's member) is
+    refit toward the original outputs of the rows it kept."""
+    normals = []
+    for consumer, width, block, keep in readers:
+        features = consumer_features(consumer, width, block)
+        outputs = len(keep) if keep is not None else _outputs(consumer)
+        normals.append(Normal(features, outputs) if features else None)
+    sources = list(dict.fromkeys(c.node.inputs[0].name for c, *_ in readers))
+    sinks = list(dict.fromkeys(c.output_name for c, *_ in readers))
+    inputs, targets = capture(reduced, sources, calibration), capture(original, sinks, calibration)
+    for values, outputs in zip(inputs, targets, strict=True):
+        by_name = dict(zip(sources, values, strict=True)) | dict(zip(sinks, outputs, strict=True))
+        for (consumer, _, _, keep), normal in zip(readers, normals, strict=True):
+            if normal is None:
+                continue
+            out = _output_rows(consumer, by_name[consumer.output_name])
+            rows = feature_rows(consumer, by_name[consumer.node.inputs[0].name])
+            normal.add(rows, out if keep is None else out[:, keep])
+    return normals
+
+
 def _outputs(consumer: Consumer) -> int:
     weight = consumer.weight.values
     return weight.shape[0] if consumer.node.op == "Conv" else weight.shape[1 - consumer.axis]

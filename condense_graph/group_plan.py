@@ -69,7 +69,8 @@ class GroupPlan:
         return self
 
     def report(self) -> dict:
-        return {
+        refit = {"refit": self.refit} if self.refit is not None else {}
+        return refit | {
             "name": self.group.name,
             "op": f"{self.group.kind} group",
             "activation": self.group.activation,
@@ -112,7 +113,12 @@ def plan_group(
             merged.append(channels)
             continue
         rows = Rows(vectors[channels], [vectors[channels]] + path.parallel(channels), path.scalars(channels))
-        selection = selector.select(rows, replace(grouping, width=width, round_to=1))
+        target = replace(grouping, width=width, round_to=1)
+        selection = selector.select(rows, target)
+        if width is not None and len(selection.groups) > width:
+            # negative cosines never merge: a width that the path's vectors (a gate's rows, the
+            # depthwise kernels) keep out of reach is met on the members' rows alone
+            selection = selector.select(Rows(vectors[channels], [vectors[channels]]), target)
         merged += [channels[g] for g in selection.groups]
     groups = [g for g in merged if len(g)]
     threshold = grouping.threshold if grouping.width is None and selector.name == DEFAULT else None

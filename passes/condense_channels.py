@@ -24,8 +24,14 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from condense_graph.analysis import Analysis, Skipped, analyze
-from condense_graph.calibration import Calibration, consumer_features, layer_statistics, refit_statistics
-from condense_graph.compensate import compensate
+from condense_graph.calibration import (
+    Calibration,
+    consumer_features,
+    layer_statistics,
+    reader_refit_statistics,
+    refit_statistics,
+)
+from condense_graph.compensate import compensate, refit_consumer
 from condense_graph.coupled import prepare
 from condense_graph.errors import CondenseError
 from condense_graph.graph import export_like, import_graph, subgraph_tensor_names
@@ -102,7 +108,7 @@ class CondenseChannelsPass(PassBase):
         if analysis.groups and self.selector.needs_calibration:
             warnings.append(
                 f"{len(analysis.groups)} coupled channel group(s) are selected by the paper's weight rule, "
-                f"not by {self.selector.label}, and their consumers are not refit on the data"
+                f"not by {self.selector.label}; their consumers are then refit on the data"
             )
         lap()
         plans, store = self.plan(graph, analysis, model)
@@ -150,7 +156,10 @@ class CondenseChannelsPass(PassBase):
                 plans.append(self.plan_with_data(graph, layer, plans, store, model))
             self.progress.advance()
         for group in analysis.groups:  # coupled groups: by the weights (`condense_graph.group_plan`)
-            plans.append(plan_group(group, store, self.grouping_for(group), versions, self.selector))
+            plan = plan_group(group, store, self.grouping_for(group), versions, self.selector)
+            if self.options.calibration is not None and plan.cmap.width_after < plan.cmap.width_before:
+                plan.refit = refit_group(graph, plan, plans, store, model, self.options.calibration)
+            plans.append(plan)
             self.progress.advance()
         self.progress.close()
         return plans, store
@@ -213,6 +222,52 @@ class CondenseChannelsPass(PassBase):
                 "(--layer-width or --target-params)"
             )
         return Grouping(threshold, options.round_to, width)
+
+
+def refit_group(graph, plan: GroupPlan, plans: list, store: WeightStore, model, calibration) -> list[dict]:
+    """Refit every consumer of a merged group (`compensate.refit_consumer`) so that, fed by the
+    network reduced so far, it reproduces the original network's consumer outputs."""
+    reduced = materialize(graph, plans + [plan], store, model)
+    readers, refittable = [], []
+    for reader in plan.group.consumers:
+        consumer = reader.consumer
+        keep = output_rows_kept(consumer.node, plans)
+        rows = store[consumer.weight.name].shape[0 if consumer.node.op == "Conv" else 1 - consumer.axis]
+        width = len(kept_in(plan.cmap, reader.offset, reader.width))
+        readers.append((consumer, width, reader.block, keep))
+        refittable.append(keep is not False and rows == (len(keep) if keep is not None else rows))
+    readers = [(c, w, b, None if k is False else k) for c, w, b, k in readers]
+    normals = reader_refit_statistics(reduced, model, readers, calibration)
+    results = []
+    for (consumer, *_), normal, ok in zip(readers, normals, refittable, strict=True):
+        if normal is None or not ok:
+            results.append({"consumer": consumer.node.name, "refit": False})
+            continue
+        errors = refit_consumer(consumer, normal, store)
+        results.append(
+            {
+                "consumer": consumer.node.name,
+                "refit": True,
+                "calibration_err_paper": errors["paper"],
+                "calibration_err_refit": errors["refit"],
+            }
+        )
+    return results
+
+
+def output_rows_kept(node: gs.Node, plans: list):
+    """Which of `node`'s original output rows the plans so far kept: None (all), their indices, or
+    False when a merge rewrote them (a depthwise block's least-squares rows: no original target)."""
+    for plan in plans:
+        if isinstance(plan, LayerPlan) and plan.layer.producer.node is node:
+            if plan.layer.depthwise is not None and plan.cmap.width_after < plan.cmap.width_before:
+                return False
+            return plan.cmap.keep if plan.cmap.width_after < plan.cmap.width_before else None
+        if isinstance(plan, GroupPlan):
+            for member in plan.group.members + plan.group.gates:
+                if member.producer.node is node:
+                    return kept_in(plan.cmap, member.offset, member.width)
+    return None
 
 
 def with_groups(graph: gs.Graph, analysis: Analysis, subgraph: set[str]) -> Analysis:
