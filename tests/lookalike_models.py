@@ -425,6 +425,53 @@ def if_branches() -> Lookalike:
     return Lookalike("if_branches", net, x, ("dynamo",), planted)
 
 
+# ---- ResNet-18 ----------------------------------------------------------------------------------
+
+
+class ResBlock(nn.Module):
+    """torchvision's BasicBlock: conv-BN-ReLU-conv-BN plus the shortcut (1x1 conv + BN when the
+    block changes the width or strides), then ReLU."""
+
+    def __init__(self, inp: int, out: int, stride: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(inp, out, 3, stride, 1, bias=False), nn.BatchNorm2d(out)
+        self.conv2, self.bn2 = nn.Conv2d(out, out, 3, 1, 1, bias=False), nn.BatchNorm2d(out)
+        self.down = None
+        if stride != 1 or inp != out:
+            self.down = nn.Sequential(nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+
+    def forward(self, x):
+        shortcut = x if self.down is None else self.down(x)
+        return torch.relu(shortcut + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18's layout (stem, four stages of two BasicBlocks, pooled Linear head) at a quarter of
+    its widths: every stage's residual stream is one coupled group (stem or shortcut conv, and
+    every block's conv2)."""
+
+    def __init__(self, widths=(16, 32, 64, 128), classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]))
+        blocks, inp = [], widths[0]
+        for i, out in enumerate(widths):
+            blocks += [ResBlock(inp, out, 1 if i == 0 else 2), ResBlock(out, out, 1)]
+            inp = out
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(widths[-1], classes)
+
+    def forward(self, x):
+        h = self.blocks(torch.relu(self.stem(x)))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+def resnet18() -> Lookalike:
+    torch.manual_seed(40)
+    net = _finish(ResNet18(), seed=41)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(42))
+    return Lookalike("resnet18", net, x, ("torchscript", "dynamo"))
+
+
 BUILDERS = {
     "mobilenet_v3_small": mobilenet_v3_small,
     "pp_lcnet": pp_lcnet,

@@ -13,7 +13,7 @@ from test_group_merge import GatedBlock, ResNet, export, fresh  # noqa: E402
 
 
 def calibration_for(model, rows=48, seed=0) -> dict:
-    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    shape = [d.dim_value or 32 for d in model.graph.input[0].type.tensor_type.shape.dim]  # dynamic H, W
     shape[0] = rows
     data = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     return {model.graph.input[0].name: data}
@@ -66,3 +66,28 @@ def test_max_error_merges_only_exact_multiples_in_groups(tmp_path):
     [stream] = groups(result)
     assert stream["width_after"] == stream["width_before"]  # random weights: no exact multiples
     assert stream["threshold"] == 1.0
+
+
+# ---- look-alikes of deployed nets: --target-params 0.5 with data -------------------------------
+
+from lookalike_models import BUILDERS, export_lookalike, resnet18  # noqa: E402
+
+NETS = {"resnet18": resnet18, "mobilenet_v3_small": BUILDERS["mobilenet_v3_small"], "yolo": BUILDERS["yolo"]}
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_lookalikes_at_half_the_parameters_reduce_their_coupled_groups(name, tmp_path):
+    """Residual streams, Concat and SE-gated groups shrink, not only the inner layers."""
+    import onnx
+
+    path = tmp_path / f"{name}.onnx"
+    export_lookalike(NETS[name](), "torchscript", path)
+    model = onnx.load(str(path))
+    before = cg.inspect(model)["groups_summary"]
+    assert before["coupled_groups_ready"] == before["coupled_groups"] > 0, before
+    result = cg.condense(model, target_params=0.5, calibration=calibration_for(model, rows=32), verify=True)
+    reduced = {g["group"]["kind"] for g in groups(result) if g["width_after"] < g["width_before"]}
+    expected = {"resnet18": {"residual"}, "mobilenet_v3_small": {"residual", "gate"}, "yolo": {"concat"}}
+    assert expected[name] <= reduced, groups(result)
+    assert result.report["params_after"] <= 0.52 * result.report["params_before"]
+    assert result.report["verify"]["nonfinite"] == 0
