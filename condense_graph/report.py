@@ -108,7 +108,7 @@ def format_inspect_table(info: dict) -> str:
     rows = [("Layer", "Weight", "Activation", "Width") + tuple(f"@{t:g}" for t in thresholds)]
     for layer in info["layers"]:
         rows.append(
-            (layer["name"], layer.get("weight", "-"), layer["activation"], str(layer["width"]))
+            (layer["name"], layer.get("weight", "-"), _activation(layer), str(layer["width"]))
             + tuple(str(layer["widths"][str(t)]) for t in thresholds)
         )
     return (
@@ -116,6 +116,12 @@ def format_inspect_table(info: dict) -> str:
         + _group_lines(info.get("groups", []), info.get("groups_summary"))
         + _skipped_lines(info["skipped"])
     )
+
+
+def _activation(layer: dict) -> str:
+    """A coupled group's row says it is one: "residual group: Relu"."""
+    op = layer.get("op", "")
+    return f"{op}: {layer['activation']}" if op.endswith(" group") else layer["activation"]
 
 
 def _group_lines(groups: list[dict], summary: dict | None) -> str:
