@@ -46,18 +46,17 @@ def refit_consumer(consumer: Consumer, normal, store) -> dict:
 
 def compensate(layer: Layer, store, normals: list) -> list[dict]:
     """Refit every consumer that has normal equations; report the calibration errors."""
-    results = []
-    for consumer, normal in zip(layer.consumers, normals, strict=True):
-        if normal is None:
-            results.append({"consumer": consumer.node.name, "refit": False})
-            continue
-        errors = refit_consumer(consumer, normal, store)
-        results.append(
-            {
-                "consumer": consumer.node.name,
-                "refit": True,
-                "calibration_err_paper": errors["paper"],
-                "calibration_err_refit": errors["refit"],
-            }
-        )
-    return results
+    return [refit_entry(c, normal, store) for c, normal in zip(layer.consumers, normals, strict=True)]
+
+
+def refit_entry(consumer: Consumer, normal, store) -> dict:
+    """Refit `consumer` when it has normal equations (`normal` not None); its report entry."""
+    if normal is None:
+        return {"consumer": consumer.node.name, "refit": False}
+    errors = refit_consumer(consumer, normal, store)
+    return {
+        "consumer": consumer.node.name,
+        "refit": True,
+        "calibration_err_paper": errors["paper"],
+        "calibration_err_refit": errors["refit"],
+    }

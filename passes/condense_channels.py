@@ -31,7 +31,7 @@ from condense_graph.calibration import (
     reader_refit_statistics,
     refit_statistics,
 )
-from condense_graph.compensate import compensate, refit_consumer
+from condense_graph.compensate import compensate, refit_entry
 from condense_graph.coupled import prepare
 from condense_graph.errors import CondenseError
 from condense_graph.graph import export_like, import_graph, subgraph_tensor_names
@@ -238,21 +238,10 @@ def refit_group(graph, plan: GroupPlan, plans: list, store: WeightStore, model, 
         refittable.append(keep is not False and rows == (len(keep) if keep is not None else rows))
     readers = [(c, w, b, None if k is False else k) for c, w, b, k in readers]
     normals = reader_refit_statistics(reduced, model, readers, calibration)
-    results = []
-    for (consumer, *_), normal, ok in zip(readers, normals, refittable, strict=True):
-        if normal is None or not ok:
-            results.append({"consumer": consumer.node.name, "refit": False})
-            continue
-        errors = refit_consumer(consumer, normal, store)
-        results.append(
-            {
-                "consumer": consumer.node.name,
-                "refit": True,
-                "calibration_err_paper": errors["paper"],
-                "calibration_err_refit": errors["refit"],
-            }
-        )
-    return results
+    return [
+        refit_entry(consumer, normal if ok else None, store)
+        for (consumer, *_), normal, ok in zip(readers, normals, refittable, strict=True)
+    ]
 
 
 def output_rows_kept(node: gs.Node, plans: list):
