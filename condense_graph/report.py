@@ -6,8 +6,14 @@ exact, ...), skipped (name, reason), and when verified `verify` (max_abs_err, ma
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import onnx
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from condense_graph.model_io import serialized_size
 from condense_graph.protos import all_graphs
@@ -45,24 +51,92 @@ def build_report(original: onnx.ModelProto, reduced: onnx.ModelProto, plans, ski
 
 
 def format_reduce_table(report: dict) -> str:
-    """Before/after table in the spirit of onnxslim's summary."""
-    # "Exact" = exact for parallel neurons (homogeneous activation); "Min cos" says how parallel
-    rows = [("Layer", "Activation", "Width", "Threshold", "Min cos", "Exact")]
+    """Before/after table in the spirit of onnxslim's summary: per layer its path (kind and
+    activation), width, threshold, how parallel the merged neurons were, whether the merge is
+    exact and the error it made; then the totals."""
+    rows = [("Layer", "Path", "Width", "Threshold", "Min cos", "Exact", "Error")]
     # a rule that selects without a threshold: OBS (data-aware) or pruning
     no_threshold = "obs" if report.get("method") == "obs" else "pruned"
+    sources = set()
     for layer in report["layers"]:
         width = _width_change(layer["width_before"], layer["width_after"])
         cos = "-" if layer["min_group_cosine"] is None else f"{layer['min_group_cosine']:.4f}"
         threshold = no_threshold if layer["threshold"] is None else f"{layer['threshold']:.4g}"
-        rows.append(
-            (layer["name"], layer["activation"], width, threshold, cos, "yes" if layer["exact"] else "no")
-        )
-    rows.append(("Params", "", _change(report["params_before"], report["params_after"]), "", "", ""))
+        error, source = layer_error(layer)
+        sources.add(source)
+        rows.append((layer["name"], path(layer), width, threshold, cos, _exact(layer), error))
+    rows.append(("Params", "", _change(report["params_before"], report["params_after"]), "", "", "", ""))
     rows.append(
-        ("File size", "", _change(report["file_size_before"], report["file_size_after"], _bytes), "", "", "")
+        (
+            "File size",
+            "",
+            _change(report["file_size_before"], report["file_size_after"], _bytes),
+            "",
+            "",
+            "",
+            "",
+        )
     )
-    text = _table(rows, footer_from=len(rows) - 2) + _method_line(report) + _allocation_lines(report)
+    text = _table(rows, footer_from=len(rows) - 2) + _error_note(sources)
+    text += _method_line(report) + _allocation_lines(report)
     return text + _skipped_lines(report["skipped"]) + _warning_lines(report.get("warnings", []))
+
+
+def path(layer: dict) -> str:
+    """What the channels go through: the kind, then the activation ("conv: BatchNormalization+Relu",
+    "residual group: Relu"). A depthwise block has the depthwise Conv among its activation ops."""
+    op, activation = layer.get("op", ""), layer["activation"]
+    if op.endswith(" group"):
+        kind = op
+    elif "Conv" in activation.split("+"):
+        kind = "depthwise block"
+    elif op in ("Conv", "ConvTranspose"):
+        kind = "conv"
+    else:
+        kind = "dense"
+    return f"{kind}: {activation}"
+
+
+def _reduced(layer: dict) -> bool:
+    return layer["width_after"] < layer["width_before"]
+
+
+def _exact(layer: dict) -> str:
+    """README "Exactness": "exact" when every merge only changes float rounding, "approx"
+    otherwise, "-" for a layer that kept its width."""
+    if not _reduced(layer):
+        return "-"
+    return "exact" if layer["exact"] else "approx"
+
+
+REFIT, BLOCK = "refit", "block"
+
+
+def layer_error(layer: dict) -> tuple[str, str | None]:
+    """The layer's error as a cell and where it comes from: with data, the largest calibration
+    error of its refit consumers (`calibration_err_refit`, relative squared error); else its
+    block error (`block_error.max_rel_err`, on random probes). "-" for a layer not reduced."""
+    if not _reduced(layer):
+        return "-", None
+    refit = [r["calibration_err_refit"] for r in layer.get("refit") or [] if r.get("refit")]
+    if refit:
+        return f"{max(refit):.3g}", REFIT
+    block = layer.get("block_error")
+    if block is not None and block.get("max_rel_err") is not None:
+        return f"{block['max_rel_err']:.3g}", BLOCK
+    return "-", None
+
+
+def _error_note(sources: set) -> str:
+    """A footnote saying what the Error column measured."""
+    notes = {
+        REFIT: "with data, the largest calibration error of a refit consumer (calibration_err_refit: "
+        "squared error relative to the output energy)",
+        BLOCK: "the block error (block_error.max_rel_err: max |after - before| / max |before| of the "
+        "first consumer's output, on random probes)",
+    }
+    said = [notes[s] for s in (REFIT, BLOCK) if s in sources]
+    return f"\nError: {'; else '.join(said)}" if said else ""
 
 
 def _method_line(report: dict) -> str:
@@ -172,17 +246,19 @@ def _bytes(n: int) -> str:
 
 
 def _table(rows: list[tuple], footer_from: int | None = None) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-    lines = [rule]
-    for i, row in enumerate(rows):
-        if i == footer_from:
-            lines.append(rule)
-        lines.append("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
-        if i == 0:
-            lines.append(rule)
-    lines.append(rule)
-    return "\n".join(lines)
+    """`rows[0]` is the header; rows from `footer_from` on (totals) sit below a rule. Plain ASCII
+    text, no colours or markup, whatever the terminal: grep-able in a log, the same in a pipe."""
+    table = Table(box=box.ASCII2, show_edge=True, highlight=False, pad_edge=True)
+    for header in rows[0]:
+        table.add_column(Text(str(header)), no_wrap=True, overflow="ignore")
+    for i, row in enumerate(rows[1:], 1):
+        table.add_row(*(Text(str(cell)) for cell in row), end_section=i + 1 == footer_from)
+    console = Console(
+        file=io.StringIO(), width=100_000, color_system=None, force_terminal=False, emoji=False, markup=False
+    )
+    with console.capture() as capture:
+        console.print(table)
+    return "\n".join(line.rstrip() for line in capture.get().splitlines())
 
 
 def format_verify_table(verify: dict) -> str:
