@@ -3,6 +3,10 @@
 result = condense_graph.condense("model.onnx", threshold=0.95)
 result.model   # onnx.ModelProto, smaller
 result.report  # dict, the same data as `condense-graph reduce --report`
+result.save("small.onnx")  # atomic; report["file_size_after"] becomes the bytes written
+
+Messages of a `CondenseError` name the API's parameters (`target_params`); the command line
+shows them under its flags (`FLAGS`: `--target-params`), so one message serves both.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from condense_graph.coupled import prepare
 from condense_graph.errors import CondenseError
 from condense_graph.graph import subgraph_tensor_names
 from condense_graph.groups import find_groups, group_entry, summarize
-from condense_graph.model_io import load_model
+from condense_graph.model_io import load_model, load_model_and_layout, save_model
 from condense_graph.progress import Progress
 from condense_graph.report import build_report, count_params
 from condense_graph.safety import check_output
@@ -50,12 +54,59 @@ MIN_WIDTH_FRACTION = 0.1  # target_params never cuts a layer below 10% of its wi
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 
+FLAGS = {  # API parameter named in messages: the CLI flag that sets it (the CLI shows the flag)
+    "layer_thresholds": "--layer",
+    "layer_widths": "--layer-width",
+    "target_params": "--target-params",
+    "target_macs": "--target-macs",
+    "max_error": "--max-error",
+    "round_to": "--round-to",
+    "holdout": "--holdout",
+    "min_width_fraction": "--min-width-fraction",
+    "all_class_scores": "--min-agreement",
+}
+
 
 @dataclass
 class CondenseResult:
+    """What `condense` returns.
+
+    Attributes:
+        model (onnx.ModelProto): the reduced model (the input is never modified).
+        report (dict): the same data as `condense-graph reduce --report`: params_before,
+            params_after, file_size_before, file_size_after, layers, skipped, warnings, method,
+            output_checks (+ verify, allocation or target_params when asked).
+        plans (list): the per-layer plans (the groups merged; `condense_graph.plots` reads them).
+        external_data (bool, default False): whether the input file kept its weights in external
+            data; `save` keeps that layout unless told otherwise.
+
+    `report["file_size_after"]` is the size in bytes of the reduced model as `save` writes it
+    (model file plus data file): before `save`, the size of a one-file save (the serialized size;
+    the tensor bytes above the 2 GB limit); after `save`, the bytes written. The CLI's table, JSON
+    report and bench read the same number.
+    """
+
     model: onnx.ModelProto
     report: dict
     plans: list = field(default_factory=list, repr=False)  # per-layer plans (groups, for plots)
+    external_data: bool = False
+
+    def save(self, path: str | os.PathLike, external_data: bool | None = None) -> int:
+        """Write the model atomically to `path` (`condense_graph.model_io.save_model`: temporary
+        files renamed into place, the checker already passed); return the bytes written, which
+        become `report["file_size_after"]`.
+
+        Args:
+            path (str | os.PathLike): the output .onnx file; its directory must exist.
+            external_data (bool | None, default None): True puts the weights in `<path>.data`;
+                None keeps the input's layout (`self.external_data`). A model over the 2 GB
+                protobuf limit always gets the data file.
+        Raises:
+            CondenseError: the directory is missing or not writable."""
+        external = self.external_data if external_data is None else external_data
+        size = save_model(self.model, path, external)
+        self.report["file_size_after"] = size
+        return size
 
 
 def condense(
@@ -79,33 +130,58 @@ def condense(
 ) -> CondenseResult:
     """Merge condensed neurons of every reducible layer; the input model is never modified.
 
-    `layer_thresholds` maps a layer (its producer node name or weight name) to its own threshold.
-    `round_to` rounds every new width up to a multiple of it (8 or 16 suit CPU GEMM kernels),
-    requested widths too (never above the layer's width).
-    `calibration` (an .npz path or a dict of arrays named after the graph inputs) turns on the
-    data-aware merge: consumers are refit by least squares on the calibration activations.
-    `method` picks the rule (`condense_graph.selectors`): "auto" (default) is "obs" with
-    calibration data (exact merges, then structured OBS, then the refit) and "condense" (the
-    paper's merge) without; "activations" groups by activation cosine; "magnitude" is the pruning
-    baseline (keep the largest neurons, drop the rest); a `Selector` object is used as given
-    (`StructuredOBS(damping)`). `similarity` is the deprecated spelling ("weights": "condense").
-    `layer_widths` asks for a width per layer (the threshold that lands on it is found);
-    `target_params` (a fraction of the original parameters) picks those widths for every layer,
-    none below `min_width_fraction` of the layer's width (a CondenseError when that cannot reach
-    the target): one fraction for all layers without data, per-layer widths chosen globally by
-    their OBS costs with it (`condense_graph.allocate`). `target_macs` does the same for the
-    multiply-accumulates (needs data); `max_error` (needs data) finds the smallest model whose
-    held-out max_rel_err stays within it (the last `holdout` rows measure it and do not calibrate).
-    With `verify`, both models run in ONNX Runtime and the report gets `verify`: on random inputs,
-    or with calibration data on its last `holdout` fraction of rows, which then do not calibrate.
-    `all_class_scores` makes every [batch, classes] output class scores (top-1 agreement).
-    The reduced model passes `condense_graph.safety.check_output` (full onnx.checker, ONNX Runtime
-    loads it, finite weights) or an `InternalError` is raised.
-    Every degraded path taken (shape inference failed, a fallback) is logged and listed in
-    `report["warnings"]` (strings; empty when none).
+    Args:
+        model (str | os.PathLike | onnx.ModelProto): an .onnx path (external data read from its
+            directory) or a model in memory.
+        threshold (float, default 0.95): cosine similarity at or above which neurons merge.
+        layer_thresholds (dict[str, float] | None, default None): a layer (its producer node name
+            or weight name) to its own threshold.
+        verify (bool, default False): run both models in ONNX Runtime; the report gets `verify`,
+            on random inputs or, with `calibration`, on its last `holdout` fraction of rows, which
+            then do not calibrate.
+        input_shapes (dict[str, list[int]] | None, default None): shapes of graph inputs for the
+            random draws of `verify` (dynamic dims default to 1 for the batch, 8 otherwise).
+        progress (Progress | None, default None): progress display (`condense_graph.progress`).
+        round_to (int, default 1): every new width rounded up to a multiple of it (8 or 16 suit
+            CPU GEMM kernels), requested widths too (never above the layer's width).
+        calibration (str | os.PathLike | dict | None, default None): an .npz path or a dict of
+            arrays named after the graph inputs; turns on the data-aware merge (consumers refit by
+            least squares on the calibration activations).
+        similarity (str | None, default None): the deprecated spelling of `method` ("weights" is
+            "condense").
+        layer_widths (dict[str, int] | None, default None): a width per layer (the threshold that
+            lands on it is found).
+        target_params (float | None, default None): the fraction of the original parameters to
+            keep: one width fraction for all layers without data, per-layer widths chosen globally
+            by their OBS costs with it (`condense_graph.allocate`).
+        holdout (float, default 0.2): with data and `verify` or `max_error`: the last fraction of
+            the rows that measure and do not calibrate.
+        min_width_fraction (float, default 0.1): no layer is cut below this fraction of its width
+            (a CondenseError when the budget cannot be reached then).
+        all_class_scores (bool, default False): every [batch, classes] output is class scores
+            (top-1 agreement is measured).
+        method (str | Selector, default "auto"): the rule (`condense_graph.selectors`): "auto" is
+            "obs" with calibration data (exact merges, then structured OBS, then the refit) and
+            "condense" (the paper's merge) without; "activations" groups by activation cosine;
+            "magnitude" is the pruning baseline (keep the largest neurons, needs widths); a
+            `Selector` object is used as given (`StructuredOBS(damping)`).
+        target_macs (float | None, default None): like `target_params` for the multiply-
+            accumulates (needs data).
+        max_error (float | None, default None): the smallest model whose held-out max_rel_err
+            stays within it (needs data). At most one of target_params, target_macs, max_error.
+
+    Returns:
+        CondenseResult: the model, the report (`report["warnings"]` lists every degraded path
+        taken, e.g. shape inference failed; empty when none) and the plans; `save` writes it.
+
+    Raises:
+        CondenseError: bad input or options (messages name the API parameters; the CLI shows
+            its flags).
+        InternalError: the reduced model fails `condense_graph.safety.check_output` (full
+            onnx.checker, ONNX Runtime loads it, finite weights): a bug of condense-graph.
     """
     _check_options(threshold, layer_thresholds, round_to, holdout, min_width_fraction)
-    original = load_model(model)
+    original, external = load_model_and_layout(model)
     if verify and all_class_scores:
         check_agreement_applies(original)
     selector = _selector(method, similarity, calibration is not None)
@@ -133,7 +209,7 @@ def condense(
     report = _reduction_report(original, result, data, target, selector)
     if verify:
         report["verify"] = _verification(original, result.model, input_shapes, data, held, all_class_scores)
-    return CondenseResult(result.model, report, result.plans)
+    return CondenseResult(result.model, report, result.plans, external)
 
 
 def _pass_options(
@@ -152,7 +228,7 @@ def _pass_options(
     With a rule that allocates widths globally (OBS), `target_params` is left to
     `_allocated_options`."""
     if selector.needs_width and not layer_widths and target_params is None:
-        raise CondenseError(f"{selector.label} needs layer widths or target_params")
+        raise CondenseError(f"{selector.label} needs layer widths (--layer-width) or target_params")
     _check_widths(dict(layer_widths or {}), target_params)
     uniform = None if selector.needs_consumer_statistics else target_params
     widths, target = planned_widths(
@@ -175,15 +251,14 @@ def _budget(target_params, target_macs, max_error, with_data: bool, selector: Se
     met by the global allocation, which needs data and structured OBS."""
     given = [v is not None for v in (target_params, target_macs, max_error)]
     if sum(given) > 1:
-        raise CondenseError(
-            "give one of target_params (--target-params), target_macs (--target-macs) "
-            "and max_error (--max-error)"
-        )
+        raise CondenseError("give one of target_params, target_macs and max_error")
     for name, value in (("target_macs", target_macs), ("max_error", max_error)):
         if value is not None and not with_data:
             raise CondenseError(f"{name} needs calibration data (--data)")
         if value is not None and not selector.needs_consumer_statistics:
-            raise CondenseError(f"{name} needs method 'obs' (the default with --data), not '{selector.name}'")
+            raise CondenseError(
+                f"{name} needs method 'obs' (--method; the default with --data), not '{selector.name}'"
+            )
     if target_macs is not None and not 0.0 < target_macs <= 1.0:
         raise CondenseError(f"target_macs is a fraction of the MACs in (0, 1], got {target_macs!r}")
     if max_error is not None and not (isinstance(max_error, (int, float)) and max_error > 0):
@@ -319,7 +394,20 @@ def _split_for_verification(
 def inspect(model: ModelLike, thresholds=INSPECT_THRESHOLDS) -> dict:
     """Every reducible layer and coupled channel group with the width `condense` would give it at
     each threshold, and every channel group (`condense_graph.groups`), with why it is left alone
-    when it is."""
+    when it is.
+
+    Args:
+        model (str | os.PathLike | onnx.ModelProto): an .onnx path or a model (not modified).
+        thresholds (tuple[float, ...], default (0.8, 0.9, 0.95, 0.99, 0.999)): the cosine
+            thresholds to list widths at.
+
+    Returns:
+        dict: params, thresholds, layers (name, weight, op, activation, width, exact, widths by
+        threshold), skipped (name, reason), groups and groups_summary; `condense-graph inspect
+        --json` writes the same.
+
+    Raises:
+        CondenseError: a threshold outside [-1, 1] or an unreadable model."""
     for t in thresholds:
         _check_threshold(t, "threshold")
     original = load_model(model)
@@ -534,7 +622,9 @@ def _check_reachable(search: WidthSearch, target: float) -> None:
 def _check_widths(widths: dict, target: float | None) -> None:
     for name, width in widths.items():
         if not isinstance(width, int) or width < 1:
-            raise CondenseError(f"width of layer '{name}' must be a positive integer, got {width!r}")
+            raise CondenseError(
+                f"width of layer '{name}' (layer_widths) must be a positive integer, got {width!r}"
+            )
     if target is not None and not 0.0 < target <= 1.0:
         raise CondenseError(f"target_params is a fraction of the parameters in (0, 1], got {target!r}")
 
@@ -542,7 +632,7 @@ def _check_widths(widths: dict, target: float | None) -> None:
 def _calibration(source, model: onnx.ModelProto, selector: Selector) -> Calibration | None:
     if source is None:
         if selector.needs_calibration:
-            raise CondenseError(f"{selector.label} needs calibration data")
+            raise CondenseError(f"{selector.label} needs calibration data (--data)")
         return None
     if isinstance(source, dict):
         from condense_graph.verify import check_fits, check_lengths, graph_inputs
@@ -565,7 +655,7 @@ def _calibration(source, model: onnx.ModelProto, selector: Selector) -> Calibrat
 def _check_options(threshold, layer_thresholds, round_to, holdout, min_width_fraction) -> None:
     _check_threshold(threshold, "threshold")
     for name, value in (layer_thresholds or {}).items():
-        _check_threshold(value, f"threshold of layer '{name}'")
+        _check_threshold(value, f"threshold of layer '{name}' (layer_thresholds)")
     if not isinstance(round_to, int) or round_to < 1:
         raise CondenseError(f"round_to must be a positive integer, got {round_to!r}")
     if not isinstance(holdout, (int, float)) or not 0.0 < holdout < 1.0:

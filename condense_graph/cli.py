@@ -12,14 +12,15 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
-from condense_graph import __version__, runtime
-from condense_graph.api import HOLDOUT_FRACTION, MIN_WIDTH_FRACTION, condense, inspect
+from condense_graph import __version__, model_io, runtime
+from condense_graph.api import FLAGS, HOLDOUT_FRACTION, MIN_WIDTH_FRACTION, condense, inspect
 from condense_graph.bench import benchmark
 from condense_graph.errors import CondenseError, InternalError
-from condense_graph.model_io import load_model, save_model, serialized_size
+from condense_graph.model_io import load_model, serialized_size
 from condense_graph.progress import Progress
 from condense_graph.report import (
     format_bench_table,
@@ -215,6 +216,7 @@ def _add_checks(group) -> None:
     )
     group.add_argument("--bench", action="store_true", help="benchmark the written model against the input")
     _add_bench_options(group)
+    _add_providers(group)
     group.add_argument("--plot", metavar="DIR", help="write cosine heatmaps and a width chart (PNG)")
     group.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
@@ -257,6 +259,7 @@ def _add_verify(verify) -> None:
         "--batch-size", type=int, help="rows per run with --data (default 256; a fixed-batch model: its own)"
     )
     _add_tolerances(verify)
+    _add_providers(verify)
     verify.add_argument("--report", metavar="FILE.json", help="write the numbers as JSON")
     verify.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
@@ -266,6 +269,7 @@ def _add_bench(bench) -> None:
     bench.add_argument("other", nargs="?", help="model to compare with the baseline")
     _add_input_shapes(bench, "shape of a graph input (a dynamic batch dim defaults to --batch)")
     _add_bench_options(bench)
+    _add_providers(bench)
     bench.add_argument("--report", metavar="FILE.json", help="write the numbers as JSON")
     bench.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
@@ -279,23 +283,49 @@ def _add_bench_options(parser) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
 
 
+def _add_providers(parser) -> None:
+    parser.add_argument(
+        "--providers",
+        metavar="P[,P...]",
+        help="ONNX Runtime execution providers for calibration, verification and benchmarks, in order "
+        "of preference: cuda,cpu or CUDAExecutionProvider,CPUExecutionProvider (default cpu); "
+        "one this onnxruntime does not have is an error",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:  # graph-optimizer notes ORT prints on its own logger are not ours to show
         runtime.quiet_runtime_logs()
     commands = {"reduce": run_reduce, "inspect": run_inspect, "verify": run_verify, "bench": run_bench}
     try:
-        return commands[args.command](args)
+        # every session of this run (runtime.session) on --providers; the default restored after
+        with runtime.using_providers(getattr(args, "providers", None)):
+            return commands[args.command](args)
     except Exception as err:  # noqa: BLE001 - every failure ends as one line and an exit code
         if args.debug:
             raise
         return _report_error(err)
 
 
+# an API parameter in a message, with the flag some messages add after it: shown as the flag alone
+_PARAMETER = re.compile(r"(?<![\w-])(" + "|".join(FLAGS) + r")\b(?: \((--[a-z-]+)\))?")
+
+
+def cli_message(message: str) -> str:
+    """A CondenseError's message as the command line says it: API parameters (`target_params`,
+    `round_to`...) become the flags that set them (`--target-params`, `--round-to`)."""
+    message = _PARAMETER.sub(lambda m: FLAGS[m.group(1)], message)
+    for option in FLAGS.values():  # 'max_error 0.1 (--max-error)': the flag said once
+        if message.count(option) > 1:
+            message = message.replace(f" ({option})", "")
+    return re.sub(r"^threshold must", "--threshold must", message)
+
+
 def _report_error(err: Exception) -> int:
     """One line on stderr; the exit code says whose problem it is (user: 2, ours: 3)."""
     if isinstance(err, CondenseError):
-        print(f"condense-graph: error: {err}", file=sys.stderr)
+        print(f"condense-graph: error: {cli_message(str(err))}", file=sys.stderr)
         return EXIT_USAGE
     if isinstance(err, InternalError):  # the safety net's messages already say it is a bug
         text = str(err) if str(err).startswith(BUG) else f"{BUG}: {err}"
@@ -348,14 +378,18 @@ def run_reduce(args) -> int:
     report = result.report
     failures = _judge(report["verify"], tolerances) if args.verify else []
     written = not failures or args.force
-    if written:
-        report["file_size_after"] = save_model(result.model, args.output, args.external_data)
+    if written:  # the input's layout kept: external data in, external data out
+        result.save(args.output, True if args.external_data else None)  # sets file_size_after
+        report["external_data"] = _external_data(args, result)
     if args.plot:
         from condense_graph.plots import plot_reduction
 
         report["plots"] = [str(p) for p in plot_reduction(result.plans, args.plot)]
     if args.bench and written:
-        models = [(args.input, load_model(args.input)), (args.output, result.model)]
+        models = [
+            (args.input, load_model(args.input), report["file_size_before"]),
+            (args.output, result.model, report["file_size_after"]),  # the bytes written
+        ]
         report["bench"] = _bench(args, models, _input_shapes(args))
     elif args.bench:
         report["bench_skipped"] = "verification failed: the model was not written (--force writes it)"
@@ -364,6 +398,19 @@ def run_reduce(args) -> int:
     if not args.quiet:
         _print_reduce(args, report, failures)
     return EXIT_VERIFY_FAILED if failures else EXIT_OK
+
+
+def _external_data(args, result) -> dict | None:
+    """Where the written weights went when not in the model file, and why (`save_model`'s rule)."""
+    if args.external_data:
+        why = "--external-data"
+    elif result.external_data:
+        why = "as in the input, which keeps its weights in external data"
+    elif model_io.is_large(result.model):
+        why = "the model is over the 2 GB protobuf limit"
+    else:
+        return None
+    return {"file": f"{args.output}.data", "why": why}
 
 
 def _condense_arguments(args) -> dict:
@@ -431,6 +478,8 @@ def _print_reduce(args, report: dict, failures: list[str]) -> None:
         _say(_verdict(failures, _tolerances(args), args.force, args.output))
     elif not failures:
         _say(f"Wrote {args.output}")
+    if report.get("external_data"):
+        _say(f"Weights: in {report['external_data']['file']} ({report['external_data']['why']})")
     if not any(layer["width_after"] < layer["width_before"] for layer in report["layers"]):
         _say(_nothing_reduced_hint(args, report))
     if "bench" in report:
@@ -516,7 +565,8 @@ def run_verify(args) -> int:
 def run_bench(args) -> int:
     paths = [args.model] + ([args.other] if args.other else [])
     input_shapes = _input_shapes(args)
-    result = _bench(args, [(p, load_model(p)) for p in paths], input_shapes)
+    models = [(p, model, serialized_size(model)) for p in paths for model in [load_model(p)]]
+    result = _bench(args, models, input_shapes)
     if args.report:
         _write_json(result, args.report)
     if not args.quiet:
@@ -525,11 +575,11 @@ def run_bench(args) -> int:
 
 
 def _bench(args, models, input_shapes) -> dict:
+    """Benchmark (label, model, file size) entries, the first the baseline."""
     if args.batch < 1 or args.bench_runs < 1 or args.threads < 0 or args.warmup < 0:
         raise CondenseError("--batch and --runs must be positive, --threads and --warmup not negative")
-    entries = [(label, model, serialized_size(model)) for label, model in models]
     return benchmark(
-        entries,
+        models,
         args.batch,
         args.threads,
         args.bench_runs,

@@ -40,16 +40,28 @@ PROTOBUF_LIMIT = 2**31 - 1  # bytes one protobuf message can hold; read at call 
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """Return a private, validated copy of the model with its external data loaded."""
+    """Return a private, validated copy of the model with its external data loaded.
+
+    Args:
+        source (str | os.PathLike | onnx.ModelProto): a path to an .onnx file (its external data
+            is read from the file's directory) or a model (copied, never modified).
+    Raises:
+        CondenseError: the file is missing, unreadable or the model invalid (one line)."""
+    return load_model_and_layout(source)[0]
+
+
+def load_model_and_layout(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """`load_model`, and whether the file kept its weights in external data (False for a model
+    given in memory): saving the result the same way keeps the input's layout."""
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
         validate(model)
-    else:
-        model, external = _read(Path(source))
-        validate(model, Path(source) if external else None)
-        clear_default_locations(model)
-    return model
+        return model, False
+    model, external = _read(Path(source))
+    validate(model, Path(source) if external else None)
+    clear_default_locations(model)
+    return model, external
 
 
 def _read(path: Path) -> tuple[onnx.ModelProto, bool]:
@@ -132,10 +144,19 @@ def _check_opset(model: onnx.ModelProto) -> None:
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool = False) -> int:
-    """Write `model` atomically to `path`; return the size in bytes (model file + data file).
+    """Write `model` atomically to `path`; return the size in bytes of what was written (model
+    file + data file): the report's `file_size_after`.
 
     Weights go to `<name>.data` beside the model when asked or when the model would exceed
-    the 2 GB protobuf limit."""
+    the 2 GB protobuf limit. The data file gets the model file's permissions (onnx creates it
+    readable by its owner only), which are those of any file the user creates (umask).
+
+    Args:
+        model (onnx.ModelProto): the model to write (not modified).
+        path (str | os.PathLike): the .onnx file; its directory must exist.
+        external_data (bool, default False): weights in `<name>.data` even under 2 GB.
+    Raises:
+        CondenseError: the directory is missing or not writable."""
     path = Path(path)
     if not path.parent.is_dir():
         raise CondenseError(f"output directory does not exist: {path.parent}")
@@ -146,6 +167,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
         raise CondenseError(f"cannot write in {path.parent}: {err.strerror}") from None
     try:
         files = _write(model, staging / path.name, external)
+        mode = (staging / path.name).stat().st_mode & 0o777
+        for name in files:
+            os.chmod(staging / name, mode)
         for name in sorted(files, key=lambda n: n == path.name):  # data first, model last
             os.replace(staging / name, path.parent / name)
     finally:

@@ -11,6 +11,11 @@ ONNX Runtime's exceptions become one-line messages here (`one_line`): `session` 
 `SessionError`, a `CondenseError` whose `reason` is that line. Shape inference does not raise:
 `infer_shapes` returns the model as it was and why inference failed, and the caller, who knows
 what the failure costs, logs it with its module logger and lists it in its warnings (`degraded`).
+
+Every session runs on the execution providers of `PROVIDERS` (CPU by default), a module-level
+setting: `set_providers("cuda,cpu")` (the CLI's `--providers`) checks the names against
+`onnxruntime.get_available_providers()` and sets it for calibration, verification, benchmarks and
+the safety net's load check alike; `using_providers` sets it for a block and restores it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,22 @@ import onnxruntime as ort
 from condense_graph import model_io
 from condense_graph.errors import CondenseError
 
-PROVIDERS = ["CPUExecutionProvider"]
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+PROVIDERS = list(DEFAULT_PROVIDERS)  # what every session runs on; set by `set_providers`
+SHORT_NAMES = {  # the CLI's short spellings, lower case
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "directml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+}
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +77,54 @@ def path_if_large(model: onnx.ModelProto):
         yield path
 
 
+def parse_providers(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """ONNX Runtime provider names from "cuda,cpu" or "CUDAExecutionProvider,CPUExecutionProvider"
+    (either spelling, case-insensitive, a comma-separated string or a list), in order of preference.
+    A provider that this onnxruntime does not have is a `CondenseError` naming the ones it has."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    available = ort.get_available_providers()
+    by_lower = {name.lower(): name for name in available}
+    chosen, missing = [], []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        full = SHORT_NAMES.get(item.lower(), item)
+        name = by_lower.get(full.lower()) or by_lower.get(f"{item.lower()}executionprovider")
+        if name is None:
+            missing.append(item)
+        elif name not in chosen:
+            chosen.append(name)
+    if missing or not chosen:
+        what = ", ".join(missing) if missing else "none given"
+        gpu = (
+            " (CUDA and TensorRT need the onnxruntime-gpu package)"
+            if "CUDAExecutionProvider" not in available
+            else ""
+        )
+        raise CondenseError(
+            f"execution provider(s) not available in this onnxruntime: {what}; available: "
+            f"{', '.join(available)}{gpu}"
+        )
+    return chosen
+
+
+def set_providers(spec: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """Make every session of the package run on these providers (`parse_providers`; None: the
+    default, CPU only); returns the list now in use."""
+    PROVIDERS[:] = list(DEFAULT_PROVIDERS) if spec is None else parse_providers(spec)
+    return list(PROVIDERS)
+
+
+@contextmanager
+def using_providers(spec: str | list[str] | tuple[str, ...] | None):
+    """Context: `set_providers(spec)` inside, the previous providers restored on exit."""
+    before = list(PROVIDERS)
+    try:
+        yield set_providers(spec)
+    finally:
+        PROVIDERS[:] = before
+
+
 def quiet_runtime_logs() -> None:
     """ONNX Runtime's process-wide logger prints warnings (e.g. "UnsqueezeElimination cannot remove
     node") while it builds sessions, whatever the session's own severity: keep it to errors. The
@@ -65,8 +133,9 @@ def quiet_runtime_logs() -> None:
 
 
 def session(model: onnx.ModelProto, threads: int = 0, arena: bool = True) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session (`threads` intra-op threads, 0: all cores; `arena`: ORT's CPU
-    memory arena). Raises `SessionError` when ONNX Runtime cannot load the model."""
+    """An ONNX Runtime session on `PROVIDERS` (CPU unless `set_providers` said otherwise;
+    `threads` intra-op threads, 0: all cores; `arena`: ORT's CPU memory arena). Raises
+    `SessionError` when ONNX Runtime cannot load the model."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
@@ -76,7 +145,7 @@ def session(model: onnx.ModelProto, threads: int = 0, arena: bool = True) -> ort
         with path_if_large(model) as path:
             # ORT has read the external data once the session exists: the file may go
             source = str(path) if path else model.SerializeToString()
-            return ort.InferenceSession(source, options, providers=PROVIDERS)
+            return ort.InferenceSession(source, options, providers=list(PROVIDERS))
     except Exception as err:  # noqa: BLE001 - ORT raises its own exception classes
         raise SessionError(one_line(err)) from None
 
