@@ -1,8 +1,11 @@
 """condense-graph: shrink trained networks in ONNX by merging condensed neurons.
 
 See `condense` and `inspect` (`StructuredOBS` is the data-aware rule `method=` takes as an
-object, to set its damping); `count_params` counts a model's parameters (initializers and
-Constant nodes, subgraphs included); the CLI is `condense-graph`.
+object, to set its damping); `condense` returns a `CondenseResult`, whose `save(path)` writes the
+model atomically; `count_params` counts a model's parameters (initializers and Constant nodes,
+subgraphs included). Each documents its arguments, types and defaults (`help(condense)`).
+ONNX Runtime sessions run on `condense_graph.runtime.PROVIDERS` (CPU; `runtime.set_providers`).
+The CLI is `condense-graph` (or `python -m condense_graph`).
 
 The API is loaded on first use (PEP 562), so the package's modules import without it: the passes
 (`passes/`) read them and the API runs the passes.

@@ -152,7 +152,21 @@ def benchmark(
     input_shapes: dict | None = None,
     progress: Progress | None = None,
 ) -> dict:
-    """Benchmark (label, model, file size) entries on the same inputs; the first is the baseline."""
+    """Benchmark (label, model, file size) entries on the same inputs; the first is the baseline.
+
+    Args:
+        models (list[tuple[str, onnx.ModelProto, int]]): label, model and its file size in bytes.
+        batch (int, default 1): the batch of a dynamic batch dimension.
+        threads (int, default 1): ONNX Runtime intra-op threads (0: all cores).
+        runs (int, default 50): timed runs per model, interleaved.
+        warmup (int, default 5): untimed runs per model first.
+        input_shapes (dict | None, default None): {input name: shape} for the feeds.
+        progress (Progress | None, default None): progress display.
+
+    Returns:
+        dict: batch, inputs (the shapes fed), threads, runs, warmup, models (per model: params,
+        macs, file_size, median_ms, iqr_ms..., speedup, ideal_speedup, efficiency), warnings.
+        Sessions run on `condense_graph.runtime.PROVIDERS`."""
     feeds = bench_feeds(models[0][1], batch, input_shapes or {})
     sessions = [make_session(model, threads) for _, model, _ in models]
     times = interleaved_times(sessions, feeds, runs, warmup, progress)

@@ -199,7 +199,29 @@ def compare_models(
 ) -> dict:
     """Compare `reduced` with `original` on `data` (arrays named after the graph inputs) or, without
     data, on `runs` random draws. Returns the overall and per-output numbers (see module doc).
-    `all_class_scores`: every [batch, classes] float output counts as class scores."""
+    Both run in ONNX Runtime sessions on `condense_graph.runtime.PROVIDERS`.
+
+    Args:
+        original (onnx.ModelProto): the reference model.
+        reduced (onnx.ModelProto): the model to check (same inputs and outputs).
+        input_shapes (dict[str, list[int]] | None, default None): shapes of the random draws
+            (dynamic dims default to DEFAULT_BATCH for the batch, DEFAULT_DIM otherwise).
+        runs (int, default 4): random draws without `data`.
+        seed (int, default 0): seed of the random draws.
+        data (dict[str, np.ndarray] | None, default None): real inputs, fed in batches.
+        labels (np.ndarray | None, default None): 1-D class indices of `data`'s rows (accuracy).
+        batch_size (int, default 256): rows per run with `data` (a fixed-batch model: its own).
+        progress (Progress | None, default None): progress display.
+        all_class_scores (bool, default False): every [batch, classes] float output counts as
+            class scores (top-1 agreement).
+
+    Returns:
+        dict: inputs, runs, and per output max_abs_err, max_rel_err, max_elem_rel_err, cosine,
+        nonfinite (+ top1_agreement and accuracies for class scores).
+
+    Raises:
+        CondenseError: an input shape names no graph input, or ONNX Runtime cannot load or run
+            a model."""
     input_shapes = dict(input_shapes or {})
     unknown = set(input_shapes) - {v.name for v in graph_inputs(original)}
     if unknown:
