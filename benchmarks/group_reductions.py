@@ -1,0 +1,143 @@
+"""Reducible channels before and after coupled channel groups (issue 13), and what reducing them
+at half the parameters costs, on look-alikes of deployed nets built in code.
+
+Four nets with random weights and randomized BatchNorm statistics: ResNet-18-style (half widths) and
+MobileNetV3-small-style (`bench_groups`), MobileNetV2 (`torch_models`, the paper's Table 2 net)
+and a YOLOv8n-style backbone written here (C2f blocks: a 1x1 conv split in two, bottlenecks with
+residual Adds, everything concatenated into a 1x1 conv; SiLU). Each is reduced with
+`target_params=0.5` and 32 standard-normal calibration rows (the default rule: structured OBS for
+the layers, the paper's rule then a refit for the groups), twice: groups free, and groups held
+at their full width. "Reducible channels" counts the channels of single-producer layers (before
+this issue) and those plus the channels of mergeable coupled groups (after).
+
+Random weights have no condensation: errors are large for both; the comparison is at one size.
+
+    PYTHONPATH=. python benchmarks/group_reductions.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+import torch
+from bench_groups import MobileNetV3Small, ResNet18, exported
+from torch import nn
+from torch_models import MobileNetV2
+
+import condense_graph as cg
+
+
+def conv_bn_silu(inp: int, out: int, kernel: int = 1, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(inp, out, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(out), nn.SiLU()
+    )
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.cv1, self.cv2 = conv_bn_silu(channels, channels, 3), conv_bn_silu(channels, channels, 3)
+
+    def forward(self, x):
+        return x + self.cv2(self.cv1(x))
+
+
+class C2f(nn.Module):
+    """YOLOv8's C2f: cv1 -> split in two halves; bottlenecks on the second; concat of all -> cv2."""
+
+    def __init__(self, inp: int, out: int, blocks: int = 1):
+        super().__init__()
+        self.hidden = out // 2
+        self.cv1 = conv_bn_silu(inp, 2 * self.hidden)
+        self.m = nn.ModuleList(Bottleneck(self.hidden) for _ in range(blocks))
+        self.cv2 = conv_bn_silu((2 + blocks) * self.hidden, out)
+
+    def forward(self, x):
+        parts = list(self.cv1(x).split(self.hidden, 1))
+        for block in self.m:
+            parts.append(block(parts[-1]))
+        return self.cv2(torch.cat(parts, 1))
+
+
+class YoloV8nBackbone(nn.Module):
+    """YOLOv8n's backbone layout (stem, strided convs, C2f blocks) with a pooled classifier head."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn_silu(3, 16, 3, 2),
+            conv_bn_silu(16, 32, 3, 2),
+            C2f(32, 32, 1),
+            conv_bn_silu(32, 64, 3, 2),
+            C2f(64, 64, 2),
+            conv_bn_silu(64, 128, 3, 2),
+            C2f(128, 128, 2),
+        )
+        self.head = nn.Linear(128, classes)
+
+    def forward(self, x):
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+NETS = {  # (builder, input side): sizes that run in minutes on a shared 2-core CPU
+    "resnet18-style": (lambda: ResNet18(widths=(32, 64, 128, 256)), 32),
+    "MobileNetV2": (MobileNetV2, 32),
+    "MobileNetV3-small-style": (MobileNetV3Small, 64),
+    "YOLOv8n-style": (YoloV8nBackbone, 64),
+}
+
+
+def calibration(model: onnx.ModelProto, size: int, rows: int = 32, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {model.graph.input[0].name: rng.standard_normal((rows, 3, size, size)).astype(np.float32)}
+
+
+def reducible(model: onnx.ModelProto) -> tuple[int, int, dict[str, int]]:
+    info = cg.inspect(model, thresholds=(0.95,))
+    summary = info["groups_summary"]
+    groups = {e["name"]: e["width"] for e in info["layers"] if e["op"].endswith(" group")}
+    return summary["layer_channels"], summary["layer_channels"] + summary["coupled_channels_ready"], groups
+
+
+def reduce(model: onnx.ModelProto, data: dict, held: dict | None) -> dict:
+    start = time.perf_counter()
+    result = cg.condense(model, target_params=0.5, calibration=data, verify=True, layer_widths=held)
+    report = result.report
+    groups = [g for g in report["layers"] if "group" in g]
+    return {
+        "params": report["params_after"] / report["params_before"],
+        "error": report["verify"]["max_rel_err"],
+        "group_channels": (sum(g["width_before"] for g in groups), sum(g["width_after"] for g in groups)),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main() -> None:
+    rows = []
+    for name, (build, size) in NETS.items():
+        print(f"{name}: exporting", flush=True)
+        model = exported(build(), size, seed=0)
+        before, after, groups = reducible(model)
+        data = calibration(model, size)
+        free = reduce(model, data, None)
+        held = reduce(model, data, dict(groups))
+        rows.append((name, before, after, len(groups), free, held))
+        print(f"  reducible channels {before} -> {after}; free {free}; held {held}", flush=True)
+    print()
+    print(
+        "| net | reducible channels before -> after | coupled groups | group channels (free) "
+        "| params kept: groups free / held | held-out max_rel_err: groups free / held | seconds |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, before, after, count, free, held in rows:
+        print(
+            f"| {name} | {before} -> {after} | {count} | {free['group_channels'][0]} -> "
+            f"{free['group_channels'][1]} | {free['params']:.3f} / {held['params']:.3f} | "
+            f"{free['error']:.3g} / {held['error']:.3g} | {free['seconds']:.0f} / {held['seconds']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
