@@ -16,6 +16,8 @@ import re
 import sys
 from pathlib import Path
 
+import onnx
+
 from condense_graph import __version__, model_io, runtime
 from condense_graph.api import FLAGS, HOLDOUT_FRACTION, MIN_WIDTH_FRACTION, condense, inspect
 from condense_graph.bench import benchmark
@@ -377,10 +379,10 @@ def run_reduce(args) -> int:
     result = condense(args.input, **_condense_arguments(args))
     report = result.report
     failures = _judge(report["verify"], tolerances) if args.verify else []
-    written = not failures or args.force
+    written, weights = not failures or args.force, None
     if written:  # the input's layout kept: external data in, external data out
         result.save(args.output, True if args.external_data else None)  # sets file_size_after
-        report["external_data"] = _external_data(args, result)
+        weights = _external_data(args, result)
     if args.plot:
         from condense_graph.plots import plot_reduction
 
@@ -397,11 +399,15 @@ def run_reduce(args) -> int:
         _write_json(report, args.report)
     if not args.quiet:
         _print_reduce(args, report, failures)
+        if written and weights:
+            _say(f"Weights: in {weights[0]} ({weights[1]})")
     return EXIT_VERIFY_FAILED if failures else EXIT_OK
 
 
-def _external_data(args, result) -> dict | None:
+def _external_data(args, result) -> tuple[str, str] | None:
     """Where the written weights went when not in the model file, and why (`save_model`'s rule)."""
+    if not model_io.uses_external_data(onnx.load(args.output, load_external_data=False)):
+        return None
     if args.external_data:
         why = "--external-data"
     elif result.external_data:
@@ -409,8 +415,8 @@ def _external_data(args, result) -> dict | None:
     elif model_io.is_large(result.model):
         why = "the model is over the 2 GB protobuf limit"
     else:
-        return None
-    return {"file": f"{args.output}.data", "why": why}
+        why = "saved with external data"
+    return f"{args.output}.data", why
 
 
 def _condense_arguments(args) -> dict:
@@ -478,8 +484,6 @@ def _print_reduce(args, report: dict, failures: list[str]) -> None:
         _say(_verdict(failures, _tolerances(args), args.force, args.output))
     elif not failures:
         _say(f"Wrote {args.output}")
-    if report.get("external_data"):
-        _say(f"Weights: in {report['external_data']['file']} ({report['external_data']['why']})")
     if not any(layer["width_after"] < layer["width_before"] for layer in report["layers"]):
         _say(_nothing_reduced_hint(args, report))
     if "bench" in report:

@@ -37,6 +37,7 @@ from condense_graph.protos import all_tensors
 
 MIN_OPSET = 7
 PROTOBUF_LIMIT = 2**31 - 1  # bytes one protobuf message can hold; read at call time (tests lower it)
+SMALL_TENSOR = 1024  # bytes: smaller tensors stay in the model file of an external-data save (onnx's default)
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
@@ -148,8 +149,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     file + data file): the report's `file_size_after`.
 
     Weights go to `<name>.data` beside the model when asked or when the model would exceed
-    the 2 GB protobuf limit. The data file gets the model file's permissions (onnx creates it
-    readable by its owner only), which are those of any file the user creates (umask).
+    the 2 GB protobuf limit (tensors under `SMALL_TENSOR` bytes stay in the model file unless the
+    model is that large: ONNX Runtime reads axes and shapes at load from the model only). The
+    data file gets the model file's permissions (onnx creates it readable by its owner only),
+    which are those of any file the user creates (umask).
 
     Args:
         model (onnx.ModelProto): the model to write (not modified).
@@ -166,7 +169,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     except OSError as err:
         raise CondenseError(f"cannot write in {path.parent}: {err.strerror}") from None
     try:
-        files = _write(model, staging / path.name, external)
+        # below the protobuf limit, tensors under 1 KiB (axes, shapes, Resize scales: ONNX Runtime's
+        # shape inference cannot read them from a data file) stay in the model, as onnx does
+        files = _write(model, staging / path.name, external, 0 if is_large(model) else SMALL_TENSOR)
         mode = (staging / path.name).stat().st_mode & 0o777
         for name in files:
             os.chmod(staging / name, mode)
@@ -198,7 +203,7 @@ def external_copy(model: onnx.ModelProto, prefix: str = "condense-") -> Iterator
         yield path
 
 
-def _write(model: onnx.ModelProto, target: Path, external: bool) -> list[str]:
+def _write(model: onnx.ModelProto, target: Path, external: bool, size_threshold: int = 0) -> list[str]:
     if not external:
         onnx.save(model, str(target))
         return [target.name]
@@ -211,7 +216,7 @@ def _write(model: onnx.ModelProto, target: Path, external: bool) -> list[str]:
         save_as_external_data=True,
         all_tensors_to_one_file=True,
         location=data,
-        size_threshold=0,
+        size_threshold=size_threshold,
     )
     return [target.name] + ([data] if (target.parent / data).exists() else [])
 

@@ -299,7 +299,7 @@ def test_cli_max_error_and_target_macs(tmp_path, capsys):
     got = json.loads(report.read_text())
     assert got["allocation"]["by"] == "target_macs"
     assert main(["reduce", str(src), out, "--max-error", "0.05"]) == 2
-    assert "max_error needs calibration data (--data)" in capsys.readouterr().err
+    assert "--max-error needs calibration data (--data)" in capsys.readouterr().err
 
 
 def test_a_budget_below_float_rounding_is_refused_with_what_was_measured():
