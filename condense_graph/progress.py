@@ -13,6 +13,7 @@ clock from zero), `close` ends it.
 
 from __future__ import annotations
 
+import atexit
 import sys
 import time
 
@@ -74,6 +75,7 @@ class Progress:
         if self._rich is not None:
             self._rich.stop()
             self._rich, self._task = None, None
+            atexit.unregister(self.close)
 
     def _start(self) -> RichProgress:
         if self._rich is None:
@@ -90,6 +92,7 @@ class Progress:
             )
             self._task = self._rich.add_task(self.label, total=self.total, completed=self.done)
             self._rich.start()
+            atexit.register(self.close)  # an error that ends the run mid-task: the cursor comes back
         return self._rich
 
     def __enter__(self) -> Progress:
