@@ -189,6 +189,42 @@ def reader_refit_statistics(
     return normals
 
 
+@dataclass
+class ReaderStatistics:
+    """What structured OBS reads for one consumer of a coupled group, on the network reduced so
+    far: the channel Gram of its input (projection factors) and its input-feature Gram (`hessian`,
+    [features + 1]^2 with the ones column last; None when it is too wide to gather)."""
+
+    channels: np.ndarray  # [width, width]
+    hessian: np.ndarray | None
+    block: int  # features per channel
+
+
+def reader_statistics(model: onnx.ModelProto, readers: list, calibration: Calibration) -> list:
+    """`ReaderStatistics` of each (consumer, width, block) in `readers`, from one run of `model`."""
+    sources = list(dict.fromkeys(c.node.inputs[0].name for c, _, _ in readers))
+    channels = [Gram(width) for _, width, _ in readers]
+    features = [consumer_features(c, width, block) for c, width, block in readers]
+    grams = [Gram(f) if f else None for f in features]
+    for values in capture(model, sources, calibration):
+        by_name = dict(zip(sources, values, strict=True))
+        for (consumer, width, block), channel, gram in zip(readers, channels, grams, strict=True):
+            data = by_name[consumer.node.inputs[0].name]
+            if consumer.node.op == "Conv" or (data.ndim > 2 and block == 1 and data.shape[1] == width):
+                channel.add(channel_rows(data, 1))
+            else:
+                rows = data.reshape(-1, data.shape[-1])
+                channel.add(rows.reshape(len(rows), width, -1).transpose(0, 2, 1).reshape(-1, width))
+            if gram is not None:
+                gram.add(feature_rows(consumer, data))
+    return [
+        ReaderStatistics(
+            channel.matrix[:-1, :-1], gram.matrix if gram is not None else None, (f or width) // width
+        )
+        for channel, gram, f, (_, width, _) in zip(channels, grams, features, readers, strict=True)
+    ]
+
+
 def _outputs(consumer: Consumer) -> int:
     weight = consumer.weight.values
     return weight.shape[0] if consumer.node.op == "Conv" else weight.shape[1 - consumer.axis]

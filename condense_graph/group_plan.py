@@ -95,12 +95,21 @@ class GroupPlan:
 
 
 def plan_group(
-    group: CoupledGroup, store: WeightStore, grouping: Grouping, versions, selector: Selector | None = None
+    group: CoupledGroup,
+    store: WeightStore,
+    grouping: Grouping,
+    versions,
+    selector: Selector | None = None,
+    statistics: list | None = None,
 ) -> GroupPlan:
     """Select the group's merges with `selector` at `grouping` (per signature class, widths shared
-    out by class size), then write the merged arrays into `store`."""
+    out by class size), then write the merged arrays into `store`. A data-aware selector reads
+    `statistics` (`calibration.ReaderStatistics` per consumer, on the network reduced so far): the
+    channel Gram at the first consumer reading a class, and every consumer's OBS term over the
+    class's channels (costs summed over the group's consumers); without them, or when a consumer is
+    too wide to gather, the paper's rule selects."""
     selector = selector or SELECTORS[DEFAULT]
-    if selector.needs_calibration:  # not measured on coupled groups yet: the paper's rule
+    if selector.needs_calibration and not usable(statistics, selector):
         selector = SELECTORS[DEFAULT]
     vectors = group_vectors(group, store, versions)
     constants = path_constants(group, store)
@@ -113,6 +122,8 @@ def plan_group(
             merged.append(channels)
             continue
         rows = Rows(vectors[channels], [vectors[channels]] + path.parallel(channels), path.scalars(channels))
+        if selector.needs_calibration:
+            rows = with_statistics(rows, group, channels, store, statistics)
         target = replace(grouping, width=width, round_to=1)
         selection = selector.select(rows, target)
         if width is not None and len(selection.groups) > width:
@@ -129,6 +140,34 @@ def plan_group(
     exact = selector.name == DEFAULT and is_exact(group, groups, cmap, constants, min_cosine)
     attributes = apply_group_map(group, store, cmap)
     return GroupPlan(group, cmap, threshold, exact, min_cosine, selector.name, vectors, groups, attributes)
+
+
+def usable(statistics: list | None, selector: Selector) -> bool:
+    """Statistics a data-aware selector can select a group on: gathered, and (for OBS) every
+    consumer's Hessian at full width."""
+    if statistics is None:
+        return False
+    return not selector.needs_consumer_statistics or all(s.hessian is not None for s in statistics)
+
+
+def with_statistics(rows: Rows, group: CoupledGroup, channels: np.ndarray, store: WeightStore, statistics):
+    """`rows` with the class's channel Gram and its consumers' OBS terms (`plan.restrict` of each
+    consumer's term to the class's channels, which every consumer of the class reads)."""
+    from condense_graph.compensate import weight_rows
+    from condense_graph.obs import ConsumerTerm
+    from condense_graph.plan import restrict
+
+    readers = [(r, s) for r, s in zip(group.consumers, statistics, strict=True) if channels[0] in r.span]
+    first, stats = readers[0]
+    local = channels - first.offset
+    terms = []
+    for reader, reader_stats in readers:
+        consumer = reader.consumer
+        weights = consumer.scale * weight_rows(consumer, store[consumer.weight.name]).astype(np.float64)
+        bias = consumer.bias_scale * store.bias(consumer.bias, weights.shape[1])
+        term = ConsumerTerm(reader_stats.hessian, np.vstack([weights, bias[None, :]]), reader_stats.block)
+        terms.append(restrict(term, channels - reader.offset))
+    return replace(rows, gram=stats.channels[np.ix_(local, local)], terms=terms)
 
 
 # ---- what a channel is ----------------------------------------------------------------------

@@ -29,6 +29,7 @@ from condense_graph.calibration import (
     consumer_features,
     layer_statistics,
     reader_refit_statistics,
+    reader_statistics,
     refit_statistics,
 )
 from condense_graph.compensate import compensate, refit_entry
@@ -92,6 +93,7 @@ class CondenseChannelsPass(PassBase):
     def __init__(self, options: CondenseOptions | None = None, progress: Progress | None = None):
         self.options = options or CondenseOptions()
         self.progress = progress or silent()
+        self.fallbacks: list[str] = []  # degraded paths taken while planning (for the report)
 
     @property
     def selector(self) -> Selector:
@@ -105,13 +107,14 @@ class CondenseChannelsPass(PassBase):
             clock.append(time.perf_counter())
 
         graph, analysis = self.analyze(model, warnings)
-        if analysis.groups and self.selector.needs_calibration:
+        if analysis.groups and self.selector.needs_calibration and self.options.calibration is None:
             warnings.append(
                 f"{len(analysis.groups)} coupled channel group(s) are selected by the paper's weight rule, "
-                f"not by {self.selector.label}; their consumers are then refit on the data"
+                f"not by {self.selector.label}, without calibration data"
             )
         lap()
         plans, store = self.plan(graph, analysis, model)
+        warnings += self.fallbacks
         plans = [plan.measure() for plan in plans]  # the block errors of the plans kept
         lap()
         modified = any(p.cmap.width_after < p.cmap.width_before for p in plans)
@@ -141,6 +144,7 @@ class CondenseChannelsPass(PassBase):
         the activations of the network reduced so far (`model` is the pass's input). Writes only
         the returned weight store: `graph` stays as analyzed (calibration runs on copies)."""
         self.check_layer_names(analysis)
+        self.fallbacks = []
         tensors = graph.tensors()
         constants = {name: t for name, t in tensors.items() if isinstance(t, gs.Constant)}
         # shapes as analyzed: block-error probes need them
@@ -155,8 +159,16 @@ class CondenseChannelsPass(PassBase):
             else:
                 plans.append(self.plan_with_data(graph, layer, plans, store, model))
             self.progress.advance()
-        for group in analysis.groups:  # coupled groups: by the weights (`condense_graph.group_plan`)
-            plan = plan_group(group, store, self.grouping_for(group), versions, self.selector)
+        for group in analysis.groups:  # coupled groups (`condense_graph.group_plan`)
+            statistics = None
+            if self.options.calibration is not None and self.selector.needs_calibration:
+                statistics = group_statistics(graph, group, plans, store, model, self.options.calibration)
+            plan = plan_group(group, store, self.grouping_for(group), versions, self.selector, statistics)
+            if statistics is not None and plan.method != self.selector.name:
+                self.fallbacks.append(
+                    f"channel group '{group.name}' is selected by the paper's weight rule, not by "
+                    f"{self.selector.label}: a consumer reads too many features to gather its statistics"
+                )
             if self.options.calibration is not None and plan.cmap.width_after < plan.cmap.width_before:
                 plan.refit = refit_group(graph, plan, plans, store, model, self.options.calibration)
             plans.append(plan)
@@ -222,6 +234,13 @@ class CondenseChannelsPass(PassBase):
                 "(--layer-width or --target-params)"
             )
         return Grouping(threshold, options.round_to, width)
+
+
+def group_statistics(graph, group, plans: list, store: WeightStore, model, calibration) -> list:
+    """Each consumer's `calibration.ReaderStatistics` on the network reduced so far."""
+    reduced = materialize(graph, plans, store, model)
+    readers = [(r.consumer, r.width, r.block) for r in group.consumers]
+    return reader_statistics(reduced, readers, calibration)
 
 
 def refit_group(graph, plan: GroupPlan, plans: list, store: WeightStore, model, calibration) -> list[dict]:

@@ -56,7 +56,8 @@ def test_target_params_with_data_reduces_the_groups_too(tmp_path):
     [stream] = groups(result)
     assert stream["width_after"] < stream["width_before"]
     assert result.report["params_after"] <= 0.55 * result.report["params_before"]
-    assert any("coupled channel group" in w and "refit" in w for w in result.report["warnings"])
+    assert stream["group"]["method"] == "obs"  # the default with data: OBS over the group's consumers
+    assert all(r["refit"] for r in stream["refit"])
     assert np.isfinite(result.report["verify"]["max_rel_err"])
 
 
@@ -65,7 +66,7 @@ def test_max_error_merges_only_exact_multiples_in_groups(tmp_path):
     result = cg.condense(model, max_error=0.05, calibration=calibration_for(model, rows=32), verify=True)
     [stream] = groups(result)
     assert stream["width_after"] == stream["width_before"]  # random weights: no exact multiples
-    assert stream["threshold"] == 1.0
+    assert stream["group"]["method"] == "obs"  # at threshold 1.0: exact merges, nothing removed
 
 
 # ---- look-alikes of deployed nets: --target-params 0.5 with data -------------------------------
