@@ -20,9 +20,9 @@ channels each consumer reads. Split sizes, Slice bounds and literal Reshape widt
 channels. With exact positive multiples in every member (one factor) and a positively homogeneous
 path (or factor 1 through any path) and equal constants, the merge is exact.
 
-Dead channels are not folded here (the single-producer path does that); nothing is measured with
-calibration data yet: data-aware rules fall back to the paper's rule for coupled groups (the pass
-reports it).
+With calibration data a data-aware rule selects instead (`with_statistics`): structured OBS sums
+its costs over every consumer of the group, on the consumers' input statistics; the pass then
+refits the consumers. Dead channels are not folded here (the single-producer path does that).
 """
 
 from __future__ import annotations
