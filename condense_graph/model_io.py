@@ -37,7 +37,7 @@ from condense_graph.protos import all_tensors
 
 MIN_OPSET = 7
 PROTOBUF_LIMIT = 2**31 - 1  # bytes one protobuf message can hold; read at call time (tests lower it)
-SMALL_TENSOR = 1024  # bytes: smaller tensors stay in the model file of an external-data save (onnx's default)
+SMALL_TENSOR = 128  # sys.getsizeof of raw_data (about 95 data bytes): smaller stay in the model file
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
@@ -169,8 +169,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     except OSError as err:
         raise CondenseError(f"cannot write in {path.parent}: {err.strerror}") from None
     try:
-        # below the protobuf limit, tensors under 1 KiB (axes, shapes, Resize scales: ONNX Runtime's
-        # shape inference cannot read them from a data file) stay in the model, as onnx does
+        # below the protobuf limit, tiny tensors (axes, shapes, Resize scales: ONNX Runtime's shape
+        # inference cannot read them from a data file) stay in the model; weights go to the data
         files = _write(model, staging / path.name, external, 0 if is_large(model) else SMALL_TENSOR)
         mode = (staging / path.name).stat().st_mode & 0o777
         for name in files:

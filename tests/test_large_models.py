@@ -158,7 +158,7 @@ def test_cli_reduce_verify_bench_of_a_large_model_equal_the_small_path(with_data
     assert got["params_after"] == expected["params_after"] < got["params_before"]
     assert got["verify"]["pass"] and got["verify"]["max_abs_err"] == expected["verify"]["max_abs_err"]
     assert [e["macs"] for e in got["bench"]["models"]] == [e["macs"] for e in expected["bench"]["models"]]
-    assert not (tmp_path / "small.onnx.data").exists()
+    assert (tmp_path / "small.onnx.data").exists()  # the input's external-data layout is kept
     assert_external(big)
     assert got["file_size_after"] == big.stat().st_size + (tmp_path / "big.onnx.data").stat().st_size
     calibration = {"x": rows} if with_data else None
