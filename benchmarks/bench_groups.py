@@ -348,8 +348,9 @@ def append_section(rows: list[dict], args, elapsed: float) -> None:
             "- Random weights have no condensation: no merge is exact and max_rel_err is what the refit "
             "leaves on random inputs. This measures speed, not accuracy.",
             "- `target_macs` allocates the single-producer layers by their OBS costs; the coupled groups "
-            "get the width the data-free uniform search gives for the same fraction (the library warns "
-            "that data-aware rules do not select groups), so the two rows of a net reach the MAC target "
+            "get the width the data-free uniform search gives for the same fraction (these numbers were "
+            "measured when the paper's rule still selected a group's channels; OBS selects them now, "
+            "at the same widths), so the two rows of a net reach the MAC target "
             "with different layer widths. Holding the groups, the allocation can only cut the "
             "single-producer layers (a ResNet's first conv of each block, MobileNetV3's SE squeeze and "
             "head), so it cuts those deeper to reach the same MACs, or cannot reach them.",

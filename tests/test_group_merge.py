@@ -21,6 +21,7 @@ import condense_graph as cg
 
 torch = pytest.importorskip("torch")
 from lookalike_models import Lookalike, export_lookalike  # noqa: E402
+from test_groups import BasicBlock  # noqa: E402  (conv-BN-ReLU-conv-BN + the stream, ReLU)
 from torch import nn  # noqa: E402
 from torch_models import randomize_batchnorm  # noqa: E402
 
@@ -31,18 +32,6 @@ LAMBDA = 2.5
 
 
 # ---- models -------------------------------------------------------------------------------------
-
-
-class BasicBlock(nn.Module):
-    """conv -> BN -> ReLU -> conv -> BN, added to the stream, then ReLU."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, 1, 1), nn.BatchNorm2d(channels)
-        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, 1, 1), nn.BatchNorm2d(channels)
-
-    def forward(self, x):
-        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
 
 
 class ResNet(nn.Module):
