@@ -19,7 +19,14 @@ from pathlib import Path
 import onnx
 
 from condense_graph import __version__, model_io, runtime
-from condense_graph.api import FLAGS, HOLDOUT_FRACTION, MIN_WIDTH_FRACTION, condense, inspect
+from condense_graph.api import (
+    FLAGS,
+    HOLDOUT_FRACTION,
+    INSPECT_THRESHOLDS,
+    MIN_WIDTH_FRACTION,
+    condense,
+    inspect,
+)
 from condense_graph.bench import benchmark
 from condense_graph.errors import CondenseError, InternalError
 from condense_graph.model_io import load_model, serialized_size
@@ -78,6 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     insp = commands.add_parser("inspect", help="list reducible layers and their widths")
     insp.add_argument("input", help="input .onnx model")
     insp.add_argument("--json", metavar="FILE.json", help="also write the listing as JSON")
+    insp.add_argument(
+        "--thresholds",
+        metavar="T1,T2,...",
+        help="the thresholds to list each layer's width at (default 0.8,0.9,0.95,0.99,0.999): pick "
+        "per-layer thresholds for `reduce --layer NAME=T` by hand (the paper's section 2.4.1)",
+    )
+    insp.add_argument(
+        "--plot",
+        metavar="DIR",
+        help="draw each layer's width left at each threshold into DIR/thresholds.png (matplotlib)",
+    )
     insp.add_argument("--quiet", action="store_true", help="print nothing but errors")
     _add_verify(commands.add_parser("verify", help="compare two models in ONNX Runtime"))
     _add_bench(commands.add_parser("bench", help="measure ONNX Runtime latency of one or two models"))
@@ -517,12 +535,34 @@ def _verdict(failures: list[str], tolerances: Tolerances, force: bool, output: s
 
 
 def run_inspect(args) -> int:
-    info = inspect(args.input)
+    thresholds = INSPECT_THRESHOLDS if args.thresholds is None else _parse_thresholds(args.thresholds)
+    if args.plot:
+        from condense_graph.plots import check_available
+
+        check_available()  # before any work
+    info = inspect(args.input, thresholds=thresholds)
     if not args.quiet:
         _say(format_inspect_table(info))
     if args.json:
         _write_json(info, args.json)
+    if args.plot:
+        from condense_graph.plots import plot_threshold_widths
+
+        path = plot_threshold_widths(info, args.plot)
+        if not args.quiet:
+            _say(f"Plot: {path}")
     return EXIT_OK
+
+
+def _parse_thresholds(spec: str) -> tuple[float, ...]:
+    """'0.8,0.9,0.99' -> (0.8, 0.9, 0.99); each a cosine in [-1, 1]."""
+    try:
+        values = tuple(float(v) for v in spec.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(-1.0 <= v <= 1.0 for v in values):
+        raise CondenseError(f"--thresholds takes comma-separated cosines in [-1, 1], got {spec!r}")
+    return values
 
 
 def run_verify(args) -> int:

@@ -2,7 +2,9 @@
 
 - one heatmap per reduced layer: the cosine similarity of its neurons, ordered by group (largest
   group first), so condensed blocks show as squares on the diagonal (the paper's Figure 3);
-- one bar chart of every layer's width before and after (the paper's Figure 7).
+- one bar chart of every layer's width before and after (the paper's Figure 7);
+- for `inspect --plot`, every layer's width left at each threshold (the manual mode of the
+  paper's section 2.4.1: a person picks each layer's threshold from it).
 """
 
 from __future__ import annotations
@@ -85,6 +87,29 @@ def plot_widths(plt, plans, path: Path) -> Path:
     ax.set_title("Layer widths before and after condensation")
     ax.legend()
     fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_threshold_widths(info: dict, directory: str | Path) -> Path:
+    """`inspect`'s widths: per layer, the fraction of its width left at each threshold (the legend
+    gives each layer's width). Returns the path of thresholds.png."""
+    plt = _pyplot()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    thresholds = info["thresholds"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for layer in info["layers"]:
+        widths = [layer["widths"][str(t)] for t in thresholds]
+        label = f"{layer['name']} ({layer['width']})"
+        ax.plot(thresholds, [w / layer["width"] for w in widths], marker="o", label=label)
+    ax.set_xlabel("threshold (cosine)")
+    ax.set_ylabel("width left (fraction of the layer's)")
+    ax.set_title("Width left at each threshold")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = directory / "thresholds.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
