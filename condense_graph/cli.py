@@ -372,7 +372,10 @@ def _say(text: str) -> None:
 
 
 def _progress(args, label: str) -> Progress:
-    return Progress(1, label, enabled=None if not getattr(args, "quiet", False) else False)
+    progress = Progress(1, label, enabled=None if not getattr(args, "quiet", False) else False)
+    say = progress.say
+    progress.say = lambda line: say(cli_message(line))  # search steps name flags, as errors do
+    return progress
 
 
 def _method(args):
@@ -496,7 +499,7 @@ def _judge(verify: dict, tolerances: Tolerances) -> list[str]:
 
 
 def _print_reduce(args, report: dict, failures: list[str]) -> None:
-    _say(format_reduce_table(report))
+    _say(cli_message(format_reduce_table(report)))  # "... for --target-params 0.5"
     if args.verify:
         _say(format_verify_table(report["verify"]))
         _say(_verdict(failures, _tolerances(args), args.force, args.output))

@@ -142,6 +142,6 @@ def test_long_work_shows_lines_off_a_terminal_and_nothing_with_quiet(model_path,
     args = ["reduce", str(model_path), str(tmp_path / "o.onnx"), "--data", str(data), "--max-error", "0.05"]
     assert main(args) == 0
     err = capsys.readouterr().err  # pytest's stderr is not a terminal: plain lines
-    assert "max_error step 1: widths" in err and "condensing layers: " in err and "\r" not in err
+    assert "--max-error step 1: widths" in err and "condensing layers: " in err and "\r" not in err
     assert main([*args, "--quiet"]) == 0
     assert capsys.readouterr().err == ""

@@ -209,7 +209,7 @@ def test_off_a_terminal_plain_tables_and_progress_lines_and_nothing_with_quiet(m
     condensing = [line for line in lines if line.startswith("condensing layers: ")]
     assert condensing and all(PROGRESS_LINE.match(line) for line in condensing)
     assert len(condensing) <= 2 * 12  # the width search's curves and the pass: about ten each at most
-    assert any(line.startswith("target_params step 1: widths") for line in lines)
+    assert any(line.startswith("--target-params step 1: widths") for line in lines)
 
     quiet = _cli(*args, "--quiet")
     assert quiet.returncode == 0 and quiet.stderr == ""

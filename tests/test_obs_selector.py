@@ -292,7 +292,7 @@ def test_cli_max_error_and_target_macs(tmp_path, capsys):
     base = ["reduce", str(src), out, "--data", str(data), "--report", str(report)]
     assert main([*base, "--max-error", "0.05", "--verify", "--rtol", "0.05", "--min-cosine", "0.99"]) == 0
     printed = capsys.readouterr().out
-    assert "Widths chosen per layer for max_error 0.05" in printed and "Method: obs" in printed
+    assert "Widths chosen per layer for --max-error 0.05" in printed and "Method: obs" in printed
     got = json.loads(report.read_text())
     assert got["allocation"]["by"] == "max_error" and got["verify"]["max_rel_err"] <= 0.05
     assert main([*base, "--target-macs", "0.5"]) == 0
