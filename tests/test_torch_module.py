@@ -206,3 +206,10 @@ def test_unknown_exporter_is_refused():
     module, x, _ = net("mlp")
     with pytest.raises(CondenseError, match="exporter must be one of torchscript, dynamo"):
         reduce_module(module, x, exporter="jit")
+
+
+def test_the_module_is_also_condense_graph_torch():
+    import condense_graph.torch as cgt
+    from condense_graph import torch_module
+
+    assert cgt.reduce_module is torch_module.reduce_module and cgt.ReducedModule is torch_module.ReducedModule
