@@ -239,6 +239,9 @@ def _add_checks(group) -> None:
     _add_providers(group)
     group.add_argument("--plot", metavar="DIR", help="write cosine heatmaps and a width chart (PNG)")
     group.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    group.add_argument(
+        "-v", "--verbose", action="store_true", help="one progress line per layer or step (on a terminal too)"
+    )
 
 
 def _add_tolerances(parser) -> None:
@@ -282,6 +285,9 @@ def _add_verify(verify) -> None:
     _add_providers(verify)
     verify.add_argument("--report", metavar="FILE.json", help="write the numbers as JSON")
     verify.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    verify.add_argument(
+        "-v", "--verbose", action="store_true", help="one progress line per layer or step (on a terminal too)"
+    )
 
 
 def _add_bench(bench) -> None:
@@ -292,6 +298,9 @@ def _add_bench(bench) -> None:
     _add_providers(bench)
     bench.add_argument("--report", metavar="FILE.json", help="write the numbers as JSON")
     bench.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    bench.add_argument(
+        "-v", "--verbose", action="store_true", help="one progress line per layer or step (on a terminal too)"
+    )
 
 
 def _add_bench_options(parser) -> None:
@@ -372,7 +381,8 @@ def _say(text: str) -> None:
 
 
 def _progress(args, label: str) -> Progress:
-    progress = Progress(1, label, enabled=None if not getattr(args, "quiet", False) else False)
+    enabled = None if not getattr(args, "quiet", False) else False
+    progress = Progress(1, label, enabled=enabled, every=getattr(args, "verbose", False))
     say = progress.say
     progress.say = lambda line: say(cli_message(line))  # search steps name flags, as errors do
     return progress

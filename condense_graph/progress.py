@@ -3,7 +3,8 @@ benchmarking), on stderr.
 
 On a terminal, a bar (`rich.progress`) redrawn in place and cleared when the step ends. Off a
 terminal (a CI log, a pipeline), plain lines: one per step when there are few, at most about
-`LINES` per task otherwise, so a log shows that work goes on without drowning in it. `--quiet`
+`LINES` per task otherwise, so a log shows that work goes on without drowning in it; with `-v`
+(`every`) one line per step, on a terminal too. `--quiet`
 turns both off (`enabled=False`). `say` prints a whole line (a search step) above the bar, or as
 a plain line off a terminal.
 
@@ -25,10 +26,12 @@ LINES = 10  # off a terminal: about this many lines per task at most
 
 
 class Progress:
-    def __init__(self, total: int, label: str, enabled: bool | None = None, stream=None):
+    def __init__(self, total: int, label: str, enabled: bool | None = None, stream=None, every: bool = False):
+        """`every` (the CLI's `-v`): plain lines, one per step, on a terminal too."""
         self.stream = stream or sys.stderr
         self.enabled = True if enabled is None else enabled
-        self.bar = enabled is None and _is_terminal(self.stream)  # else plain lines
+        self.every = every
+        self.bar = enabled is None and not every and _is_terminal(self.stream)  # else plain lines
         self.label = label
         self._rich: RichProgress | None = None  # the bar while a task is drawn (terminal)
         self._task = None
@@ -54,7 +57,7 @@ class Progress:
         if self.bar:
             self._start().update(self._task, completed=self.done, total=self.total)
             return
-        mark = self.done * LINES // self.total
+        mark = self.done if self.every else self.done * LINES // self.total
         if mark != self._printed or self.done == self.total:
             self._printed = mark
             elapsed = time.perf_counter() - self.started

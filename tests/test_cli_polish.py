@@ -145,3 +145,19 @@ def test_long_work_shows_lines_off_a_terminal_and_nothing_with_quiet(model_path,
     assert "--max-error step 1: widths" in err and "condensing layers: " in err and "\r" not in err
     assert main([*args, "--quiet"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_verbose_prints_one_progress_line_per_layer(tmp_path, capsys):
+    from builders import planted_mlp as mlp
+
+    path = tmp_path / "deep.onnx"
+    onnx.save(
+        mlp([5, 12, 10, 9, 8, 7, 6, 5, 4, 6, 7, 8, 9, 3], [4, 6, 5, 4, 4, 3, 3, 2, 2, 3, 4, 5], seed=1), path
+    )
+    out = tmp_path / "small.onnx"
+    assert main(["reduce", str(path), str(out), "--threshold", "1.0"]) == 0
+    default = [line for line in capsys.readouterr().err.splitlines() if line.startswith("condensing layers")]
+    assert main(["reduce", str(path), str(out), "--threshold", "1.0", "-v"]) == 0
+    verbose = [line for line in capsys.readouterr().err.splitlines() if line.startswith("condensing layers")]
+    steps = int(verbose[-1].split(": ")[1].split("/")[1].split()[0])
+    assert steps > 10 and len(verbose) == steps and len(default) < steps
