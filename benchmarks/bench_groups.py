@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from results import RESULTS, machine_description
+from results import RESULTS, write_section
 from torch import nn
 from torch_models import randomize_batchnorm
 
@@ -323,9 +323,7 @@ def append_section(rows: list[dict], args, elapsed: float) -> None:
         )
     body = "\n".join(
         [
-            SECTION,
-            "",
-            f"Machine: {machine_description()}. Shared 2-core CPU, noisy: read ratios and medians.",
+            "Shared 2-core CPU, noisy: read ratios and medians.",
             "",
             "Rerun: `PYTHONPATH=. python benchmarks/bench_groups.py` (`--quick`: fewer calibration rows "
             f"and runs). This run: {args.rows} calibration rows (standard normal; the last 20% verify), "
@@ -359,16 +357,7 @@ def append_section(rows: list[dict], args, elapsed: float) -> None:
             "read the 1-thread column.",
         ]
     )
-    begin, end = "<!-- groups:begin -->", "<!-- groups:end -->"
-    section = f"{begin}\n{body}\n{end}"
-    text = RESULTS.read_text()
-    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.DOTALL)
-    text = (
-        pattern.sub(lambda _: section, text)
-        if pattern.search(text)
-        else text.rstrip() + "\n\n" + section + "\n"
-    )
-    RESULTS.write_text(text)
+    write_section("groups", SECTION.removeprefix("## "), body)
 
 
 def main() -> None:

@@ -238,8 +238,13 @@ def _add_checks(group) -> None:
     _add_bench_options(group)
     _add_providers(group)
     group.add_argument("--plot", metavar="DIR", help="write cosine heatmaps and a width chart (PNG)")
-    group.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    group.add_argument(
+    _add_output_level(group)
+
+
+def _add_output_level(parser) -> None:
+    """--quiet and -v/--verbose (the progress lines, `progress.Progress`)."""
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument(
         "-v", "--verbose", action="store_true", help="one progress line per layer or step (on a terminal too)"
     )
 
@@ -284,10 +289,7 @@ def _add_verify(verify) -> None:
     _add_tolerances(verify)
     _add_providers(verify)
     verify.add_argument("--report", metavar="FILE.json", help="write the numbers as JSON")
-    verify.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    verify.add_argument(
-        "-v", "--verbose", action="store_true", help="one progress line per layer or step (on a terminal too)"
-    )
+    _add_output_level(verify)
 
 
 def _add_bench(bench) -> None:
@@ -297,10 +299,7 @@ def _add_bench(bench) -> None:
     _add_bench_options(bench)
     _add_providers(bench)
     bench.add_argument("--report", metavar="FILE.json", help="write the numbers as JSON")
-    bench.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    bench.add_argument(
-        "-v", "--verbose", action="store_true", help="one progress line per layer or step (on a terminal too)"
-    )
+    _add_output_level(bench)
 
 
 def _add_bench_options(parser) -> None:

@@ -398,9 +398,10 @@ class _Layout:
             return "no member is a Gemm/MatMul/Conv producer whose rows can be compared"
         if not self.consumers:
             return "the channels reach no Gemm/MatMul/Conv consumer"
+        region_nodes = {id(e.node) for e in self.region}
         for entry in self.region:
             for const in entry.constants:
-                if any(id(user) not in self._region_ids for user in const.tensor.outputs):
+                if any(id(user) not in region_nodes for user in const.tensor.outputs):
                     return f"per-channel constant '{const.tensor.name}' is also used outside the group"
                 reason = nonfinite_reason(const.tensor)
                 if reason:
@@ -421,10 +422,6 @@ class _Layout:
             self.reshapes,
             self.tensors,
         )
-
-    @property
-    def _region_ids(self) -> set[int]:
-        return {id(e.node) for e in self.region}
 
 
 def _is_join(node: gs.Node) -> bool:

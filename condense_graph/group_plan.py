@@ -38,7 +38,7 @@ from condense_graph.errors import InternalError
 from condense_graph.merge import ChannelMap, channel_map
 from condense_graph.plan import WeightStore, channel_first, merge_into_consumer
 from condense_graph.selectors import DEFAULT, SELECTORS, Grouping, Rows, Selector
-from condense_graph.similarity import COSINE_TOLERANCE, split_to_width
+from condense_graph.similarity import COSINE_TOLERANCE, cosine_similarity, neuron_similarity, split_to_width
 
 FACTOR_TOLERANCE = 1e-6  # a merge factor this close to 1 is an exact copy (any path is exact)
 
@@ -251,8 +251,9 @@ class PathSimilarity:
                 for local, k in enumerate(entry.span):
                     values[k].append(array[local])
         for gate in group.gates:
+            rows = gate_rows(gate, store)
             for local, k in enumerate(gate.span):
-                vectors[k].append(gate_rows(gate, store)[local])
+                vectors[k].append(rows[local])
         flat = [np.concatenate(v).astype(np.float64) if v else np.zeros(0) for v in values]
         return cls(vectors, flat)
 
@@ -324,15 +325,11 @@ def class_widths(width: int | None, sizes: list[int]) -> list[int | None]:
 
 def round_up(groups: list[np.ndarray], vectors: np.ndarray, multiple: int) -> list[np.ndarray]:
     """Split off the least similar merged channels until the width is a multiple of `multiple`."""
-    from condense_graph.similarity import cosine_similarity
-
     wanted = len(groups) + (-len(groups) % multiple)
     return split_to_width(cosine_similarity(vectors), groups, min(wanted, len(vectors)))
 
 
 def _min_cosine(vectors: np.ndarray, groups: list[np.ndarray]) -> float | None:
-    from condense_graph.similarity import neuron_similarity
-
     merged = [g for g in groups if len(g) > 1]
     if not merged:
         return None

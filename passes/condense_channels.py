@@ -250,12 +250,11 @@ def refit_group(graph, plan: GroupPlan, plans: list, store: WeightStore, model, 
     readers, refittable = [], []
     for reader in plan.group.consumers:
         consumer = reader.consumer
-        keep = output_rows_kept(consumer.node, plans)
+        keep = output_rows_kept(consumer.node, plans)  # False: its rows have no original target
         rows = store[consumer.weight.name].shape[0 if consumer.node.op == "Conv" else 1 - consumer.axis]
         width = len(kept_in(plan.cmap, reader.offset, reader.width))
-        readers.append((consumer, width, reader.block, keep))
-        refittable.append(keep is not False and rows == (len(keep) if keep is not None else rows))
-    readers = [(c, w, b, None if k is False else k) for c, w, b, k in readers]
+        readers.append((consumer, width, reader.block, None if keep is False else keep))
+        refittable.append(keep is None or (keep is not False and rows == len(keep)))
     normals = reader_refit_statistics(reduced, model, readers, calibration)
     return [
         refit_entry(consumer, normal if ok else None, store)
