@@ -425,7 +425,7 @@ def inspect(model: ModelLike, thresholds=INSPECT_THRESHOLDS) -> dict:
             "activation": layer.activation,
             "width": layer.producer.width,
             "exact": layer.homogeneous,
-            "widths": widths[layer.name],
+            "widths": widths.get(layer.name, {}),
         }
         for layer in analysis.layers
     ]
@@ -437,7 +437,7 @@ def inspect(model: ModelLike, thresholds=INSPECT_THRESHOLDS) -> dict:
             "activation": group.activation,
             "width": group.width,
             "exact": bool(group.homogeneous_path().all()),
-            "widths": widths[group.name],
+            "widths": widths.get(group.name, {}),
         }
         for group in analysis.groups
     ]

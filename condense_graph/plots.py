@@ -117,3 +117,54 @@ def plot_threshold_widths(info: dict, directory: str | Path) -> Path:
 
 def _file_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "layer"
+
+
+def plot_loop(log: dict | list, path: str | Path, metric_name: str = "metric") -> Path:
+    """The automatic loop's history (the paper's Figure 6): the metric and the parameter ratio
+    against the training step, each kept reduction a red dot, each rollback a grey cross.
+    `log` is `AutoReduceResult.log` or the JSON log (`{"events": [...]}`). Returns `path`."""
+    plt = _pyplot()
+    events = log["events"] if isinstance(log, dict) else log
+    evals = [e for e in events if e["event"] == "evaluate"]
+    if not evals:
+        raise CondenseError("the loop's log has no evaluations to plot")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(
+        [e["step"] for e in evals], [e["metric"] for e in evals], color="tab:blue", lw=1, label=metric_name
+    )
+    metric_at = {e["step"]: e["metric"] for e in evals}
+    for kind, style in (
+        ("accept", dict(color="red", marker="o", s=18)),
+        ("rollback", dict(color="grey", marker="x", s=24)),
+    ):
+        marks = [e for e in events if e["event"] == kind]
+        if marks:
+            ax.scatter(
+                [e["step"] for e in marks],
+                [metric_at.get(e["step"], e.get("metric")) for e in marks],
+                label="reduction kept" if kind == "accept" else "rollback",
+                zorder=3,
+                **style,
+            )
+    ax.set_xlabel("training step")
+    ax.set_ylabel(metric_name)
+    right = ax.twinx()
+    right.plot(
+        [e["step"] for e in evals],
+        [e["params_ratio"] for e in evals],
+        color="tab:green",
+        lw=1.5,
+        label="params / original (CPN/OPN)",
+    )
+    right.set_ylabel("params / original")
+    right.set_ylim(0, 1.05)
+    lines = ax.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="lower left")
+    ax.set_title("Automatic condensation reduction")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -106,6 +106,18 @@ def reduce_module(
     return ReducedModule(module=rebuilt.eval(), onnx_model=result.model, report=report, onnx_path=path)
 
 
+def export_module(module, example_inputs, exporter: str = "torchscript") -> onnx.ModelProto:
+    """The ONNX model `reduce_module` condenses: a copy of `module` in eval mode, exported with
+    the settings of the module docstring (parameters keep their names as initializers)."""
+    import torch
+
+    if exporter not in EXPORTERS:
+        raise CondenseError(f"exporter must be one of {', '.join(EXPORTERS)}, not {exporter!r}")
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    with torch.no_grad():
+        return _export(copy.deepcopy(module).eval(), inputs, exporter)
+
+
 def _names(inputs, stem: str) -> list[str]:
     return [stem] if len(inputs) == 1 else [f"{stem}{i}" for i in range(len(inputs))]
 
