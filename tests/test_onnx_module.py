@@ -264,3 +264,251 @@ def test_condensed_mlp_matches_ort():
     assert result.report["params_after"] < result.report["params_before"]
     module = from_onnx(reduced)
     assert_matches_ort(reduced, module, {"state": mlp_rows()})
+
+
+def _rand(*shape, seed=7, positive=False):
+    values = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    return np.abs(values) + 0.1 if positive else values
+
+
+# (id, op, feeds, initializers, attributes, output elem types, opset); inputs named as listed, "" = omitted
+OP_CASES = [
+    (
+        "gemm_transA_alpha_beta",
+        "Gemm",
+        {"A": _rand(5, 3)},
+        {"B": _rand(5, 4, seed=1), "C": _rand(4, seed=2)},
+        {"transA": 1, "alpha": 0.5, "beta": 2.0},
+        [1],
+        17,
+    ),
+    (
+        "gemm_transB",
+        "Gemm",
+        {"A": _rand(3, 5)},
+        {"B": _rand(4, 5, seed=1), "C": _rand(3, 4, seed=2)},
+        {"transB": 1},
+        [1],
+        17,
+    ),
+    ("matmul_batched", "MatMul", {"A": _rand(2, 3, 5)}, {"B": _rand(5, 4, seed=1)}, {}, [1], 17),
+    (
+        "conv1d_same_upper",
+        "Conv",
+        {"X": _rand(2, 4, 11)},
+        {"W": _rand(6, 4, 4, seed=1), "b": _rand(6)},
+        {"auto_pad": "SAME_UPPER", "strides": [2]},
+        [1],
+        17,
+    ),
+    (
+        "conv1d_same_lower_grouped",
+        "Conv",
+        {"X": _rand(2, 4, 10)},
+        {"W": _rand(6, 2, 4, seed=1)},
+        {"auto_pad": "SAME_LOWER", "strides": [3], "group": 2},
+        [1],
+        17,
+    ),
+    (
+        "conv1d_dilated_pads",
+        "Conv",
+        {"X": _rand(2, 4, 10)},
+        {"W": _rand(6, 4, 3, seed=1)},
+        {"pads": [1, 3], "dilations": [2]},
+        [1],
+        17,
+    ),
+    (
+        "conv2d_valid",
+        "Conv",
+        {"X": _rand(1, 3, 7, 6)},
+        {"W": _rand(4, 3, 3, 2, seed=1)},
+        {"auto_pad": "VALID", "strides": [2, 1]},
+        [1],
+        17,
+    ),
+    (
+        "conv2d_asymmetric_pads_depthwise",
+        "Conv",
+        {"X": _rand(2, 4, 6, 6)},
+        {"W": _rand(4, 1, 3, 3, seed=1)},
+        {"pads": [0, 1, 2, 1], "group": 4},
+        [1],
+        17,
+    ),
+    (
+        "batchnorm",
+        "BatchNormalization",
+        {"X": _rand(2, 3, 4)},
+        {
+            "s": _rand(3, seed=1),
+            "bias": _rand(3, seed=2),
+            "mean": _rand(3, seed=3),
+            "var": _rand(3, seed=4, positive=True),
+        },
+        {"epsilon": 1e-3},
+        [1],
+        15,
+    ),
+    (
+        "avgpool_pads_exclude",
+        "AveragePool",
+        {"X": _rand(1, 2, 7, 7)},
+        {},
+        {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
+        [1],
+        17,
+    ),
+    (
+        "avgpool_asymmetric_include",
+        "AveragePool",
+        {"X": _rand(1, 2, 6, 6)},
+        {},
+        {"kernel_shape": [2, 2], "pads": [0, 0, 1, 1], "count_include_pad": 1},
+        [1],
+        17,
+    ),
+    (
+        "avgpool_same_upper",
+        "AveragePool",
+        {"X": _rand(1, 2, 7, 7)},
+        {},
+        {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"},
+        [1],
+        17,
+    ),
+    (
+        "maxpool_ceil",
+        "MaxPool",
+        {"X": _rand(1, 2, 7, 7)},
+        {},
+        {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1},
+        [1],
+        17,
+    ),
+    ("maxpool_1d_pads", "MaxPool", {"X": _rand(2, 3, 9)}, {}, {"kernel_shape": [3], "pads": [1, 1]}, [1], 17),
+    ("global_max_pool", "GlobalMaxPool", {"X": _rand(2, 3, 4, 5)}, {}, {}, [1], 17),
+    ("reduce_mean_attr", "ReduceMean", {"X": _rand(2, 3, 4)}, {}, {"axes": [1, -1], "keepdims": 0}, [1], 17),
+    ("reduce_sum_input", "ReduceSum", {"X": _rand(2, 3, 4)}, {"axes": np.array([2], np.int64)}, {}, [1], 17),
+    (
+        "reduce_mean_input_18",
+        "ReduceMean",
+        {"X": _rand(2, 3, 4)},
+        {"axes": np.array([0], np.int64)},
+        {"keepdims": 0},
+        [1],
+        18,
+    ),
+    ("softmax_axis1", "Softmax", {"X": _rand(2, 3, 4)}, {}, {"axis": 1}, [1], 17),
+    ("log_softmax", "LogSoftmax", {"X": _rand(2, 3, 4)}, {}, {}, [1], 17),
+    ("softmax_opset11_coerced", "Softmax", {"X": _rand(2, 3, 4)}, {}, {"axis": 1}, [1], 11),
+    ("gelu_tanh", "Gelu", {"X": _rand(3, 4)}, {}, {"approximate": "tanh"}, [1], 20),
+    ("gelu", "Gelu", {"X": _rand(3, 4)}, {}, {}, [1], 20),
+    ("elu", "Elu", {"X": _rand(3, 4)}, {}, {"alpha": 0.7}, [1], 17),
+    ("selu", "Selu", {"X": _rand(3, 4)}, {}, {}, [1], 17),
+    ("softplus", "Softplus", {"X": _rand(3, 4)}, {}, {}, [1], 17),
+    ("hard_sigmoid", "HardSigmoid", {"X": _rand(3, 4)}, {}, {"alpha": 0.3, "beta": 0.4}, [1], 17),
+    ("leaky_relu", "LeakyRelu", {"X": _rand(3, 4)}, {}, {"alpha": 0.2}, [1], 17),
+    ("clip_inputs", "Clip", {"X": _rand(3, 4)}, {"lo": np.float32(-0.5), "hi": np.float32(0.3)}, {}, [1], 17),
+    ("clip_max_only", "Clip", {"X": _rand(3, 4)}, {"": None, "hi": np.float32(0.3)}, {}, [1], 17),
+    ("clip_attrs", "Clip", {"X": _rand(3, 4)}, {}, {"min": -0.5, "max": 0.3}, [1], 6),
+    ("pow_sqrt_like", "Pow", {"X": _rand(3, 4, positive=True)}, {"e": np.float32(0.5)}, {}, [1], 17),
+    ("div", "Div", {"X": _rand(3, 4)}, {"d": _rand(4, positive=True)}, {}, [1], 17),
+    ("erf", "Erf", {"X": _rand(3, 4)}, {}, {}, [1], 17),
+    ("log", "Log", {"X": _rand(3, 4, positive=True)}, {}, {}, [1], 17),
+    ("flatten_axis0", "Flatten", {"X": _rand(2, 3, 4)}, {}, {"axis": 0}, [1], 17),
+    ("flatten_axis2", "Flatten", {"X": _rand(2, 3, 4)}, {}, {"axis": 2}, [1], 17),
+    (
+        "reshape_allowzero",
+        "Reshape",
+        {"X": _rand(2, 3, 4)},
+        {"s": np.array([4, 3, 2], np.int64)},
+        {"allowzero": 1},
+        [1],
+        17,
+    ),
+    ("split_num_outputs", "Split", {"X": _rand(2, 7)}, {}, {"axis": 1, "num_outputs": 3}, [1, 1, 1], 18),
+    ("split_attr", "Split", {"X": _rand(6, 2)}, {}, {"split": [2, 4]}, [1, 1], 11),
+    (
+        "pad_constant",
+        "Pad",
+        {"X": _rand(2, 3)},
+        {"p": np.array([1, 0, 2, 3], np.int64), "v": np.float32(1.5)},
+        {},
+        [1],
+        17,
+    ),
+    (
+        "pad_axes",
+        "Pad",
+        {"X": _rand(2, 3, 4)},
+        {"p": np.array([1, 2], np.int64), "": None, "axes": np.array([-1], np.int64)},
+        {},
+        [1],
+        18,
+    ),
+    ("expand", "Expand", {"X": _rand(3, 1)}, {"s": np.array([2, 1, 4], np.int64)}, {}, [1], 17),
+    (
+        "where_less",
+        "Where",
+        {"c": _rand(3, 4) < 0},
+        {"a": _rand(3, 4, seed=1), "b": _rand(4, seed=2)},
+        {},
+        [1],
+        17,
+    ),
+    (
+        "equal",
+        "Equal",
+        {"a": np.array([1, 2, 3], np.int64)},
+        {"b": np.array([1, 0, 3], np.int64)},
+        {},
+        [9],
+        17,
+    ),
+    ("greater", "Greater", {"a": _rand(3, 4)}, {"b": _rand(4, seed=2)}, {}, [9], 17),
+    ("less", "Less", {"a": _rand(3, 4)}, {"b": _rand(4, seed=2)}, {}, [9], 17),
+    ("min", "Min", {"a": _rand(3, 4)}, {"b": _rand(4, seed=2), "c": _rand(3, 1, seed=3)}, {}, [1], 17),
+    ("max", "Max", {"a": _rand(3, 4)}, {"b": _rand(4, seed=2)}, {}, [1], 17),
+    ("sum", "Sum", {"a": _rand(3, 4)}, {"b": _rand(4, seed=2), "c": _rand(3, 4, seed=3)}, {}, [1], 17),
+    ("cast_to_int", "Cast", {"X": _rand(3, 4) * 5}, {}, {"to": TensorProto.INT64}, [7], 17),
+    ("cast_like", "CastLike", {"X": np.array([1, 2], np.int64)}, {"t": np.float32(0)}, {}, [1], 17),
+    (
+        "constant_of_shape",
+        "ConstantOfShape",
+        {"s": np.array([2, 3], np.int64)},
+        {},
+        {"value": numpy_helper.from_array(np.array([2.5], np.float32))},
+        [1],
+        17,
+    ),
+    ("shape_start_end", "Shape", {"X": _rand(2, 3, 4)}, {}, {"start": 1, "end": -1}, [7], 17),
+    ("squeeze_all", "Squeeze", {"X": _rand(1, 3, 1, 4)}, {}, {}, [1], 17),
+    ("transpose_default", "Transpose", {"X": _rand(2, 3, 4)}, {}, {}, [1], 17),
+    ("dropout", "Dropout", {"X": _rand(2, 3)}, {}, {}, [1], 17),
+]
+
+
+def single_op_model(op, feeds, inits, attrs, out_types, opset) -> onnx.ModelProto:
+    names = list(feeds) + list(inits)
+    outputs = [f"y{i}" for i in range(len(out_types))]
+    node = helper.make_node(op, names, outputs, **attrs)
+    graph = helper.make_graph(
+        [node],
+        op,
+        [
+            helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+            for n, v in feeds.items()
+        ],
+        [helper.make_tensor_value_info(n, t, None) for n, t in zip(outputs, out_types, strict=True)],
+        [numpy_helper.from_array(np.asarray(v), n) for n, v in inits.items() if n],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("case", OP_CASES, ids=[c[0] for c in OP_CASES])
+def test_single_ops_match_ort(case):
+    _, op, feeds, inits, attrs, out_types, opset = case
+    model = single_op_model(op, feeds, inits, attrs, out_types, opset)
+    assert_matches_ort(model, from_onnx(model), feeds)
