@@ -88,8 +88,8 @@ class Criteria:
 
     main: eq. (22) for the main reduction's criterion. layer: eq. (22) for the layer-by-layer
     criterion. last_layer: the last layer's criterion (fixed). deviation: below it
-    `deviation_steps` after a reduction, the reduction is undone at once. final: the criterion
-    the loop's result is judged by (default: the main criterion where the loop ended).
+    `deviation_steps` after a reduction, the reduction is undone at once. final: the level
+    the loop's result is judged by (default: where the main criterion ends, eq. 22's end value).
     higher_is_better: False for a loss (then each level is a largest accepted loss)."""
 
     main: Cosine = Cosine(0.88, 0.85, 100)
@@ -324,6 +324,31 @@ class TorchReducer:
         return export_module(module, self.example_inputs, self.exporter)
 
 
+class OnnxReducer:
+    """Reduces an `OnnxModule` (`condense_graph.onnx_module`: an ONNX graph rebuilt in torch, for
+    users without the training code): its current values written into its graph (`to_onnx`),
+    `condense` on that, the reduced graph rebuilt (`from_onnx`). Layers are named by their
+    weight initializer, which the pass keeps."""
+
+    def layers(self, module) -> dict[str, int]:
+        from condense_graph.api import inspect
+
+        info = inspect(self.export(module), thresholds=())
+        return {layer["weight"]: layer["width"] for layer in info["layers"]}
+
+    def reduce(self, module, options: dict):
+        from condense_graph.api import condense
+        from condense_graph.onnx_module import from_onnx
+
+        result = condense(self.export(module), **options)
+        return from_onnx(result.model), result.report
+
+    def export(self, module):
+        from condense_graph.onnx_module import to_onnx
+
+        return to_onnx(module)
+
+
 def count_parameters(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -334,9 +359,10 @@ def count_parameters(module) -> int:
 
 @dataclass
 class AutoReduceResult:
-    """What `auto_reduce` returns: the module (the last state that met its criterion; the best
-    by the metric after the final phase), its metric, parameter counts, whether the final
-    criterion is met, the event log, and why the loop stopped."""
+    """What `auto_reduce` returns: the module where the loop ended (after the final phase: its
+    best state by the metric) or, when that misses the final level, the smallest state seen
+    that met it (a "fallback" event in the log); its metric, parameter counts, whether the final
+    level is met, the event log, and why the loop stopped."""
 
     module: object
     metric: float
@@ -375,6 +401,11 @@ class _Loop:
         self.original_params = count_parameters(module)
         self.log: list[dict] = []
         self.optimizer = self.make_optimizer(module.parameters(), config.lr(0))
+        # the level the result is judged by: Criteria.final, or where the main criterion ends
+        self.final_level = (
+            criteria.final if criteria.final is not None else criteria.main(criteria.main.period)
+        )
+        self.smallest = None  # (params, metric, step, save point) of the smallest state meeting it
 
     # -- bookkeeping
     @property
@@ -413,7 +444,21 @@ class _Loop:
         with torch.no_grad():
             value = float(self.evaluate_fn(self.module))
         self.event("evaluate", phase=phase, metric=value, **fields)
+        self.remember(value)
         return value
+
+    def remember(self, metric: float) -> None:
+        """Keep the smallest state seen that meets the final level: the loop's result when the
+        state it ends in misses that level."""
+        if not self.criteria.met(metric, self.final_level):
+            return
+        best = self.smallest
+        if (
+            best is None
+            or self.params < best[0]
+            or (self.params == best[0] and self.criteria.best(metric, best[1]))
+        ):
+            self.smallest = (self.params, metric, self.step, self.save())
 
     def train(self, steps: int) -> None:
         self.module.train()
@@ -428,6 +473,8 @@ class _Loop:
     def train_until(self, level: float, limit: int, phase: str, minimum: int = 0, deviation: bool = False):
         """Train up to `limit` steps until the metric meets `level`; returns (met, metric, why)."""
         done, metric = 0, self.metric(phase, trained=0)
+        if minimum == 0 and self.criteria.met(metric, level):
+            return True, metric, "met"
         while done < limit and not self.out_of_steps():
             chunk = min(self.config.eval_every, limit - done)
             if deviation and done < self.config.deviation_steps:
@@ -635,8 +682,13 @@ def auto_reduce(
     loop.event("stop", reason=reason)
     loop.final()
     metric = loop.metric("result")
-    level = criteria.final if criteria.final is not None else criteria.main(loop.t)
+    level = loop.final_level
     met = criteria.met(metric, level)
+    if not met and loop.smallest is not None:  # the smallest state that met the final level instead
+        params, metric, step, point = loop.smallest
+        loop.restore(point)
+        met = True
+        loop.event("fallback", metric=metric, level=level, from_step=step)
     loop.event("done", metric=metric, level=level, final_met=met)
     return AutoReduceResult(
         module=loop.module,

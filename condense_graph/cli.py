@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw each layer's width left at each threshold into DIR/thresholds.png (matplotlib)",
     )
     insp.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    _add_finetune(
+        commands.add_parser(
+            "finetune", help="reduce and retrain a model on data, without its training code (torch extra)"
+        )
+    )
     _add_verify(commands.add_parser("verify", help="compare two models in ONNX Runtime"))
     _add_bench(commands.add_parser("bench", help="measure ONNX Runtime latency of one or two models"))
     for command in commands.choices.values():
@@ -241,6 +246,58 @@ def _add_checks(group) -> None:
     _add_output_level(group)
 
 
+def _add_finetune(parser) -> None:
+    """`finetune`: the automatic loop (paper section 2.4.2) on an ONNX model rebuilt in torch."""
+    parser.add_argument("input", help="trained .onnx model (never modified)")
+    parser.add_argument("output", help="output .onnx path (written atomically)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE.npz",
+        help="arrays named after the graph inputs, and the targets",
+    )
+    parser.add_argument("--targets", required=True, metavar="KEY", help="the targets' array in --data")
+    parser.add_argument("--loss", required=True, choices=("mse", "cross-entropy"), help="the training loss")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        help="how much worse than the input the result may be on the held-out rows: a relative "
+        "loss increase for mse (default 0.05), accuracy points for cross-entropy (default 0.01)",
+    )
+    parser.add_argument(
+        "--holdout", type=float, default=0.2, help="held-out fraction of the rows (default 0.2)"
+    )
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument(
+        "--max-error",
+        type=float,
+        help="reduce each layer as far as the data-aware rule keeps the output error within this, "
+        "instead of the paper's thresholds",
+    )
+    target.add_argument(
+        "--width-fraction", type=float, help="reduce each layer to this fraction of its width instead"
+    )
+    parser.add_argument("--batch", type=int, default=128, help="rows per training step (default 128)")
+    parser.add_argument(
+        "--lr", type=float, default=1e-4, help="Adam's learning rate after a reduction (eq. 21's lr_max)"
+    )
+    parser.add_argument("--max-main", type=int, default=6, help="most main reductions (default 6)")
+    parser.add_argument("--max-steps", type=int, help="training step budget of the whole run")
+    parser.add_argument("--seed", type=int, default=0, help="the split and the batches (default 0)")
+    parser.add_argument("--log", metavar="FILE.json", help="every event of the loop as JSON, as it goes")
+    parser.add_argument(
+        "--plot", metavar="DIR", help="draw the metric and params against the step (DIR/loop.png)"
+    )
+    parser.add_argument("--report", metavar="FILE.json", help="write the summary as JSON")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write the output even when it misses the tolerance (exit code stays 1)",
+    )
+    parser.add_argument("--in-place", action="store_true", help="allow OUTPUT to be INPUT")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
 def _add_output_level(parser) -> None:
     """--quiet and -v/--verbose (the progress lines, `progress.Progress`)."""
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -325,7 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:  # graph-optimizer notes ORT prints on its own logger are not ours to show
         runtime.quiet_runtime_logs()
-    commands = {"reduce": run_reduce, "inspect": run_inspect, "verify": run_verify, "bench": run_bench}
+    commands = {
+        "reduce": run_reduce,
+        "inspect": run_inspect,
+        "verify": run_verify,
+        "bench": run_bench,
+        "finetune": run_finetune,
+    }
     try:
         # every session of this run (runtime.session) on --providers; the default restored after
         with runtime.using_providers(getattr(args, "providers", None)):
@@ -564,6 +627,72 @@ def run_inspect(args) -> int:
         if not args.quiet:
             _say(f"Plot: {path}")
     return EXIT_OK
+
+
+def run_finetune(args) -> int:
+    """Reduce and retrain (`condense_graph.finetune`); exit 1 when the result misses the tolerance
+    on the held-out rows (then nothing is written unless --force)."""
+    from dataclasses import replace
+
+    from condense_graph.finetune import finetune, finetune_config
+
+    _check_paths(args)
+    if args.plot:
+        from condense_graph.plots import check_available
+
+        check_available()
+    for name in ("batch", "max_main"):
+        if getattr(args, name) < 1:
+            raise CondenseError(f"--{name.replace('_', '-')} must be at least 1")
+    config = replace(finetune_config(args.lr), max_main=args.max_main, max_steps=args.max_steps)
+    result = finetune(
+        args.input,
+        args.data,
+        args.targets,
+        args.loss,
+        holdout=args.holdout,
+        tolerance=args.tolerance,
+        max_error=args.max_error,
+        width_fraction=args.width_fraction,
+        batch=args.batch,
+        config=config,
+        seed=args.seed,
+        log_path=args.log,
+        quiet=args.quiet,
+    )
+    report = result.report
+    met = report["criterion_met"]
+    if met or args.force:
+        report["file_size_after"] = model_io.save_model(result.model, args.output)
+    if args.plot:
+        from condense_graph.plots import plot_loop
+
+        report["plot"] = str(plot_loop(result.loop.log, Path(args.plot) / "loop.png", report["metric"]))
+    if args.report:
+        _write_json(report, args.report)
+    if not args.quiet:
+        _say(format_finetune(report, args.output if met or args.force else None))
+    return EXIT_OK if met else EXIT_VERIFY_FAILED
+
+
+def format_finetune(report: dict, written: str | None) -> str:
+    """The summary lines of `finetune`."""
+    better = "lower" if report["loss"] == "mse" else "higher"
+    lines = [
+        f"Params: {report['params_before']:,} -> {report['params_after']:,} "
+        f"({report['params_after'] / report['params_before']:.3f})",
+        "Widths: " + ", ".join(f"{name} {a} -> {b}" for name, (a, b) in report["widths"].items()),
+        f"Held-out {report['metric']} ({better} is better, {report['validation_rows']} rows, ONNX Runtime): "
+        f"{report['metric_before']:.6g} -> {report['metric_after']:.6g}; required {report['criterion']:.6g}: "
+        + ("met" if report["criterion_met"] else "MISSED"),
+        f"Loop: {report['steps']} training steps, {report['reductions_kept']} reductions kept, "
+        f"{report['rollbacks']} rolled back, {report['seconds']:.1f} s; stopped: {report['stop_reason']}",
+    ]
+    if written:
+        lines.append(f"Wrote {written}")
+    else:
+        lines.append("Nothing written: the result misses the tolerance (--force writes it)")
+    return "\n".join(lines)
 
 
 def _parse_thresholds(spec: str) -> tuple[float, ...]:
