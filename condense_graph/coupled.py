@@ -13,8 +13,13 @@ This module turns such a group into what its merge reads and writes (`CoupledGro
             so two channels merge exactly only when their gate rows are equal (not parallel).
   region    the per-channel ops between members and consumers, with the constants sliced with the
             channels (a BatchNormalization after an Add, a depthwise kernel, a gate's bias).
-  consumers Gemm/MatMul/Conv nodes reading group channels offset .. offset + width - 1.
+  consumers Gemm/MatMul/Conv nodes reading group channels through their input's index map.
   cuts      Split/Slice/SplitToSequence nodes whose part sizes follow the kept channels.
+
+Every tensor of the group has an index map (`groups.Piece`s: which group channel each of its
+channels is); region nodes, consumers, cuts and Reshape literals are laid out by the index map of
+the tensor they act on, so a group channel that sits at several positions of a tensor (C2f's
+Concat of b and b + m(b)) is sliced and folded at each of them.
 
 Each group channel has a *signature*: the ops (type and attributes) on its path and the consumers
 reading it. Only channels with one signature may merge: they go through the same computation and
@@ -42,7 +47,7 @@ from condense_graph.analysis import (
     as_producer,
     nonfinite_reason,
 )
-from condense_graph.groups import ChannelGroup, find_gates
+from condense_graph.groups import ChannelGroup, Layout, find_gates, layout_channels, layout_width
 
 _MATRIX_OPS = ("Gemm", "MatMul", "Conv")
 _CUTS = ("Split", "Slice", "SplitToSequence", "SequenceAt")
@@ -77,57 +82,66 @@ class GateMember:
         return range(self.offset, self.offset + self.width)
 
 
+class _Laid:
+    """Something laid out by a tensor's index map: `pieces` (`groups.Piece`)."""
+
+    pieces: Layout
+
+    @property
+    def width(self) -> int:
+        return layout_width(self.pieces)
+
+    @property
+    def channels(self) -> np.ndarray:
+        """The group channel at each of the tensor's channels (one may occur several times)."""
+        return layout_channels(self.pieces)
+
+
 @dataclass
-class RegionNode:
-    """A per-channel op on tensors of group channels offset .. offset + width - 1."""
+class RegionNode(_Laid):
+    """A per-channel op on tensors of group channels laid out by `pieces` (its input's)."""
 
     node: gs.Node
-    offset: int
-    width: int
+    pieces: Layout
     constants: list[ChannelConstant] = field(default_factory=list)
     # "pre": folded into a member's rows; "path": on the channels' way to the consumers; "gate":
     # on a gate's way to its Mul (gate values must be equal, not scaled); "join": Add, Mul, Concat
     role: str = "path"
     homogeneous: bool = True  # f(l x) = l f(x) for the channels it carries (l > 0)
 
-    @property
-    def span(self) -> range:
-        return range(self.offset, self.offset + self.width)
-
 
 @dataclass
-class GroupConsumer:
-    """A consumer reading group channels offset .. offset + width - 1, `block` features each."""
+class GroupConsumer(_Laid):
+    """A consumer reading group channels laid out by `pieces`, `block` features each."""
 
     consumer: Consumer
-    offset: int
-    width: int
+    pieces: Layout
     block: int = 1
 
-    @property
-    def span(self) -> range:
-        return range(self.offset, self.offset + self.width)
+    def reads(self, channel: int) -> bool:
+        return any(p.offset <= channel < p.offset + p.width for p in self.pieces)
 
 
 @dataclass
 class Cut:
-    """A Split/Slice/SplitToSequence cutting group channels into parts (offset, width) each, from
-    a source at `source` (offset, width); `axis_index`: a Slice's entry for the channel axis."""
+    """A Split/Slice/SplitToSequence cutting its source (laid out by `source`) into parts (each
+    laid out by its pieces); `start`: a Slice's first channel in its source; `axis_index`: a
+    Slice's entry for the channel axis."""
 
     node: gs.Node
-    parts: list[tuple[int, int]]
-    source: tuple[int, int]
+    parts: list[Layout]
+    source: Layout
     axis_index: int = 0
+    start: int = 0
 
 
 @dataclass
-class ReshapeShape:
+class ReshapeShape(_Laid):
     """A Reshape target holding a channel count literally (`index`: its position)."""
 
     shape: gs.Constant
     index: int
-    offset: int
-    width: int
+    pieces: Layout
     block: int
 
 
@@ -142,7 +156,7 @@ class CoupledGroup:
     consumers: list[GroupConsumer]
     cuts: list[Cut]
     reshapes: list[ReshapeShape]
-    tensors: dict[str, tuple[int, int]]  # every group tensor: (offset, width)
+    tensors: dict[str, Layout]  # every group tensor: its index map
 
     @property
     def keys(self) -> list[str]:
@@ -164,7 +178,7 @@ class CoupledGroup:
         result = np.ones(self.width, dtype=bool)
         for entry in self.region:
             if entry.role in ("path", "join") and not entry.homogeneous:
-                result[entry.offset : entry.offset + entry.width] = False
+                result[entry.channels] = False
         return result
 
     def path_entries(self) -> list[RegionNode]:
@@ -173,15 +187,19 @@ class CoupledGroup:
 
     def signatures(self) -> list[tuple]:
         """Each channel's signature: the region ops (type, attributes) on its path in graph order
-        and the consumers reading it. Channels merge only within one signature."""
+        and the consumers reading it, with the piece of the tensor's index map it sits in. Channels
+        merge only within one signature: then a channel merged away sits in every piece its main
+        channel sits in, and each piece folds it into its main (eq. 10)."""
         paths = [[] for _ in range(self.width)]
         for entry in self.path_entries():
             key = (entry.node.op, _attributes(entry.node))
-            for k in entry.span:
-                paths[k].append(key)
+            for piece_index, piece in enumerate(entry.pieces):
+                for k in range(piece.offset, piece.offset + piece.width):
+                    paths[k].append(key + (piece_index,))
         for index, reader in enumerate(self.consumers):
-            for k in reader.span:
-                paths[k].append(("consumer", index))
+            for piece_index, piece in enumerate(reader.pieces):
+                for k in range(piece.offset, piece.offset + piece.width):
+                    paths[k].append(("consumer", index, piece_index))
         for gate in self.gates:
             for k in gate.span:
                 paths[k].append(("gate", gate.producer.node.name))
@@ -214,7 +232,7 @@ def prepare(graph: gs.Graph, groups: list[ChannelGroup], subgraph_tensors=frozen
 
 def layout(graph, group: ChannelGroup, gates, outputs, subgraph_tensors) -> CoupledGroup | str:
     """The group as `CoupledGroup`, or why it cannot be merged."""
-    if group.width is None or any(w is None for _, w in group.tensors.values()):
+    if group.width is None or any(layout_width(t) is None for t in group.tensors.values()):
         return "a tensor of the group has an unknown channel count"
     tensors = dict(group.tensors)
     fc2s = {id(g.fc2): g for g in gates.values() if g.mul.outputs[0].name in tensors}
@@ -237,7 +255,7 @@ class _Layout:
         self.gate_muls = {id(g.mul) for g in fc2s.values()}
         self.gate_path = {id(n) for g in fc2s.values() for n in g.path}
 
-    def span_of(self, tensor: gs.Tensor) -> tuple[int, int] | None:
+    def span_of(self, tensor: gs.Tensor) -> Layout | None:
         return self.tensors.get(tensor.name)
 
     def visit(self, node: gs.Node) -> str | None:
@@ -259,7 +277,7 @@ class _Layout:
             span = self.tensors[node.outputs[0].name]
             gate = id(node) in self.gate_muls
             homogeneous = node.op in ("Add", "Sub", "Concat") or gate
-            self.region.append(RegionNode(node, *span, role="join", homogeneous=homogeneous))
+            self.region.append(RegionNode(node, span, role="join", homogeneous=homogeneous))
             return None
         return self.region_node(node, carried_in, carried_out)
 
@@ -267,21 +285,25 @@ class _Layout:
         consumer = as_consumer(node, tensor)
         if isinstance(consumer, str):
             return consumer
-        offset, width = self.tensors[tensor.name]
+        pieces = self.tensors[tensor.name]
+        width = layout_width(pieces)
         rows = consumer.weight.values.shape[consumer.axis]
         if rows % width:
             return f"consumer '{node.name}' reads {rows} features of {width} channels"
         block = rows // width
         if node.op == "Conv" and block != 1:
             return f"Conv '{node.name}' reads the channels on another axis"
-        self.consumers.append(GroupConsumer(consumer, offset, width, block))
+        self.consumers.append(GroupConsumer(consumer, pieces, block))
         return None
 
     def member(self, node: gs.Node) -> str | None:
         producer = as_producer(node, self.outputs, self.subgraph_tensors)
         if isinstance(producer, str):
             return producer
-        offset, width = self.tensors[node.outputs[0].name]
+        pieces = self.tensors[node.outputs[0].name]
+        if len(pieces) != 1:
+            return f"'{node.name}' writes channels that sit at several positions of the group"
+        offset, width = pieces[0].offset, pieces[0].width
         if width != producer.width:
             return f"'{node.name}' writes {producer.width} channels where the group has {width}"
         if id(node) in self.fc2s:
@@ -333,7 +355,7 @@ class _Layout:
         else:
             parts = [self.tensors[t.name] for t in node.outputs if t.name in self.tensors]
         whole = self.tensors[source.name]
-        if sum(w for _, w in parts) != whole[1] and node.op != "Slice":
+        if sum(layout_width(p) for p in parts) != layout_width(whole) and node.op != "Slice":
             return f"{node.op} '{node.name}' parts do not cover its input"
         if node.op == "Split" and "split" not in node.attrs:
             if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
@@ -341,12 +363,15 @@ class _Layout:
         for tensor in node.inputs[1:]:
             if isinstance(tensor, gs.Constant) and len(tensor.outputs) > 1:
                 return f"{node.op} '{node.name}' shares its constant '{tensor.name}' with other nodes"
-        axis_index = 0
+        axis_index, start = 0, 0
         if node.op == "Slice":
             axis_index = self.slice_axis(node, source)
             if axis_index is None:
                 return f"Slice '{node.name}' cuts the channel axis with bounds not known"
-        self.cuts.append(Cut(node, parts, whole, axis_index))
+            first = int(np.asarray(node.inputs[1].values).reshape(-1)[axis_index])
+            width = layout_width(whole)
+            start = min(max(first + width if first < 0 else first, 0), width)
+        self.cuts.append(Cut(node, parts, whole, axis_index, start))
         return None
 
     def slice_axis(self, node: gs.Node, source: gs.Tensor) -> int | None:
@@ -373,23 +398,19 @@ class _Layout:
         self.region.append(entry)
         return None
 
-    def sliced(self, node: gs.Node, span: tuple[int, int], role: str) -> RegionNode:
-        offset, width = span
-        constants = [ChannelConstant(t, axis) for t, axis in _per_channel_inputs(node, width)]
+    def sliced(self, node: gs.Node, span: Layout, role: str) -> RegionNode:
+        constants = [ChannelConstant(t, axis) for t, axis in _per_channel_inputs(node, layout_width(span))]
         homogeneous = ops.is_homogeneous(node, set(self.tensors))
-        return RegionNode(node, offset, width, constants, role, homogeneous)
+        return RegionNode(node, span, constants, role, homogeneous)
 
-    def reshape(self, node: gs.Node, span, out: gs.Tensor) -> str | None:
+    def reshape(self, node: gs.Node, span: Layout, out: gs.Tensor) -> str | None:
         values = np.asarray(node.inputs[1].values).reshape(-1)
-        offset, width = span
-        out_width = self.tensors[out.name][1]
+        out_width = layout_width(self.tensors[out.name])
         for index, value in enumerate(values):
             if value > 0 and value % out_width == 0 and value // out_width >= 1 and index > 0:
                 if len(node.inputs[1].outputs) > 1:
                     return f"Reshape shape '{node.inputs[1].name}' is shared with other nodes"
-                self.reshapes.append(
-                    ReshapeShape(node.inputs[1], index, offset, width, int(value // out_width))
-                )
+                self.reshapes.append(ReshapeShape(node.inputs[1], index, span, int(value // out_width)))
                 return None
         return None
 

@@ -15,10 +15,12 @@ Split, a squeeze-excitation gate. Channel p of the group is what *every* member 
   signature    only channels with one signature (same ops on the path, same consumers) merge.
 
 Merging q into p keeps p in every member, region constant and gate, and folds q's consumer columns
-into p's with factor lambda (eq. 10-12, 36-38) in every consumer, through the slice of group
-channels each consumer reads. Split sizes, Slice bounds and literal Reshape widths follow the kept
-channels. With exact positive multiples in every member (one factor) and a positively homogeneous
-path (or factor 1 through any path) and equal constants, the merge is exact.
+into p's with factor lambda (eq. 10-12, 36-38) in every consumer, through the index map of the
+tensor each consumer reads: where a group channel sits at several positions of that tensor (C2f's
+Concat of b and b + m(b)), q's column folds into p's at each of them. Split sizes, Slice bounds
+and literal Reshape widths follow the kept channels. With exact positive multiples in every member
+(one factor) and a positively homogeneous path (or factor 1 through any path) and equal constants,
+the merge is exact.
 
 With calibration data a data-aware rule selects instead (`with_statistics`): structured OBS sums
 its costs over every consumer of the group, on the consumers' input statistics; the pass then
@@ -35,6 +37,7 @@ from condense_graph import ops
 from condense_graph.chain_eval import affine_coefficients
 from condense_graph.coupled import CoupledGroup, Member
 from condense_graph.errors import InternalError
+from condense_graph.groups import layout_channels
 from condense_graph.merge import ChannelMap, channel_map
 from condense_graph.plan import WeightStore, channel_first, merge_into_consumer
 from condense_graph.selectors import DEFAULT, SELECTORS, Grouping, Rows, Selector
@@ -157,17 +160,29 @@ def with_statistics(rows: Rows, group: CoupledGroup, channels: np.ndarray, store
     from condense_graph.obs import ConsumerTerm
     from condense_graph.plan import restrict
 
-    readers = [(r, s) for r, s in zip(group.consumers, statistics, strict=True) if channels[0] in r.span]
+    readers = [(r, s) for r, s in zip(group.consumers, statistics, strict=True) if r.reads(channels[0])]
     first, stats = readers[0]
-    local = channels - first.offset
+    local = positions_of(first, channels)[0]
     terms = []
     for reader, reader_stats in readers:
         consumer = reader.consumer
         weights = consumer.scale * weight_rows(consumer, store[consumer.weight.name]).astype(np.float64)
         bias = consumer.bias_scale * store.bias(consumer.bias, weights.shape[1])
         term = ConsumerTerm(reader_stats.hessian, np.vstack([weights, bias[None, :]]), reader_stats.block)
-        terms.append(restrict(term, channels - reader.offset))
+        # a consumer reading the channels at several positions: one term per position (the cross
+        # terms between the positions are left out)
+        terms += [restrict(term, positions) for positions in positions_of(reader, channels)]
     return replace(rows, gram=stats.channels[np.ix_(local, local)], terms=terms)
+
+
+def positions_of(reader, channels: np.ndarray) -> list[np.ndarray]:
+    """Where `channels` (of one signature: they sit in the same pieces) are in the reader's input,
+    for each piece of its index map that holds them."""
+    return [
+        p.position + channels - p.offset
+        for p in reader.pieces
+        if p.offset <= channels[0] < p.offset + p.width
+    ]
 
 
 # ---- what a channel is ----------------------------------------------------------------------
@@ -211,7 +226,7 @@ def path_constants(group: CoupledGroup, store: WeightStore) -> list[np.ndarray]:
     for entry in group.path_entries():
         for const in entry.constants:
             array = channel_first(store[const.tensor.name], const.axis).reshape(entry.width, -1)
-            for local, k in enumerate(entry.span):
+            for local, k in enumerate(entry.channels):
                 values[k].append(array[local])
     for gate in group.gates:
         rows = gate_rows(gate, store)
@@ -243,12 +258,12 @@ class PathSimilarity:
             if ops.is_depthwise_conv(entry.node):
                 rows, chain = depthwise_rows(entry, entries[i + 1 :], group, store, versions)
                 folded |= {id(n) for n in chain}
-                for local, k in enumerate(entry.span):
+                for local, k in enumerate(entry.channels):
                     vectors[k].append(rows[local])
                 continue
             for const in entry.constants:
                 array = channel_first(store[const.tensor.name], const.axis).reshape(entry.width, -1)
-                for local, k in enumerate(entry.span):
+                for local, k in enumerate(entry.channels):
                     values[k].append(array[local])
         for gate in group.gates:
             rows = gate_rows(gate, store)
@@ -367,21 +382,31 @@ def kept_in(cmap: ChannelMap, offset: int, width: int) -> np.ndarray:
     return keep[(keep >= offset) & (keep < offset + width)] - offset
 
 
-def sub_map(cmap: ChannelMap, offset: int, width: int) -> ChannelMap:
-    """The map restricted to group channels offset .. offset + width - 1 (what one consumer
-    reads). Every channel merged there has its main there: signatures make sure of it."""
-    span = np.arange(offset, offset + width)
-    kept = kept_in(cmap, offset, width) + offset
-    local = {int(old): i for i, old in enumerate(kept)}
-    target = np.full(width, -1, dtype=np.int64)
-    for i, k in enumerate(span):
-        t = cmap.target[k]
-        if t >= 0:
+def kept_positions(cmap: ChannelMap, pieces) -> np.ndarray:
+    """The channels of a tensor laid out by `pieces` (its index map) that hold kept group
+    channels, in position order: what the tensor keeps."""
+    return np.flatnonzero(np.isin(layout_channels(pieces), cmap.keep))
+
+
+def sub_map(cmap: ChannelMap, pieces) -> ChannelMap:
+    """The map over the channels of a tensor laid out by `pieces` (what one consumer reads). A
+    channel merged away folds into its main channel's position in the same piece: signatures make
+    sure every piece holding a merged channel holds its main one."""
+    channels = layout_channels(pieces)
+    kept = kept_positions(cmap, pieces)
+    new_index = np.full(len(channels), -1, dtype=np.int64)
+    new_index[kept] = np.arange(len(kept))
+    target = np.full(len(channels), -1, dtype=np.int64)
+    for piece in pieces:
+        for i in range(piece.width):
+            k, t = piece.offset + i, cmap.target[piece.offset + i]
+            if t < 0:
+                continue
             main = int(cmap.keep[t])
-            if main not in local:
+            if not piece.offset <= main < piece.offset + piece.width:
                 raise InternalError(f"channel {k} merges into {main}, outside the consumer's channels")
-            target[i] = local[main]
-    return ChannelMap(kept - offset, target, cmap.factor[span], cmap.offset[span])
+            target[piece.position + i] = new_index[piece.position + main - piece.offset]
+    return ChannelMap(kept, target, cmap.factor[channels], cmap.offset[channels])
 
 
 def apply_group_map(group: CoupledGroup, store: WeightStore, cmap: ChannelMap) -> list[tuple]:
@@ -395,29 +420,28 @@ def apply_group_map(group: CoupledGroup, store: WeightStore, cmap: ChannelMap) -
             store.set(producer.bias, bias.reshape(-1)[keep].reshape(bias.shape[:-1] + (-1,)))
     attributes = []
     for entry in group.region:
-        keep = kept_in(cmap, entry.offset, entry.width)
+        keep = kept_positions(cmap, entry.pieces)
         for const in entry.constants:
             store.set(const.tensor.name, np.take(store[const.tensor.name], keep, axis=const.axis))
         if entry.node.op == "Conv":  # a depthwise conv: one filter per channel
             attributes.append((entry.node, "group", len(keep)))
     for reader in group.consumers:
-        merge_into_consumer(reader.consumer, store, sub_map(cmap, reader.offset, reader.width), reader.block)
+        merge_into_consumer(reader.consumer, store, sub_map(cmap, reader.pieces), reader.block)
     for cut in group.cuts:
         attributes += resize_cut(cut, store, cmap)
     for reshape in group.reshapes:
         values = store[reshape.shape.name].copy()
-        values[reshape.index] = len(kept_in(cmap, reshape.offset, reshape.width)) * reshape.block
+        values[reshape.index] = len(kept_positions(cmap, reshape.pieces)) * reshape.block
         store.set(reshape.shape.name, values)
     return attributes
 
 
 def resize_cut(cut, store: WeightStore, cmap: ChannelMap) -> list[tuple]:
     """New part sizes of a Split/SplitToSequence, or new bounds of a Slice of the channel axis."""
-    sizes = [len(kept_in(cmap, offset, width)) for offset, width in cut.parts]
+    sizes = [len(kept_positions(cmap, part)) for part in cut.parts]
     node = cut.node
     if node.op == "Slice":
-        (offset, _), (source_offset, _) = cut.parts[0], cut.source
-        start = len(kept_in(cmap, source_offset, offset - source_offset))
+        start = int(np.count_nonzero(kept_positions(cmap, cut.source) < cut.start))
         for index, value in ((1, start), (2, start + sizes[0])):
             values = np.array(store[node.inputs[index].name]).copy()
             values.reshape(-1)[cut.axis_index] = value

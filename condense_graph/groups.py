@@ -9,6 +9,13 @@ a squeeze-excitation gate `x * Sigmoid(fc2(act(fc1(pool(x)))))`, whose fc2 outpu
 channels. Groups are found by a union-find over tensors that keeps each tensor's offset into the
 group's channels; a channel of a member is group channel `offset + k`.
 
+A tensor's *index map* (its `Piece`s) says which group channel each of its channels is: most
+tensors are one piece (channels `offset ..` from position 0), but a Concat can hold one group
+channel at several positions. YOLOv8's C2f concatenates a split part b and its residual successor
+b + m(b), which carry the same channels: Concat([a, b, b2]) holds group channels h .. 2h - 1 at
+positions h and 2h. Such a Concat output is a *composite*: its pieces point into the union-find
+tensors it concatenates, and per-channel ops, cuts and further Concats carry the pieces on.
+
 A group's *members* are the producers (Gemm, MatMul, Conv) whose output channels are group
 channels; its *consumers* are the Gemm/MatMul/Conv nodes that read a group tensor as their data.
 Today's single-producer layer (`condense_graph.analysis.Layer`) is the one-member group of kind
@@ -57,14 +64,46 @@ class Member:
 
 
 @dataclass(frozen=True)
+class Piece:
+    """Channels `position .. position + width - 1` of a tensor are group channels `offset ..`."""
+
+    position: int
+    offset: int
+    width: int | None
+
+
+Layout = tuple  # a tensor's index map: its Pieces in position order
+
+
+def single(offset: int, width: int | None) -> Layout:
+    """The index map of a tensor whose channels are group channels offset .. offset + width - 1."""
+    return (Piece(0, offset, width),)
+
+
+def layout_width(layout: Layout) -> int | None:
+    widths = [p.width for p in layout]
+    return None if None in widths else sum(widths)
+
+
+def layout_channels(layout: Layout) -> np.ndarray:
+    """The group channel of each of the tensor's channels, in position order."""
+    if not layout:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.arange(p.offset, p.offset + p.width) for p in layout]).astype(np.int64)
+
+
+@dataclass(frozen=True)
 class GroupConsumer:
-    """A Gemm/MatMul/Conv reading group channels offset .. offset + width - 1 from `tensor`."""
+    """A Gemm/MatMul/Conv reading `tensor`, whose channels are group channels by `pieces` (one
+    piece: offset .. offset + width - 1; `offset` is the lowest group channel read, `width` the
+    tensor's channel count)."""
 
     node: str
     op: str
     tensor: str
     offset: int
     width: int | None
+    pieces: Layout = ()
 
 
 @dataclass(frozen=True)
@@ -87,8 +126,8 @@ class ChannelGroup:
     width: int | None
     joins: list[Join] = field(default_factory=list)
     blockers: list[str] = field(default_factory=list)  # what keeps it unreducible besides coupling
-    # every tensor carrying group channels: name -> (offset, width), width None when unknown
-    tensors: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+    # every tensor carrying group channels: name -> its index map (Pieces), widths None when unknown
+    tensors: dict[str, Layout] = field(default_factory=dict)
     reducible: bool = False
     reason: str | None = None
 
@@ -285,9 +324,6 @@ class _Tensors:
         if reason not in found:
             found.append(reason)
 
-    def same(self, a: str, b: str) -> bool:
-        return self.find(a) == self.find(b)
-
 
 @dataclass(frozen=True)
 class _Carrier:
@@ -323,6 +359,9 @@ class _Builder:
         self.foreign: list[gs.Tensor] = []
         self.consumers: list[tuple[gs.Node, gs.Tensor]] = []
         self.sequences: dict[str, tuple[gs.Tensor, list[int] | None]] = {}
+        # a tensor holding group channels at several positions: its pieces (position, base tensor,
+        # start in the base, width), bases being union-find tensors with an offset
+        self.composites: dict[str, list[tuple[int, str, int, int]]] = {}
         self.order = {id(n): i for i, n in enumerate(graph.nodes)}
 
     # -- visiting
@@ -394,7 +433,13 @@ class _Builder:
         carrier = self.tensors.info[source.name]
         flat = carrier.flat or node.op in ops.LAYOUT
         self._add(node.outputs[0], _Carrier(carrier.width, carrier.axis, flat, carrier.rank))
-        self.tensors.union(node.outputs[0].name, source.name, 0, f"{node.op} '{_name(node)}'")
+        self._alias(node.outputs[0], source, f"{node.op} '{_name(node)}'")
+
+    def _alias(self, tensor: gs.Tensor, source: gs.Tensor, where: str) -> None:
+        """`tensor`'s channels are `source`'s, position for position (pieces and all)."""
+        self.tensors.union(tensor.name, source.name, 0, where)
+        if source.name in self.composites:
+            self.composites[tensor.name] = list(self.composites[source.name])
 
     def _binary(self, node: gs.Node) -> None:
         """x * gate(x), a residual Add/Sub/Mul/Div of equal shape, or a per-channel x op f(x)."""
@@ -403,10 +448,19 @@ class _Builder:
         gate = self.gates.get(id(node))
         if gate is not None:
             other = b if gate.x is a else a
+            if any(t.name in self.composites for t in (a, b)):
+                return self._block_all(
+                    [t for t in (a, b) if t.name in self.tensors],
+                    f"{where} gates channels that sit at several positions of one tensor",
+                )
             return self._join_equal(node, gate.x, other, Join("gate", node.op, _name(node)))
         carried = [t for t in (a, b) if t.name in self.tensors]
-        if len(carried) == 2 and self.tensors.same(a.name, b.name):
+        if len(carried) == 2 and self._same_layout(a, b):
             return self._carry(node, a)  # SiLU, decomposed GELU / HardSwish: per channel
+        if gate is None and any(t.name in self.composites for t in carried):
+            return self._block_all(
+                carried, f"{where} joins channels that sit at several positions of one tensor"
+            )
         if _broadcasts(a, b):
             other = next(t for t in (a, b) if t is not carried[0])
             return self._block_all(
@@ -442,13 +496,62 @@ class _Builder:
             return self._block_all(data, reason)
         out = node.outputs[0]
         self._add(out, carrier.resized(sum(widths)))
-        offset = 0
+        positions = [sum(widths[:i]) for i in range(len(widths))]
         for tensor, width in zip(node.inputs, widths, strict=True):
             if tensor.name not in self.tensors:
                 self._add_foreign(tensor, carrier.resized(width))
-            self.tensors.union(tensor.name, out.name, offset, f"Concat '{_name(node)}'")
-            offset += width
+        where = f"Concat '{_name(node)}'"
+        if self._repeats(node.inputs, positions):
+            self._concat_pieces(out, node.inputs, positions, where)
+        else:
+            for tensor, position in zip(node.inputs, positions, strict=True):
+                self.tensors.union(tensor.name, out.name, position, where)
         self.tensors.join(out.name, Join("concat", "Concat", _name(node)))
+
+    def _repeats(self, inputs: list[gs.Tensor], positions: list[int]) -> bool:
+        """True when the Concat output would hold a group channel at two positions: an input holds
+        channels at several positions already, or two inputs of one group are not placed where
+        their offsets say (C2f's b and b + m(b): the same channels, side by side)."""
+        if any(t.name in self.composites for t in inputs):
+            return True
+        starts = {}
+        for tensor, position in zip(inputs, positions, strict=True):
+            root, offset = self.tensors.find(tensor.name)
+            if starts.setdefault(root, offset - position) != offset - position:
+                return True
+        return False
+
+    def _concat_pieces(self, out: gs.Tensor, inputs, positions, where: str) -> None:
+        """The output is a composite of its inputs' pieces. Inputs of other groups join the first
+        input's group where the Concat puts them (the consumer reads them all)."""
+        anchor, shift = self._reference(inputs[0])
+        pieces = []
+        for tensor, position in zip(inputs, positions, strict=True):
+            ref, ref_shift = self._reference(tensor)
+            if self.tensors.find(ref)[0] != self.tensors.find(anchor)[0]:
+                self.tensors.union(ref, anchor, position - positions[0] + shift - ref_shift, where)
+            pieces += [(position + p, base, start, w) for p, base, start, w in self._pieces(tensor.name)]
+        self.tensors.union(out.name, anchor, 0, where)  # in the group; its channels are its pieces
+        self.composites[out.name] = pieces
+
+    def _pieces(self, name: str) -> list[tuple[int, str, int, int]]:
+        return self.composites.get(name) or [(0, name, 0, self.tensors.info[name].width)]
+
+    def _reference(self, tensor: gs.Tensor) -> tuple[str, int]:
+        """A union-find tensor and the start in it of `tensor`'s first channel."""
+        _, base, start, _ = self._pieces(tensor.name)[0]
+        return base, start
+
+    def _resolved(self, name: str) -> tuple:
+        """`name`'s pieces as (position, root, group channel, width) by the union-find so far."""
+        pieces = []
+        for position, base, start, width in self._pieces(name):
+            root, offset = self.tensors.find(base)
+            pieces.append((position, root, offset + start, width))
+        return tuple(pieces)
+
+    def _same_layout(self, a: gs.Tensor, b: gs.Tensor) -> bool:
+        return self._resolved(a.name) == self._resolved(b.name)
 
     def _split(self, node: gs.Node, data: list[gs.Tensor]) -> None:
         source = node.inputs[0]
@@ -493,7 +596,7 @@ class _Builder:
         if not self._on_channel_axis(source, axis):
             for part in parts:
                 self._add(part, self.tensors.info[source.name])
-                self.tensors.union(part.name, source.name, 0, f"{node.op} '{_name(node)}'")
+                self._alias(part, source, f"{node.op} '{_name(node)}'")
             return None
         if sizes is None:
             return self.tensors.block(source.name, f"{node.op} '{_name(node)}' has split sizes not known")
@@ -505,8 +608,20 @@ class _Builder:
         return None
 
     def _part(self, part: gs.Tensor, source: gs.Tensor, offset: int, width: int, where: str) -> None:
+        """`part` is `source`'s channels offset .. offset + width - 1."""
         self._add(part, self.tensors.info[source.name].resized(width))
-        self.tensors.union(part.name, source.name, offset, where)
+        if source.name not in self.composites:
+            return self.tensors.union(part.name, source.name, offset, where)
+        pieces = []
+        for position, base, start, size in self.composites[source.name]:
+            low, high = max(position, offset), min(position + size, offset + width)
+            if low < high:
+                pieces.append((low - offset, base, start + low - position, high - low))
+        if len(pieces) == 1:  # within one piece: an ordinary part of its base
+            return self.tensors.union(part.name, pieces[0][1], pieces[0][2], where)
+        self.tensors.union(part.name, source.name, 0, where)
+        self.composites[part.name] = pieces
+        return None
 
     def _slices_channels(self, node: gs.Node, data: gs.Tensor) -> bool:
         axes = _constant_ints(_input(node, 3))
@@ -609,24 +724,32 @@ class _Builder:
         return [group for _, group in sorted(found, key=lambda pair: pair[0])]
 
     def _group(self, root, names, layers, skipped):
-        offsets = {n: self.tensors.find(n)[1] for n in names}
+        offsets = {n: self.tensors.find(n)[1] for n in names if n not in self.composites}
         low = min(offsets.values())
+        layouts = {n: self._layout(n, offsets, low) for n in names}
         members = [
             self._member(n.outputs[0], n, offsets, low) for n in self.producers if n.outputs[0].name in names
         ]
         members += [self._member(t, None, offsets, low) for t in self.foreign if t.name in names]
         members.sort(key=lambda m: m.offset)  # stable: producers in graph order at one offset
         consumers = [
-            GroupConsumer(_name(n), n.op, t.name, offsets[t.name] - low, self._width(t))
+            GroupConsumer(
+                _name(n),
+                n.op,
+                t.name,
+                min(p.offset for p in layouts[t.name]),
+                self._width(t),
+                layouts[t.name],
+            )
             for n, t in self.consumers
             if t.name in names
         ]
         widths = [
             offsets[n] - low + self.tensors.info[n].width
-            for n in names
+            for n in offsets
             if self.tensors.info[n].width is not None
         ]
-        known = len(widths) == len(names)
+        known = len(widths) == len(offsets)
         joins, blockers = self.tensors.joins.get(root, []), self.tensors.blockers.get(root, [])
         group = ChannelGroup(
             joins[0].kind if joins else "layer",
@@ -635,11 +758,20 @@ class _Builder:
             max(widths) if known and widths else None,
             list(joins),
             list(blockers),
-            {n: (offsets[n] - low, self.tensors.info[n].width) for n in names},
+            layouts,
         )
         _judge(group, layers, skipped)
         first = min((self.order.get(id(_producer_node(m, self.producers)), 0) for m in members), default=0)
         return first, group
+
+    def _layout(self, name: str, offsets: dict, low: int) -> Layout:
+        """The tensor's index map: its one piece, or a composite's pieces in its bases' offsets."""
+        if name not in self.composites:
+            return single(offsets[name] - low, self.tensors.info[name].width)
+        return tuple(
+            Piece(position, offsets[base] - low + start, width)
+            for position, base, start, width in self.composites[name]
+        )
 
     def _member(self, tensor: gs.Tensor, node: gs.Node | None, offsets: dict, low: int) -> Member:
         width = self._width(tensor)

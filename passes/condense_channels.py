@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -36,7 +37,7 @@ from condense_graph.compensate import compensate, refit_entry
 from condense_graph.coupled import prepare
 from condense_graph.errors import CondenseError
 from condense_graph.graph import export_like, import_graph, subgraph_tensor_names
-from condense_graph.group_plan import GroupPlan, kept_in, plan_group
+from condense_graph.group_plan import GroupPlan, kept_in, kept_positions, plan_group
 from condense_graph.groups import find_groups
 from condense_graph.plan import LayerPlan, WeightStore, plan_layer
 from condense_graph.progress import Progress, silent
@@ -133,6 +134,7 @@ class CondenseChannelsPass(PassBase):
         graph = import_graph(model, warnings)
         if materialize_constants(graph):  # folded Pad/Reshape parameters give shapes: infer again
             graph = import_graph(export_like(graph, model, warnings), warnings)
+        unshare_cut_constants(graph)
         subgraph = subgraph_tensor_names(model)
         analysis = analyze(graph, subgraph)
         return graph, with_groups(graph, analysis, subgraph)
@@ -252,7 +254,7 @@ def refit_group(graph, plan: GroupPlan, plans: list, store: WeightStore, model, 
         consumer = reader.consumer
         keep = output_rows_kept(consumer.node, plans)  # False: its rows have no original target
         rows = store[consumer.weight.name].shape[0 if consumer.node.op == "Conv" else 1 - consumer.axis]
-        width = len(kept_in(plan.cmap, reader.offset, reader.width))
+        width = len(kept_positions(plan.cmap, reader.pieces))
         readers.append((consumer, width, reader.block, None if keep is False else keep))
         refittable.append(keep is None or (keep is not False and rows == len(keep)))
     normals = reader_refit_statistics(reduced, model, readers, calibration)
@@ -275,6 +277,27 @@ def output_rows_kept(node: gs.Node, plans: list):
                 if member.producer.node is node:
                     return kept_in(plan.cmap, member.offset, member.width)
     return None
+
+
+CUTS = ("Split", "SplitToSequence", "Slice")
+
+
+def unshare_cut_constants(graph: gs.Graph) -> None:
+    """Give each Split/SplitToSequence/Slice its own copy of a size or bound constant it shares
+    with other nodes (the dynamo exporter has every split of one size, in every C2f block of one
+    width, read one constant): a group's merge rewrites the sizes of its own cuts only."""
+    names = set(graph.tensors())
+    for node in graph.nodes:
+        if node.op not in CUTS:
+            continue
+        for index, tensor in enumerate(node.inputs):
+            if index == 0 or not isinstance(tensor, gs.Constant) or len(tensor.outputs) < 2:
+                continue
+            name, suffix = f"{tensor.name}.{node.name or node.outputs[0].name}", 0
+            while name in names:
+                name, suffix = f"{tensor.name}.{node.name or node.outputs[0].name}.{suffix}", suffix + 1
+            names.add(name)
+            node.inputs[index] = gs.Constant(name, np.array(tensor.values))
 
 
 def with_groups(graph: gs.Graph, analysis: Analysis, subgraph: set[str]) -> Analysis:
@@ -376,10 +399,9 @@ def sequence_part_shape(plan: GroupPlan, tensor: gs.Tensor) -> list | None:
     different widths (it fails at run time): their widths are written out."""
     if tensor.shape is None or not tensor.inputs or tensor.inputs[0].op != "SequenceAt":
         return None
-    offset, width = plan.group.tensors[tensor.name]
     axis = 1 if plan.group.members[0].producer.node.op == "Conv" else len(tensor.shape) - 1
     shape = list(tensor.shape)
-    shape[axis] = len(kept_in(plan.cmap, offset, width))
+    shape[axis] = len(kept_positions(plan.cmap, plan.group.tensors[tensor.name]))
     return shape
 
 
