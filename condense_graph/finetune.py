@@ -222,6 +222,8 @@ def finetune(
         "stop_reason": result.stop_reason,
         "reductions_kept": sum(1 for e in result.log if e["event"] == "accept"),
         "rollbacks": sum(1 for e in result.log if e["event"] == "rollback"),
+        # the loop ended worse than the tolerance and returned the smallest state that met it
+        "fallback": any(e["event"] == "fallback" for e in result.log),
         "target": target.name,
         "checks": checks,
         "seconds": time.perf_counter() - started,
