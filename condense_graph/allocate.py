@@ -215,10 +215,14 @@ def search_error(
 
 
 def removal_curves(model, calibration, selector, floors: dict[str, int], progress=None) -> list[Curve]:
-    """Each layer in `floors` planned alone on the original `model` down to its floor with
-    `selector` (structured OBS) and its calibration statistics: its predicted cost at every width.
-    Layers are measured independently (none sees another's reduction), so costs share one scale."""
-    from condense_graph.calibration import layer_statistics
+    """Each layer and coupled group in `floors` planned alone on the original `model` down to its
+    floor with `selector` (structured OBS) and its calibration statistics: its predicted cost at
+    every width. Units are measured independently (none sees another's reduction), so costs share
+    one scale. A group's cost sums OBS over all its consumers (`group_plan.group_costs`); a group
+    whose statistics OBS cannot use (a consumer too wide to gather) gets no curve: the caller sizes
+    it another way."""
+    from condense_graph.calibration import layer_statistics, reader_statistics
+    from condense_graph.group_plan import plan_group
     from condense_graph.plan import WeightStore, plan_layer
     from condense_graph.selectors import Grouping
     from passes.condense_channels import CondenseChannelsPass
@@ -229,8 +233,9 @@ def removal_curves(model, calibration, selector, floors: dict[str, int], progres
     constants = {name: t for name, t in tensors.items() if hasattr(t, "values")}
     shapes = {name: list(t.shape) for name, t in tensors.items() if t.shape is not None}
     layers = [layer for layer in analysis.layers if layer.name in floors]
+    groups = [group for group in analysis.groups if group.name in floors]
     if progress is not None:
-        progress.total = max(len(layers), 1)
+        progress.total = max(len(layers) + len(groups), 1)
     curves = []
     for layer in layers:
         statistics = layer_statistics(model, layer, calibration)
@@ -239,6 +244,17 @@ def removal_curves(model, calibration, selector, floors: dict[str, int], progres
         plan = plan_layer(layer, store, grouping, versions, selector, statistics)
         curves.append(Curve(layer.name, layer.producer.width, floors[layer.name], dict(plan.costs or {})))
         logger.info("layer %s: predicted cost %s at width %d", layer.name, plan.costs, floors[layer.name])
+        if progress is not None:
+            progress.advance()
+    for group in groups:
+        readers = [(r.consumer, r.width, r.block) for r in group.consumers]
+        statistics = reader_statistics(model, readers, calibration)
+        plan = plan_group(group, WeightStore(constants, shapes), Grouping(width=floors[group.name]), versions,
+                          selector, statistics)  # fmt: skip
+        if plan.costs is None or plan.method != selector.name:
+            logger.info("group %s: no OBS curve (selected by %s)", group.name, plan.method)
+        else:
+            curves.append(Curve(group.name, group.width, floors[group.name], dict(plan.costs)))
         if progress is not None:
             progress.advance()
     if progress is not None:
@@ -266,16 +282,15 @@ class Budget:
         )
 
 
-def allocate(model, budget: Budget, base, held: dict | None, floors: dict[str, int], progress=None, say=None):
-    """Per-layer widths for the layers in `floors` meeting `budget`, and the report entry.
+def allocate(model, budget: Budget, base, held: dict | None, curves: list[Curve], say=None):
+    """Per-unit widths for the layers and groups of `curves` (`removal_curves`) meeting `budget`,
+    and the report entry.
 
     `base` is the pass's `CondenseOptions` (structured OBS with calibration data, the widths the
-    user fixed); `held` are the held-out rows an error budget is measured on; `progress` follows
-    the curves, `say` (a line printer) gets one line per step tried. Returns (widths, entry,
-    result): `result` is the pass's result at those widths when the search ran it (an error
-    budget), so the caller need not run it again. A CondenseError when no allocation meets an
-    error budget."""
-    curves = removal_curves(model, base.calibration, base.selector, floors, progress)
+    user fixed); `held` are the held-out rows an error budget is measured on; `say` (a line
+    printer) gets one line per step tried. Returns (widths, entry, result): `result` is the pass's
+    result at those widths when the search ran it (an error budget), so the caller need not run it
+    again. A CondenseError when no allocation meets an error budget."""
     reductions = Reductions(model, base)
     announce = Announcer(budget, say)
     if budget.error is not None:

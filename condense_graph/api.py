@@ -11,6 +11,7 @@ shows them under its flags (`FLAGS`: `--target-params`), so one message serves b
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -20,7 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from condense_graph.allocate import Budget, allocate
+from condense_graph.allocate import Budget, allocate, removal_curves
 from condense_graph.analysis import Analysis
 from condense_graph.calibration import Calibration, load_calibration
 from condense_graph.coupled import prepare
@@ -47,6 +48,8 @@ from passes.condense_channels import (
     unit_width,
     unit_widths,
 )
+
+logger = logging.getLogger(__name__)
 
 INSPECT_THRESHOLDS = (0.8, 0.9, 0.95, 0.99, 0.999)
 HOLDOUT_FRACTION = 0.2  # with calibration data and verify: the last 20% of the rows verify
@@ -276,18 +279,22 @@ def _allocated_options(
 ) -> tuple[CondenseOptions, dict, object]:
     """`options` with per-layer widths allocated globally to meet `budget` (`allocate.allocate`),
     the report entry, and the pass's result at those widths when the search computed it. Each
-    step tried is a line of `progress` (`Progress.say`). Coupled channel groups are not in the
-    allocation (`grouped_options`)."""
+    step tried is a line of `progress` (`Progress.say`). Coupled channel groups are allocated with
+    the layers, on their OBS curves over all their consumers; one without a curve is sized apart
+    (`grouped_options`)."""
     graph, analysis = CondenseChannelsPass.analyze(model)
-    options = grouped_options(model, options, budget, min_fraction, (graph, analysis))
     fixed = set(options.layer_widths)
     floors = {
-        layer.name: width_floor(layer.producer.width, min_fraction, options.round_to)
-        for layer in analysis.layers
-        if layer.name not in fixed and layer.producer.weight.name not in fixed
+        unit.name: width_floor(unit_width(unit), min_fraction, options.round_to)
+        for unit in analysis.layers + analysis.groups
+        if not any(key in fixed for key in unit_keys(unit))
     }
+    curves = removal_curves(model, options.calibration, options.selector, floors, progress)
+    measured = {curve.name for curve in curves}
+    unmeasured = [g for g in analysis.groups if g.name in floors and g.name not in measured]
+    options = grouped_options(model, options, budget, min_fraction, (graph, analysis), unmeasured)
     say = progress.say if progress is not None else None
-    widths, entry, result = allocate(model, budget, options, held, floors, progress, say)
+    widths, entry, result = allocate(model, budget, options, held, curves, say)
     if budget.error is None and not entry["steps"][-1]["accepted"]:
         last = entry["steps"][-1]  # the written model at the widths found: every layer at its floor
         raise CondenseError(
@@ -298,19 +305,20 @@ def _allocated_options(
     return replace(options, layer_widths=dict(options.layer_widths) | widths), entry, result
 
 
-def grouped_options(model, options: CondenseOptions, budget: Budget, min_fraction: float, analyzed):
-    """`options` with the coupled groups' targets fixed before the layers are allocated: the
-    allocation's OBS cost curves are measured on single-producer layers only. For a size budget a
-    group gets the width the data-free uniform search (`widths_for_params`) gives it for the same
-    fraction of the parameters (for target_macs too: a stand-in); for an error budget it merges
-    its exact multiples only (threshold 1.0). The entry of `report["layers"]` says it."""
-    _, analysis = analyzed
-    groups = [g for g in analysis.groups if not any(k in options.layer_widths for k in unit_keys(g))]
+def grouped_options(model, options: CondenseOptions, budget: Budget, min_fraction: float, analyzed, groups):
+    """`options` with targets fixed for the coupled `groups` the allocation has no OBS curve for
+    (`allocate.removal_curves`: a consumer too wide to gather): for a size budget, the width the
+    data-free uniform search (`widths_for_params`) gives the group for the same fraction of the
+    parameters (for target_macs too: a stand-in); for an error budget, its exact multiples only
+    (threshold 1.0). Each is logged; the entry of `report["layers"]` says how it was merged."""
     if not groups:
         return options
+    for group in groups:
+        logger.warning("channel group %s: no OBS cost curve; sized by the uniform width search", group.name)
     if budget.error is not None:
         exact = {g.name: 1.0 for g in groups if not any(k in options.layer_thresholds for k in unit_keys(g))}
         return replace(options, layer_thresholds=exact | dict(options.layer_thresholds))
+    _, analysis = analyzed
     target = budget.params if budget.params is not None else budget.macs
     fixed = _rounded_widths(dict(options.layer_widths), analysis, options.round_to)
     search = width_search(model, fixed, DEFAULT, options.round_to, min_fraction, analyzed)

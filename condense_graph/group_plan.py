@@ -24,7 +24,10 @@ the merge is exact.
 
 With calibration data a data-aware rule selects instead (`with_statistics`): structured OBS sums
 its costs over every consumer of the group, on the consumers' input statistics; the pass then
-refits the consumers. Dead channels are not folded here (the single-producer path does that).
+refits the consumers. Its predicted relative cost at every group width (`group_costs`: each
+signature class's OBS curve at the class's share of the width, summed) is the group's curve in
+the global allocation (`allocate.removal_curves`). Dead channels are not folded here (the
+single-producer path does that).
 """
 
 from __future__ import annotations
@@ -118,11 +121,13 @@ def plan_group(
     constants = path_constants(group, store)
     path = PathSimilarity.of(group, store, versions)
     classes = signature_classes(group, constants, path)
-    widths = class_widths(grouping.width, [len(c) for c in classes])
-    merged = []
+    sizes = [len(c) for c in classes]
+    widths = class_widths(grouping.width, sizes)
+    merged, curves = [], []
     for channels, width in zip(classes, widths, strict=True):
         if len(channels) == 1:
             merged.append(channels)
+            curves.append({1: 0.0})
             continue
         rows = Rows(vectors[channels], [vectors[channels]] + path.parallel(channels), path.scalars(channels))
         if selector.needs_calibration:
@@ -134,6 +139,7 @@ def plan_group(
             # depthwise kernels) keep out of reach is met on the members' rows alone
             selection = selector.select(Rows(vectors[channels], [vectors[channels]]), target)
         merged += [channels[g] for g in selection.groups]
+        curves.append(selection.costs)
     groups = [g for g in merged if len(g)]
     threshold = grouping.threshold if grouping.width is None and selector.name == DEFAULT else None
     if grouping.width is None and grouping.round_to > 1:
@@ -142,7 +148,32 @@ def plan_group(
     min_cosine = _min_cosine(vectors, groups) if selector.name == DEFAULT else None
     exact = selector.name == DEFAULT and is_exact(group, groups, cmap, constants, min_cosine)
     attributes = apply_group_map(group, store, cmap)
-    return GroupPlan(group, cmap, threshold, exact, min_cosine, selector.name, vectors, groups, attributes)
+    plan = GroupPlan(group, cmap, threshold, exact, min_cosine, selector.name, vectors, groups, attributes)
+    if grouping.width is not None:
+        plan.costs = group_costs(sizes, curves, grouping.width)
+    return plan
+
+
+def group_costs(sizes: list[int], curves: list[dict | None], floor: int) -> dict[int, float] | None:
+    """The group's predicted relative cost at every width from `floor` to its full width: at width
+    w each signature class gets its share (`class_widths`, as `plan_group` plans it) and costs
+    what its curve says there; widths a class's curve does not reach down to take its lowest
+    point (its curve was measured down to its share of `floor`), widths above it cost nothing
+    (exact merges). The classes' relative costs are summed, each relative to its own consumers'
+    energy: for one class (a residual stream, a gate) it is that class's curve; for several it
+    over-counts, never under-counts, a removal. None when a class has no curve (the paper's rule
+    selected it)."""
+    if any(curve is None for curve in curves):
+        return None
+    costs = {}
+    for width in range(floor, sum(sizes) + 1):
+        total = 0.0
+        for share, curve in zip(class_widths(width, sizes), curves, strict=True):
+            if share >= max(curve):
+                continue
+            total += curve.get(share, curve[min(curve)] if share < min(curve) else 0.0)
+        costs[width] = total
+    return costs
 
 
 def usable(statistics: list | None, selector: Selector) -> bool:

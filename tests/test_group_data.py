@@ -1,6 +1,6 @@
 """Coupled channel groups with calibration data (issue 13): after the merge, every consumer of the
-group is refit by least squares toward the original network's outputs, and size budgets reach the
-groups (the data-free uniform search sizes them; the OBS allocation keeps them fixed)."""
+group is refit by least squares toward the original network's outputs, and size and error budgets
+allocate groups with the layers, on OBS cost curves summed over each group's consumers."""
 
 import numpy as np
 import pytest
@@ -61,12 +61,58 @@ def test_target_params_with_data_reduces_the_groups_too(tmp_path):
     assert np.isfinite(result.report["verify"]["max_rel_err"])
 
 
-def test_max_error_merges_only_exact_multiples_in_groups(tmp_path):
+def test_max_error_sizes_groups_by_their_obs_curves_within_the_budget(tmp_path):
     model = export(fresh(ResNet, blocks=1), "torchscript", tmp_path / "net.onnx")
-    result = cg.condense(model, max_error=0.05, calibration=calibration_for(model, rows=32), verify=True)
+    result = cg.condense(model, max_error=0.05, calibration=calibration_for(model, rows=40), verify=True)
     [stream] = groups(result)
-    assert stream["width_after"] == stream["width_before"]  # random weights: no exact multiples
-    assert stream["group"]["method"] == "obs"  # at threshold 1.0: exact merges, nothing removed
+    allocation = result.report["allocation"]
+    assert stream["name"] in allocation["widths"]  # allocated with the layers, not apart
+    assert stream["width_after"] == allocation["widths"][stream["name"]] < stream["width_before"]
+    assert stream["group"]["method"] == "obs"
+    # the error the search measured is verify's, on the same held-out rows, and within the budget
+    assert result.report["verify"]["max_rel_err"] <= 0.05
+
+
+def test_target_params_allocates_groups_with_the_layers(tmp_path):
+    model = export(fresh(ResNet), "torchscript", tmp_path / "net.onnx")
+    result = cg.condense(model, target_params=0.5, calibration=calibration_for(model))
+    [stream] = groups(result)
+    steps = result.report["allocation"]["steps"]
+    assert all(stream["name"] in step["widths"] for step in steps)
+    # one level orders every unit: a group's width never grows as the level rises
+    by_level = sorted(steps, key=lambda step: step["level"])
+    widths = [step["widths"][stream["name"]] for step in by_level]
+    assert widths == sorted(widths, reverse=True) and widths[-1] < widths[0]
+    assert result.report["params_after"] <= 0.5 * result.report["params_before"]
+
+
+def test_a_group_without_an_obs_curve_is_sized_apart_and_said(tmp_path, monkeypatch, caplog):
+    import condense_graph.group_plan as group_plan
+
+    model = export(fresh(ResNet), "torchscript", tmp_path / "net.onnx")
+    monkeypatch.setattr(group_plan, "usable", lambda statistics, selector: False)  # too wide to gather
+    with caplog.at_level("WARNING"):
+        result = cg.condense(model, target_params=0.5, calibration=calibration_for(model))
+    [stream] = groups(result)
+    assert stream["name"] not in result.report["allocation"]["widths"]
+    assert stream["width_after"] < stream["width_before"]  # the uniform width search still sizes it
+    assert any(
+        "no OBS cost curve" in r.getMessage() and stream["name"] in r.getMessage() for r in caplog.records
+    )
+
+
+def test_group_costs_share_the_width_over_signature_classes():
+    from condense_graph.group_plan import group_costs
+
+    # two classes of 4 channels (curves down to 2 each) and one lone channel
+    first = {2: 0.5, 3: 0.2, 4: 0.0}
+    second = {2: 0.4, 3: 0.1, 4: 0.0}
+    costs = group_costs([4, 4, 1], [first, second, {1: 0.0}], floor=5)
+    assert costs[9] == 0.0
+    assert costs[5] == pytest.approx(0.5 + 0.4)  # shares 2, 2, 1
+    assert costs[7] == pytest.approx(0.2 + 0.1)  # shares 3, 3, 1
+    assert costs[5] >= costs[6] >= costs[7] >= costs[8] >= costs[9]
+    assert group_costs([4, 4], [first, None], floor=4) is None  # a class the paper's rule selected
 
 
 # ---- look-alikes of deployed nets: --target-params 0.5 with data -------------------------------
