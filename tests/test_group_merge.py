@@ -296,6 +296,27 @@ def test_residual_stream_of_random_weights_keeps_its_width(tmp_path):
     assert error <= RTOL
 
 
+def test_residual_stream_with_dead_channels_stays_exact_and_finite(tmp_path):
+    """Channels zero in every member (zero conv rows, BN gamma and beta 0): zero-norm group vectors
+    must not turn into NaN cosines or merges. They are not folded away yet (the single-producer
+    path does that); a planted copy next to them still merges."""
+    net = fresh(ResNet, channels=8, blocks=2)
+    with torch.no_grad():
+        for conv, bn in net.members():
+            for k in (3, 4):
+                conv.weight[k] = 0.0
+                if conv.bias is not None:
+                    conv.bias[k] = 0.0
+                bn.weight[k], bn.bias[k] = 0.0, 0.0
+        for chain in net.members():
+            plant(1, 6, 1.0, chain)
+    model = export(net, "torchscript", tmp_path / "dead.onnx")
+    result, error = condense_exactly(model)
+    entry = the_group(result, "residual")
+    assert (entry["width_before"], entry["width_after"], entry["exact"]) == (8, 7, True)
+    assert outputs_finite(result.model)
+
+
 # ---- Concat branches ----------------------------------------------------------------------------
 
 
