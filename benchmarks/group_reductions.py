@@ -5,10 +5,11 @@ Four nets with random weights and randomized BatchNorm statistics: ResNet-18-sty
 MobileNetV3-small-style (`bench_groups`), MobileNetV2 (`torch_models`, the paper's Table 2 net)
 and a YOLOv8n-style backbone written here (C2f blocks: a 1x1 conv split in two, bottlenecks with
 residual Adds, everything concatenated into a 1x1 conv; SiLU). Each is reduced with
-`target_params=0.5` and 32 standard-normal calibration rows (the default rule: structured OBS for
-the layers, the paper's rule then a refit for the groups), twice: groups free, and groups held
-at their full width. "Reducible channels" counts the channels of single-producer layers (before
-this issue) and those plus the channels of mergeable coupled groups (after).
+`target_params=0.5` and 32 standard-normal calibration rows (the default rule: structured OBS,
+layers and groups allocated together on their OBS cost curves, then the refit), twice: groups
+free, and groups held at their full width. "Reducible channels" counts the channels of
+single-producer layers (before this issue) and those plus the channels of mergeable coupled
+groups (after).
 
 Random weights have no condensation: errors are large for both; the comparison is at one size.
 
