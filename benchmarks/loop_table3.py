@@ -140,6 +140,11 @@ def cifar_data(path: Path, val_size: int, seed: int) -> tuple[dict, str]:
                 cut = len(x_all) // 6
                 x_test, y_test = x_all[perm[:cut]], y_all[perm[:cut]]
                 x_all, y_all = x_all[perm[cut:]], y_all[perm[cut:]]
+    if not 0 < val_size < len(x_all) // 2:
+        raise SystemExit(
+            f"--val-size {val_size}: {path} has {len(x_all):,} training images; "
+            f"hold out fewer than half of them"
+        )
     perm = np.random.default_rng(seed).permutation(len(x_all))
     val, train = perm[:val_size], perm[val_size:]
     scale = 255.0 if x_all.dtype == np.uint8 else 1.0
@@ -259,16 +264,18 @@ def finetune(module, schedule: Schedule, steps: int, lr: float) -> None:
 # ----------------------------------------------------------------------------- the control
 
 
-def parameter_differences(ours: nn.Module, theirs: nn.Module) -> list[str]:
-    """The parameters whose shapes differ between two modules of one architecture (or that only
-    one has), as 'name: shape / shape' lines."""
+def parameter_differences(ours: nn.Module, theirs: nn.Module) -> tuple[dict[str, int], list[str]]:
+    """How two modules of one architecture differ in their parameters: those only `ours` has
+    (name -> element count), and 'name: shape / shape' lines for every other difference."""
     a = {name: tuple(p.shape) for name, p in ours.named_parameters()}
     b = {name: tuple(p.shape) for name, p in theirs.named_parameters()}
-    return [
+    only_ours = {name: int(np.prod(shape)) for name, shape in a.items() if name not in b}
+    other = [
         f"{name}: {a.get(name, '-')} / {b.get(name, '-')}"
         for name in sorted(a | b)
-        if a.get(name) != b.get(name)
+        if name not in only_ours and a.get(name) != b.get(name)
     ]
+    return only_ours, other
 
 
 def torch_pruning_to(module: nn.Module, widths: dict[str, int], example) -> nn.Module:
@@ -447,7 +454,7 @@ def main() -> None:
     widths_pruned = reducer.layers(copy.deepcopy(pruned).cpu().eval())
     matched = widths_pruned == widths_after
     pruned_val0 = val_acc(pruned)
-    differ = parameter_differences(result.module, pruned)
+    added, differ = parameter_differences(result.module, pruned)
     t0 = time.perf_counter()
     finetune(pruned, schedule(2), result.steps, args.lr)
     control_s = prune_s + time.perf_counter() - t0
@@ -483,7 +490,16 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print(table, flush=True)
-    print(f"parameters whose shapes differ (loop / Torch-Pruning): {differ}", flush=True)
+    difference = (
+        f"The loop's network has {result.params - count(pruned):+,} parameters against Torch-Pruning's "
+        f"at the same widths: {len(added)} bias vectors ({sum(added.values()):,} parameters) that "
+        f"bias-free convolutions of the original gained in the reduction (a merge folds what a removed "
+        f"channel contributed as a constant, e.g. its BatchNorm shift through ReLU6, into a bias: "
+        f"`merge.ChannelMap.offset`; a conv without one gets a new one), other differences: "
+        f"{'; '.join(differ) or 'none'}. Added: {', '.join(sorted(added)[:8]) or 'none'}"
+        f"{f' and {len(added) - 8} more' if len(added) > 8 else ''}."
+    )
+    print(difference, flush=True)
     width_lines = ["| layer (weight) | trained | loop | Torch-Pruning |", "|---|---:|---:|---:|"]
     for name, width in widths_before.items():
         width_lines.append(
@@ -567,8 +583,7 @@ The paper's cosine rule at eq. (23)'s threshold {PAPER_THRESHOLD} on the trained
 before the loop) merges {merged_at_paper} of its {sum(w for w, _ in paper_cut.values())} reducible
 channels.
 
-Parameters whose shapes differ between the loop's network and Torch-Pruning's (loop / Torch-Pruning;
-{len(differ)}): {"; ".join(differ[:12]) or "none"}{" ..." if len(differ) > 12 else ""}.
+{difference}
 
 Widths of the reducible layers:
 
