@@ -26,8 +26,9 @@ With calibration data a data-aware rule selects instead (`with_statistics`): str
 its costs over every consumer of the group, on the consumers' input statistics; the pass then
 refits the consumers. Its predicted relative cost at every group width (`group_costs`: each
 signature class's OBS curve at the class's share of the width, summed) is the group's curve in
-the global allocation (`allocate.removal_curves`). Dead channels are not folded here (the
-single-producer path does that).
+the global allocation (`allocate.removal_curves`). Dead channels (zero in every member, and kept
+zero by the region up to every consumer: `group_zero`) are dropped before any selection, exactly;
+a constant channel that is not zero is left alone.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from condense_graph import ops
 from condense_graph.chain_eval import affine_coefficients
 from condense_graph.coupled import CoupledGroup, Member
 from condense_graph.errors import InternalError
+from condense_graph.group_zero import zero_channels
 from condense_graph.groups import layout_channels
 from condense_graph.merge import ChannelMap, channel_map
 from condense_graph.plan import WeightStore, channel_first, merge_into_consumer
@@ -64,6 +66,7 @@ class GroupPlan:
     attributes: list[tuple] = field(default_factory=list, repr=False)  # (node, name, value) to set
     refit = None
     costs = None
+    dead = 0  # channels dropped for being zero wherever the consumers read them
     block_error = None
     probe = None
 
@@ -84,7 +87,7 @@ class GroupPlan:
             "width_after": self.cmap.width_after,
             "threshold": self.threshold,
             "exact": self.exact,
-            "constant_removed": 0,
+            "constant_removed": self.dead,
             "zero_output_removed": 0,
             "min_group_cosine": self.min_cosine,
             "group": {
@@ -120,7 +123,13 @@ def plan_group(
     vectors = group_vectors(group, store, versions)
     constants = path_constants(group, store)
     path = PathSimilarity.of(group, store, versions)
-    classes = signature_classes(group, constants, path)
+    # dead channels (zero where every consumer reads them) are dropped, exactly; one is kept
+    # when nothing else is left
+    dead = zero_channels(group, store, vectors, versions)
+    if dead.all():
+        dead[0] = False
+    classes = [c[~dead[c]] for c in signature_classes(group, constants, path)]
+    classes = [c for c in classes if len(c)]
     sizes = [len(c) for c in classes]
     widths = class_widths(grouping.width, sizes)
     merged, curves = [], []
@@ -149,12 +158,15 @@ def plan_group(
     exact = selector.name == DEFAULT and is_exact(group, groups, cmap, constants, min_cosine)
     attributes = apply_group_map(group, store, cmap)
     plan = GroupPlan(group, cmap, threshold, exact, min_cosine, selector.name, vectors, groups, attributes)
+    plan.dead = int(dead.sum())
     if grouping.width is not None:
-        plan.costs = group_costs(sizes, curves, grouping.width)
+        plan.costs = group_costs(sizes, curves, grouping.width, group.width)
     return plan
 
 
-def group_costs(sizes: list[int], curves: list[dict | None], floor: int) -> dict[int, float] | None:
+def group_costs(
+    sizes: list[int], curves: list[dict | None], floor: int, full: int | None = None
+) -> dict[int, float] | None:
     """The group's predicted relative cost at every width from `floor` to its full width: at width
     w each signature class gets its share (`class_widths`, as `plan_group` plans it) and costs
     what its curve says there; widths a class's curve does not reach down to take its lowest
@@ -166,7 +178,7 @@ def group_costs(sizes: list[int], curves: list[dict | None], floor: int) -> dict
     if any(curve is None for curve in curves):
         return None
     costs = {}
-    for width in range(floor, sum(sizes) + 1):
+    for width in range(floor, max(full or 0, sum(sizes)) + 1):  # above sum(sizes): dead channels
         total = 0.0
         for share, curve in zip(class_widths(width, sizes), curves, strict=True):
             if share >= max(curve):
@@ -372,7 +384,7 @@ def class_widths(width: int | None, sizes: list[int]) -> list[int | None]:
 def round_up(groups: list[np.ndarray], vectors: np.ndarray, multiple: int) -> list[np.ndarray]:
     """Split off the least similar merged channels until the width is a multiple of `multiple`."""
     wanted = len(groups) + (-len(groups) % multiple)
-    return split_to_width(cosine_similarity(vectors), groups, min(wanted, len(vectors)))
+    return split_to_width(cosine_similarity(vectors), groups, min(wanted, sum(len(g) for g in groups)))
 
 
 def _min_cosine(vectors: np.ndarray, groups: list[np.ndarray]) -> float | None:

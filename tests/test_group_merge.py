@@ -296,10 +296,11 @@ def test_residual_stream_of_random_weights_keeps_its_width(tmp_path):
     assert error <= RTOL
 
 
-def test_residual_stream_with_dead_channels_stays_exact_and_finite(tmp_path):
-    """Channels zero in every member (zero conv rows, BN gamma and beta 0): zero-norm group vectors
-    must not turn into NaN cosines or merges. They are not folded away yet (the single-producer
-    path does that); a planted copy next to them still merges."""
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_residual_stream_drops_dead_channels_exactly(exporter, tmp_path):
+    """Channels zero in every member (zero conv rows, BN gamma and beta 0) are zero wherever the
+    stream is read: dropped (`group_zero`), with no NaN cosine from their zero norms; a planted
+    copy next to them still merges."""
     net = fresh(ResNet, channels=8, blocks=2)
     with torch.no_grad():
         for conv, bn in net.members():
@@ -310,11 +311,61 @@ def test_residual_stream_with_dead_channels_stays_exact_and_finite(tmp_path):
                 bn.weight[k], bn.bias[k] = 0.0, 0.0
         for chain in net.members():
             plant(1, 6, 1.0, chain)
-    model = export(net, "torchscript", tmp_path / "dead.onnx")
+    model = export(net, exporter, tmp_path / "dead.onnx")
     result, error = condense_exactly(model)
     entry = the_group(result, "residual")
-    assert (entry["width_before"], entry["width_after"], entry["exact"]) == (8, 7, True)
+    assert (entry["width_before"], entry["width_after"], entry["exact"]) == (8, 5, True)
+    assert entry["constant_removed"] == 2
     assert outputs_finite(result.model)
+
+
+class ShiftedSum(nn.Module):
+    """Two conv -> BN branches added, a per-channel shift, ReLU, a padded 3x3 conv consumer."""
+
+    def __init__(self, width: int = 6):
+        super().__init__()
+        self.a, self.a_bn = nn.Conv2d(3, width, 3, 1, 1), nn.BatchNorm2d(width)
+        self.b, self.b_bn = nn.Conv2d(3, width, 3, 1, 1), nn.BatchNorm2d(width)
+        self.shift = nn.Parameter(torch.linspace(0.1, 0.6, width).reshape(1, width, 1, 1))
+        self.out = nn.Conv2d(width, 4, 3, 1, 1)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.a_bn(self.a(x)) + self.b_bn(self.b(x)) + self.shift))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_dead_members_are_dropped_only_where_the_region_keeps_them_zero(exporter, tmp_path):
+    """Channels 3 and 4 are zero in both members; past the join, channel 3 is shifted by 0.5 (ReLU
+    keeps it 0.5: a constant the padded conv reads, kept) and channel 4 by -0.5 (ReLU maps it to 0:
+    dropped)."""
+    net = fresh(ShiftedSum, width=6)
+    with torch.no_grad():
+        for conv, bn in ((net.a, net.a_bn), (net.b, net.b_bn)):
+            for k in (3, 4):
+                conv.weight[k], conv.bias[k] = 0.0, 0.0
+                bn.weight[k], bn.bias[k] = 0.0, 0.0
+        net.shift[0, 3], net.shift[0, 4] = 0.5, -0.5
+    model = export(net, exporter, tmp_path / "shift.onnx")
+    result, _ = condense_exactly(model)
+    entry = the_group(result, "residual")
+    assert (entry["width_before"], entry["width_after"], entry["constant_removed"]) == (6, 5, 1)
+    assert shapes(result.model)["out.weight"] == (4, 5, 3, 3)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_a_dead_channel_of_a_gated_layer_is_dropped_with_its_gate_row(exporter, tmp_path):
+    """Zero expand row and BNs (gamma, beta 0) at channel 5: hardswish(0) = 0, the depthwise conv
+    and its BN keep 0, and 0 * gate = 0 whatever the gate: channel 5 and fc2's row 5 go."""
+    net = fresh(GatedBlock)
+    with torch.no_grad():
+        net.expand.weight[5] = 0.0
+        for bn in (net.expand_bn, net.dw_bn):
+            bn.weight[5], bn.bias[5] = 0.0, 0.0
+    model = export(net, exporter, tmp_path / "gated_dead.onnx")
+    result, _ = condense_exactly(model)
+    entry = the_group(result, "gate")
+    assert (entry["width_before"], entry["width_after"], entry["constant_removed"]) == (16, 15, 1)
+    assert shapes(result.model)["fc2.weight"][0] == 15
 
 
 # ---- Concat branches ----------------------------------------------------------------------------
