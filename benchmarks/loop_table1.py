@@ -146,36 +146,62 @@ def count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-class Schedule:
-    """The paper's schedule per optimizer: lr halved and batch grown 3.07x every `period` steps,
-    counted from the optimizer's first step (each reduction's new optimizer restarts it, at the
-    learning rate the loop gave it)."""
+class OptimizerSchedule:
+    """A learning-rate and batch schedule per optimizer, counted from that optimizer's first step
+    (each reduction's new optimizer restarts it, at the learning rate the loop gave it): one
+    training step per call on a random batch of the training data. Subclasses say the lr at step
+    k, the batch size and the loss."""
 
-    def __init__(self, data, period: int, batch: int, max_batch: int, seed: int, device):
+    def __init__(self, data, seed: int, device):
         self.x, self.y = (torch.from_numpy(a).to(device) for a in data["train"])
-        self.period, self.batch, self.max_batch = period, batch, min(max_batch, len(self.x))
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.counts: dict[int, int] = {}
         self.base: dict[int, float] = {}
         self.total = 0
 
+    def lr(self, optimizer, k: int) -> float:
+        raise NotImplementedError
+
+    def batch_size(self, k: int) -> int:
+        raise NotImplementedError
+
+    def loss(self, output, target):
+        raise NotImplementedError
+
     def __call__(self, module, optimizer) -> float:
         key = id(optimizer)
-        if key not in self.counts:
-            self.counts = {key: 0}  # an optimizer the loop made: the schedule restarts
+        if key not in self.counts:  # an optimizer the loop (or a control) made: the schedule restarts
+            self.counts = {key: 0}
             self.base = {key: optimizer.param_groups[0]["lr"]}
-        k = self.counts[key] // self.period
+        k = self.counts[key]
         for group in optimizer.param_groups:
-            group["lr"] = self.base[key] * 0.5**k
-        size = min(self.max_batch, int(self.batch * 3.07**k))
-        idx = torch.randint(len(self.x), (size,), generator=self.generator, device=self.x.device)
-        loss = nn.functional.mse_loss(module(self.x[idx]), self.y[idx])
+            group["lr"] = self.lr(optimizer, k)
+        size = (self.batch_size(k),)
+        idx = torch.randint(len(self.x), size, generator=self.generator, device=self.x.device)
+        loss = self.loss(module(self.x[idx]), self.y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         self.counts[key] += 1
         self.total += 1
         return float(loss.detach())
+
+
+class Schedule(OptimizerSchedule):
+    """The paper's schedule per optimizer: lr halved and batch grown 3.07x every `period` steps."""
+
+    def __init__(self, data, period: int, batch: int, max_batch: int, seed: int, device):
+        super().__init__(data, seed, device)
+        self.period, self.batch, self.max_batch = period, batch, min(max_batch, len(self.x))
+
+    def lr(self, optimizer, k: int) -> float:
+        return self.base[id(optimizer)] * 0.5 ** (k // self.period)
+
+    def batch_size(self, k: int) -> int:
+        return min(self.max_batch, int(self.batch * 3.07 ** (k // self.period)))
+
+    def loss(self, output, target):
+        return nn.functional.mse_loss(output, target)
 
 
 def evaluator(x: np.ndarray, y: np.ndarray, device):
@@ -212,13 +238,7 @@ def parse_args():
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--max-batch", type=int, default=8192)
     p.add_argument("--max-main", type=int, default=3)
-    p.add_argument(
-        "--target",
-        choices=("width", "threshold"),
-        default="width",
-        help="width: Widths(--width-fraction) per main reduction; threshold: the paper's Thresholds()",
-    )
-    p.add_argument("--width-fraction", type=float, default=0.6, help="each layer's width kept per reduction")
+    add_target_arguments(p, width_fraction=0.6)
     p.add_argument("--eval-every", type=int, default=2)
     p.add_argument("--final-steps", type=int, default=600)
     p.add_argument("--patience", type=int, default=25)
@@ -242,6 +262,19 @@ def widths_at(module: nn.Module, example, threshold: float) -> dict[str, list[in
 
     info = inspect(export_module(copy.deepcopy(module).cpu().eval(), example), thresholds=(threshold,))
     return {layer["weight"]: [layer["width"], layer["widths"][str(threshold)]] for layer in info["layers"]}
+
+
+def add_target_arguments(p: argparse.ArgumentParser, width_fraction: float) -> None:
+    """--target and --width-fraction (what `target_of` reads)."""
+    p.add_argument(
+        "--target",
+        choices=("width", "threshold"),
+        default="width",
+        help="width: Widths(--width-fraction) per main reduction; threshold: the paper's Thresholds()",
+    )
+    p.add_argument(
+        "--width-fraction", type=float, default=width_fraction, help="each layer's width kept per reduction"
+    )
 
 
 def target_of(args):

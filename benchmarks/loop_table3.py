@@ -72,14 +72,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch_pruning as tp
-from loop_table1 import PAPER_THRESHOLD, widths_at
+from loop_table1 import (
+    PAPER_THRESHOLD,
+    OptimizerSchedule,
+    add_target_arguments,
+    count,
+    target_of,
+    target_text,
+    widths_at,
+)
 from results import write_section
 from torch import nn
 from torch_models import MobileNetV2
 
 from condense_graph.auto_reduce import TorchReducer
 from condense_graph.plots import plot_loop
-from condense_graph.torch import Cosine, Criteria, LoopConfig, Thresholds, Widths, auto_reduce
+from condense_graph.torch import Cosine, Criteria, LoopConfig, auto_reduce
 
 HERE = Path(__file__).resolve().parent
 PAPER_PARAMS = 2_236_682
@@ -181,47 +189,29 @@ def paper_init(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
-def count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def sgd(parameters, lr: float):
     return torch.optim.SGD(parameters, lr=lr, momentum=0.9, weight_decay=0.0)
 
 
-class Schedule:
+class Schedule(OptimizerSchedule):
     """One training step (`train_step(module, optimizer)`): a random batch, cross entropy, and the
     paper's learning rate per optimizer, counted from that optimizer's first step: SGD's cosine
     from its initial lr to 0 every 200 steps; Adam's 1e-3 / 1e-4 alternating every 1000 steps."""
 
     def __init__(self, data, batch: int, seed: int, device):
-        self.x, self.y = (torch.from_numpy(a).to(device) for a in data["train"])
+        super().__init__(data, seed, device)
         self.batch = batch
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.counts: dict[int, int] = {}
-        self.base: dict[int, float] = {}
-        self.total = 0
 
     def lr(self, optimizer, k: int) -> float:
         if isinstance(optimizer, torch.optim.Adam):
             return 1e-3 if (k // 1000) % 2 == 0 else 1e-4
         return self.base[id(optimizer)] * 0.5 * (1.0 + math.cos(math.pi * (k % 200) / 200))
 
-    def __call__(self, module, optimizer) -> float:
-        key = id(optimizer)
-        if key not in self.counts:  # an optimizer the loop (or a control) made: the schedule restarts
-            self.counts = {key: 0}
-            self.base = {key: optimizer.param_groups[0]["lr"]}
-        for group in optimizer.param_groups:
-            group["lr"] = self.lr(optimizer, self.counts[key])
-        idx = torch.randint(len(self.x), (self.batch,), generator=self.generator, device=self.x.device)
-        loss = nn.functional.cross_entropy(module(self.x[idx]), self.y[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        self.counts[key] += 1
-        self.total += 1
-        return float(loss.detach())
+    def batch_size(self, k: int) -> int:
+        return self.batch
+
+    def loss(self, output, target):
+        return nn.functional.cross_entropy(output, target)
 
 
 def evaluator(x: np.ndarray, y: np.ndarray, device, chunk: int = 500):
@@ -315,13 +305,7 @@ def parse_args():
     p.add_argument("--test-size", type=int, default=0, help="test images used (0: all)")
     p.add_argument("--paper-levels", action="store_true", help="the paper's absolute CIFAR-10 levels")
     p.add_argument("--max-main", type=int, default=2)
-    p.add_argument(
-        "--target",
-        choices=("width", "threshold"),
-        default="width",
-        help="width: Widths(--width-fraction) per main reduction; threshold: the paper's Thresholds()",
-    )
-    p.add_argument("--width-fraction", type=float, default=0.7, help="each layer's width kept per reduction")
+    add_target_arguments(p, width_fraction=0.7)
     p.add_argument("--main-steps", type=int, default=100)
     p.add_argument("--last-layer-steps", type=int, default=60)
     p.add_argument("--max-attempts", type=int, default=3)
@@ -426,7 +410,7 @@ def main() -> None:
         val_acc,
         criteria,
         example_inputs=example.to(device),
-        target=Thresholds() if args.target == "threshold" else Widths(args.width_fraction),
+        target=target_of(args),
         config=config,
         optimizer=sgd,
         log_path=args.log,
@@ -545,13 +529,6 @@ def main() -> None:
         if args.data is None
         else "Data: CIFAR-10."
     )
-    target_text = (
-        "`Thresholds()` (eq. 23-25)"
-        if args.target == "threshold"
-        else f"`Widths({args.width_fraction:g})` (every layer asked for {args.width_fraction:.0%} of its "
-        "current width per main reduction, the request moved halfway back after a failure; "
-        "`--target threshold` runs the paper's `Thresholds()`)"
-    )
     body = f"""Rerun: `PYTHONPATH=.:benchmarks python benchmarks/loop_table3.py{flags}` (the docstring has
 every setting).
 
@@ -562,7 +539,7 @@ the paper's MobileNetV2 ({original:,} parameters), eq. (20) initialization, on {
 {args.threads} torch threads. Data: {source}. Training: SGD (momentum 0.9) at lr {args.lr:g}, cosine
 to 0 every 200 steps, batch {args.batch} (the paper 128), {args.train_steps} steps before the loop
 (Adam after 400 steps, the paper's mixed strategy). Loop: accuracy criteria at {levels};
-target {target_text}, `LoopConfig(lr=Cosine({args.lr:g}, 0.0001, 200, hold=False),
+target {target_text(args)}, `LoopConfig(lr=Cosine({args.lr:g}, 0.0001, 200, hold=False),
 last_layer_steps={args.last_layer_steps}, eval_every={args.eval_every}, main_steps={args.main_steps},
 max_main={args.max_main}, max_attempts={args.max_attempts}, max_steps={args.max_steps},
 final_threshold={args.final_threshold or None}, final_layer="{FINAL_LAYER}",
