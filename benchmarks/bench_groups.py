@@ -149,6 +149,11 @@ def exported(net: nn.Module, size: int, seed: int) -> onnx.ModelProto:
             if module.bias is not None:
                 nn.init.normal_(module.bias, std=0.1)
     randomize_batchnorm(net, torch.Generator().manual_seed(seed + 1))
+    return export(net, size)
+
+
+def export(net: nn.Module, size: int) -> onnx.ModelProto:
+    """`net` in eval mode, exported as is (TorchScript, opset 17) with a symbolic batch dimension."""
     net.eval()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -83,7 +83,7 @@ from loop_table1 import (
 )
 from results import write_section
 from torch import nn
-from torch_models import MobileNetV2
+from torch_models import MobileNetV2, digits_data
 
 from condense_graph.auto_reduce import TorchReducer
 from condense_graph.plots import plot_loop
@@ -96,24 +96,6 @@ SGD_STEPS = 400  # the paper's SGD phase, then Adam
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def digits_data(seed: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
-    x = nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
-    x = x.repeat(1, 3, 1, 1).numpy()
-    perm = np.random.default_rng(seed).permutation(len(x))
-    test, val, train = perm[:300], perm[300:600], perm[600:]
-    mean, std = x[train].mean(), x[train].std()
-    x = ((x - mean) / std).astype(np.float32)
-    source = (
-        f"scikit-learn digits, NOT CIFAR-10 ({len(x):,} 8x8 grayscale images upsampled to 32x32, "
-        f"3 channels: {len(train):,} train, {len(val):,} validation, {len(test):,} test)"
-    )
-    return {"train": (x[train], y[train]), "val": (x[val], y[val]), "test": (x[test], y[test])}, source
 
 
 def chw(x: np.ndarray) -> np.ndarray:

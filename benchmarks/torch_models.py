@@ -3,12 +3,14 @@
 `MobileNetV2` follows torchvision's definition (the paper's Table 2 network): with 10 classes it
 has exactly 2,236,682 parameters. `ResidualCNN` is a small ResNet-style network with residual
 Adds; `resnet50_like` builds a ResNet-50-sized CNN (about 25M parameters) from bottlenecks.
+`digits_data` is the image data they train on here (scikit-learn's digits, upsampled).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -150,3 +152,23 @@ def export(
             dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}} if dynamic_batch and not dynamo else None,
         )
     return onnx.load(str(path))
+
+
+def digits_data(seed: int, size: int = 32) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
+    """scikit-learn's digits upsampled to `size` x `size`, 3 channels, standardized on the train
+    split: 300 test, 300 validation, the rest train (seeded permutation), and a description."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = x.repeat(1, 3, 1, 1).numpy()
+    perm = np.random.default_rng(seed).permutation(len(x))
+    test, val, train = perm[:300], perm[300:600], perm[600:]
+    mean, std = x[train].mean(), x[train].std()
+    x = ((x - mean) / std).astype(np.float32)
+    source = (
+        f"scikit-learn digits, NOT CIFAR-10 ({len(x):,} 8x8 grayscale images upsampled to {size}x{size}, "
+        f"3 channels: {len(train):,} train, {len(val):,} validation, {len(test):,} test)"
+    )
+    return {"train": (x[train], y[train]), "val": (x[val], y[val]), "test": (x[test], y[test])}, source
