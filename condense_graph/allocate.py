@@ -1,7 +1,11 @@
 """Per-layer widths chosen globally, under a size target or an error budget (issue 12, item 4).
 
 Structured OBS (`selectors.StructuredOBS`) predicts, for every width of a layer, the squared error
-its removals add at the layer's consumer outputs, relative to their energy (`RemovalOrder`). Those
+its removals add at the layer's consumer outputs, relative to the mean consumer's energy
+(`RemovalOrder.relative_cost`: for T consumers, about the sum of their relative errors, so a
+coupled group read by every block of a residual stream weighs T times a one-consumer layer at the
+same relative error; over the summed energy instead, a ResNet-18-style net's streams were cut
+to 2.5x the output error of holding them: benchmarks/RESULTS.md, "Coupled groups"). Those
 curves are measured once per layer on the original network (`removal_curves`), so they are on one
 scale: a *level* L gives every layer the smallest width whose predicted relative cost is at most L
 (`widths_at`), which is the same as ranking every candidate removal of every layer by its cost and

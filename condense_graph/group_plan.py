@@ -171,10 +171,10 @@ def group_costs(
     w each signature class gets its share (`class_widths`, as `plan_group` plans it) and costs
     what its curve says there; widths a class's curve does not reach down to take its lowest
     point (its curve was measured down to its share of `floor`), widths above it cost nothing
-    (exact merges). The classes' relative costs are summed, each relative to its own consumers'
-    energy: for one class (a residual stream, a gate) it is that class's curve; for several it
-    over-counts, never under-counts, a removal. None when a class has no curve (the paper's rule
-    selected it)."""
+    (exact merges). The classes' relative costs are summed, each over the mean energy of its own
+    consumers (`obs.RemovalOrder.relative_cost`): for one class (a residual stream, a gate) it is
+    that class's curve; for several it over-counts, never under-counts, a removal. None when a
+    class has no curve (the paper's rule selected it)."""
     if any(curve is None for curve in curves):
         return None
     costs = {}

@@ -48,6 +48,7 @@ class RemovalOrder:
     cost: np.ndarray  # cost[k]: added squared output error after removing order[:k+1]
     energy: float  # sum_t ||Y_t||^2 = sum_t trace(W_t^T H_t W_t), to make costs relative
     channels: int  # n, the layer's channel count
+    consumers: int = 1  # T, the consumer terms the cost sums over
 
     def _removed_at(self, width: int) -> int:
         """How many channels are removed when `width` stay; ValueError outside what was ordered."""
@@ -63,11 +64,16 @@ class RemovalOrder:
         return np.setdiff1d(np.arange(self.channels), removed)
 
     def relative_cost(self, width: int) -> float:
-        """Predicted added squared error at `width` over the layer's output energy (0 at full width)."""
+        """Predicted added squared error at `width` over the mean consumer's output energy,
+        energy / T (0 at full width). For one consumer that is its relative squared error; for T
+        consumers of equal energy it is the *sum* of their relative errors, so a removal that
+        perturbs T consumers (a coupled group's channel, read by every block of a residual
+        stream) costs about T times what the same relative error at one consumer costs, and the
+        global allocation (`allocate`) compares units by the damage they do, not per consumer."""
         removed = self._removed_at(width)
         if removed == 0 or self.energy <= 0:
             return 0.0
-        return float(self.cost[removed - 1] / self.energy)
+        return float(self.cost[removed - 1] * self.consumers / self.energy)
 
 
 @dataclass
@@ -120,6 +126,7 @@ def removal_order(
         cost=np.concatenate(costs) if costs else np.zeros(0),
         energy=energy,
         channels=channels,
+        consumers=len(terms),
     )
 
 

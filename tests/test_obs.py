@@ -111,7 +111,7 @@ def test_close_to_naive_greedy_and_costs_are_honest(case, fraction):
     for width in (channels - 1, channels * 3 // 4, channels // 2, 2):
         removed = np.setdiff1d(np.arange(channels), fast.kept(width))
         true = joint_cost(terms, removed)
-        predicted = fast.relative_cost(width) * fast.energy
+        predicted = fast.relative_cost(width) * fast.energy / fast.consumers
         assert predicted == pytest.approx(true, rel=1e-6)
 
 
@@ -189,6 +189,20 @@ def test_kept_and_relative_cost():
     assert result.relative_cost(4) == pytest.approx(result.cost[-1] / result.energy)
     with pytest.raises(ValueError):
         result.kept(3)
+
+
+def test_relative_cost_sums_over_consumers_of_equal_energy():
+    """A removal read by T identical consumers costs T times what it costs one of them: the
+    relative cost is over the mean consumer's energy, so a coupled group read by every block of
+    a residual stream is not ranked as cheap as a layer with one consumer."""
+    one = random_terms(11, 10, [1])
+    single = removal_order(one, floor=4)
+    triple = removal_order(one * 3, floor=4)
+    np.testing.assert_array_equal(triple.order, single.order)
+    assert triple.energy == pytest.approx(3 * single.energy)
+    for width in (9, 7, 4):
+        assert single.relative_cost(width) == pytest.approx(single.cost[10 - width - 1] / single.energy)
+        assert triple.relative_cost(width) == pytest.approx(3 * single.relative_cost(width), rel=1e-9)
 
 
 def test_validation():
