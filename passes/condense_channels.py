@@ -247,21 +247,51 @@ def group_statistics(graph, group, plans: list, store: WeightStore, model, calib
 
 def refit_group(graph, plan: GroupPlan, plans: list, store: WeightStore, model, calibration) -> list[dict]:
     """Refit every consumer of a merged group (`compensate.refit_consumer`) so that, fed by the
-    network reduced so far, it reproduces the original network's consumer outputs."""
-    reduced = materialize(graph, plans + [plan], store, model)
-    readers, refittable = [], []
-    for reader in plan.group.consumers:
-        consumer = reader.consumer
-        keep = output_rows_kept(consumer.node, plans)  # False: its rows have no original target
-        rows = store[consumer.weight.name].shape[0 if consumer.node.op == "Conv" else 1 - consumer.axis]
-        width = len(kept_positions(plan.cmap, reader.pieces))
-        readers.append((consumer, width, reader.block, None if keep is False else keep))
-        refittable.append(keep is None or (keep is not False and rows == len(keep)))
-    normals = reader_refit_statistics(reduced, model, readers, calibration)
-    return [
-        refit_entry(consumer, normal if ok else None, store)
-        for (consumer, *_), normal, ok in zip(readers, normals, refittable, strict=True)
-    ]
+    network reduced so far, it reproduces the original network's consumer outputs. Consumers are
+    refit in waves (`consumer_waves`): one downstream of another (a ResNet's head reads the stream
+    after every block's conv1) is refit on the network with that one already refit, so it fits the
+    inputs it gets in the written model; refit together, it would compensate an error that the
+    upstream refit then removes (measured: 36x the least-squares optimum at a ResNet's head)."""
+    entries = {}
+    for wave in consumer_waves(plan.group.consumers):
+        reduced = materialize(graph, plans + [plan], store, model)
+        readers, refittable = [], []
+        for reader in wave:
+            consumer = reader.consumer
+            keep = output_rows_kept(consumer.node, plans)  # False: its rows have no original target
+            rows = store[consumer.weight.name].shape[0 if consumer.node.op == "Conv" else 1 - consumer.axis]
+            width = len(kept_positions(plan.cmap, reader.pieces))
+            readers.append((consumer, width, reader.block, None if keep is False else keep))
+            refittable.append(keep is None or (keep is not False and rows == len(keep)))
+        normals = reader_refit_statistics(reduced, model, readers, calibration)
+        for reader, (consumer, *_), normal, ok in zip(wave, readers, normals, refittable, strict=True):
+            entries[id(reader)] = refit_entry(consumer, normal if ok else None, store)
+    return [entries[id(reader)] for reader in plan.group.consumers]
+
+
+def consumer_waves(readers: list) -> list[list]:
+    """`readers` in waves: each wave holds the readers that no reader left for a later wave feeds
+    (none is downstream of another left), in their order."""
+    below = {id(r): downstream(r.consumer.node) for r in readers}
+    left, waves = list(readers), []
+    while left:
+        wave = [r for r in left if not any(id(r.consumer.node) in below[id(o)] for o in left if o is not r)]
+        waves.append(wave or left[:1])  # a cycle cannot occur in a DAG; never loop
+        left = [r for r in left if r not in waves[-1]]
+    return waves
+
+
+def downstream(node: gs.Node) -> set[int]:
+    """The ids of every node that reads, directly or through others, an output of `node` (ids:
+    gs nodes compare by value)."""
+    seen, stack = set(), [node]
+    while stack:
+        for tensor in stack.pop().outputs:
+            for reader in tensor.outputs:
+                if id(reader) not in seen:
+                    seen.add(id(reader))
+                    stack.append(reader)
+    return seen
 
 
 def output_rows_kept(node: gs.Node, plans: list):
