@@ -277,7 +277,8 @@ def consumer_waves(readers: list) -> list[list]:
     while left:
         wave = [r for r in left if not any(id(r.consumer.node) in below[id(o)] for o in left if o is not r)]
         waves.append(wave or left[:1])  # a cycle cannot occur in a DAG; never loop
-        left = [r for r in left if r not in waves[-1]]
+        taken = {id(r) for r in waves[-1]}
+        left = [r for r in left if id(r) not in taken]
     return waves
 
 

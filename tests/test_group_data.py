@@ -178,3 +178,16 @@ def test_lookalikes_at_half_the_parameters_reduce_their_coupled_groups(name, tmp
     assert expected[name] <= reduced, groups(result)
     assert result.report["params_after"] <= 0.52 * result.report["params_before"]
     assert result.report["verify"]["nonfinite"] == 0
+
+
+def test_consumer_waves_put_a_residual_streams_readers_in_graph_order(tmp_path):
+    """A ResNet stream's readers form a chain (each block's conv1 feeds the next block's, the head
+    comes last): one per wave, in graph order."""
+    from passes.condense_channels import CondenseChannelsPass, consumer_waves
+
+    model = export(fresh(ResNet), "torchscript", tmp_path / "net.onnx")
+    _, analysis = CondenseChannelsPass.analyze(model)
+    [group] = analysis.groups
+    waves = consumer_waves(group.consumers)
+    assert [len(w) for w in waves] == [1] * len(group.consumers) == [1, 1, 1, 1]
+    assert [w[0].consumer.node.op for w in waves] == ["Conv", "Conv", "Conv", "Gemm"]
