@@ -22,12 +22,12 @@ import argparse
 import re
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
+import torch_models
 from results import RESULTS, write_section
 from torch import nn
 from torch_models import randomize_batchnorm
@@ -155,20 +155,9 @@ def exported(net: nn.Module, size: int, seed: int) -> onnx.ModelProto:
 def export(net: nn.Module, size: int) -> onnx.ModelProto:
     """`net` in eval mode, exported as is (TorchScript, opset 17) with a symbolic batch dimension."""
     net.eval()
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        path = Path(tmp) / "net.onnx"
-        torch.onnx.export(
-            net,
-            (torch.randn(1, 3, size, size),),
-            str(path),
-            input_names=["x"],
-            output_names=["y"],
-            dynamo=False,
-            opset_version=17,
-            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
-        )
-        return onnx.load(str(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        example = torch.randn(1, 3, size, size)
+        return torch_models.export(net, example, False, Path(tmp) / "net.onnx", dynamic_batch=True)
 
 
 # ---- reductions -------------------------------------------------------------------------------

@@ -133,13 +133,14 @@ def logits(model: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: images})[0].astype(np.float64)
 
 
-def scores(model: onnx.ModelProto, test: tuple, original: np.ndarray | None = None) -> dict:
+def scores(model: onnx.ModelProto, test: tuple, original: np.ndarray | None = None) -> tuple:
     """Test accuracy, and the logits' relative RMS error ||y - y_original|| / ||y_original|| over
-    the test images (300 rows: steadier than verify's max over the calibration hold-out)."""
+    the test images (300 rows: steadier than verify's max over the calibration hold-out), and
+    the logits."""
     images, labels = test
     y = logits(model, images)
     error = None if original is None else float(np.linalg.norm(y - original) / np.linalg.norm(original))
-    return {"accuracy": float((y.argmax(1) == labels).mean()), "test_rel_err": error, "logits": y}
+    return {"accuracy": float((y.argmax(1) == labels).mean()), "test_rel_err": error}, y
 
 
 def reducible(model: onnx.ModelProto) -> tuple[int, int, dict[str, int]]:
@@ -159,7 +160,7 @@ def reduce(model: onnx.ModelProto, data: dict, held: dict | None, test: tuple | 
         "error": report["verify"]["max_rel_err"],
         "group_channels": (sum(g["width_before"] for g in groups), sum(g["width_after"] for g in groups)),
         "seconds": time.perf_counter() - start,
-    } | ({k: v for k, v in scores(result.model, test, original).items() if k != "logits"} if test else {})
+    } | (scores(result.model, test, original)[0] if test else {})
 
 
 def main() -> None:
@@ -181,10 +182,10 @@ def main() -> None:
             model = exported(build(), size, seed=0)
             data = calibration(model, size)
         before, after, groups = reducible(model)
-        base = scores(model, test) if test else None
-        original = base["accuracy"] if test else None
-        free = reduce(model, data, None, test, base["logits"] if test else None)
-        held = reduce(model, data, dict(groups), test, base["logits"] if test else None)
+        base, base_logits = scores(model, test) if test else ({}, None)
+        original = base.get("accuracy")
+        free = reduce(model, data, None, test, base_logits)
+        held = reduce(model, data, dict(groups), test, base_logits)
         rows.append((name, before, after, len(groups), free, held, original))
         print(f"  reducible channels {before} -> {after}; free {free}; held {held}", flush=True)
     print()
